@@ -1,0 +1,8 @@
+from django.apps import AppConfig
+
+
+class AccountsConfig(AppConfig):
+    """The Auth Service: creates users and announces ``user.registered``."""
+
+    name = "accounts"
+    default_auto_field = "django.db.models.BigAutoField"

@@ -1,0 +1,130 @@
+"""The event contract: the only thing the bounded contexts share.
+
+The producer (accounts) builds events with these classes and consumers parse every incoming
+message with ``parse_event``. Parsing is strict about what consumers rely on (types, UUID,
+timestamp with a zone, length limits that fit every context's columns) and tolerant of what they
+do not (unknown extra keys are ignored, so producers can add fields without breaking anyone).
+
+A message that fails the contract can never succeed on a retry: ``ContractError`` marks a
+*permanent* failure, and the consumer runner sets such messages aside at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from dataclasses import dataclass
+from typing import ClassVar
+
+from django.core.exceptions import ValidationError
+from django.core.validators import EmailValidator
+
+# Header carrying the contract version of the payload. Absent means version 1, so that an event
+# published by hand (``nats pub``) still parses.
+VERSION_HEADER = "Event-Version"
+# JetStream deduplicates publishes by this header; it carries the stable event id.
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+USERNAME_MAX_LENGTH = 150  # accounts.User.username; players.Player.username
+EMAIL_MAX_LENGTH = 254  # RFC 5321 path limit, Django's EmailField default
+TIMESTAMP_MAX_LENGTH = 64
+
+_validate_email = EmailValidator()
+
+
+class ContractError(ValueError):
+    """The message is not a valid event of the contract: a permanent failure."""
+
+
+def _format_timestamp(value: dt.datetime) -> str:
+    if value.tzinfo is None:
+        raise ValueError("registration timestamp must be timezone-aware")
+    text = value.astimezone(dt.timezone.utc).isoformat(timespec="microseconds")
+    return text.replace("+00:00", "Z")
+
+
+def _require_str(data: dict, key: str, max_length: int) -> str:
+    if key not in data:
+        raise ContractError(f"{key}: required")
+    value = data[key]
+    if not isinstance(value, str):
+        raise ContractError(f"{key}: expected a string, got {type(value).__name__}")
+    if not value:
+        raise ContractError(f"{key}: must not be empty")
+    if len(value) > max_length:
+        raise ContractError(f"{key}: longer than {max_length} characters ({len(value)})")
+    return value
+
+
+@dataclass(frozen=True)
+class UserRegistered:
+    """``user.registered``: a new user exists in the Auth Service. Broadcast to every context."""
+
+    subject: ClassVar[str] = "user.registered"
+    version: ClassVar[int] = 1
+
+    user_id: uuid.UUID
+    username: str
+    email: str
+    registration_timestamp: dt.datetime
+
+    def to_payload(self) -> dict:
+        return {
+            "userId": str(self.user_id),
+            "username": self.username,
+            "email": self.email,
+            "registrationTimestamp": _format_timestamp(self.registration_timestamp),
+        }
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_payload(), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_payload(cls, data: object) -> UserRegistered:
+        if not isinstance(data, dict):
+            raise ContractError(f"payload: expected a JSON object, got {type(data).__name__}")
+        raw_id = _require_str(data, "userId", 36)
+        try:
+            user_id = uuid.UUID(raw_id)
+        except ValueError:
+            raise ContractError(f"userId: not a UUID: {raw_id!r}") from None
+        username = _require_str(data, "username", USERNAME_MAX_LENGTH)
+        email = _require_str(data, "email", EMAIL_MAX_LENGTH)
+        try:
+            _validate_email(email)
+        except ValidationError:
+            raise ContractError(f"email: not a valid address: {email!r}") from None
+        raw_ts = _require_str(data, "registrationTimestamp", TIMESTAMP_MAX_LENGTH)
+        try:
+            timestamp = dt.datetime.fromisoformat(raw_ts)
+        except ValueError:
+            raise ContractError(f"registrationTimestamp: not ISO 8601: {raw_ts!r}") from None
+        if timestamp.tzinfo is None:
+            raise ContractError(f"registrationTimestamp: no time zone: {raw_ts!r}")
+        return cls(
+            user_id=user_id, username=username, email=email, registration_timestamp=timestamp
+        )
+
+
+EVENT_TYPES: dict[str, type[UserRegistered]] = {UserRegistered.subject: UserRegistered}
+
+
+def event_headers(event, *, event_id: uuid.UUID | str) -> dict[str, str]:
+    """The headers every published event carries."""
+    return {MSG_ID_HEADER: str(event_id), VERSION_HEADER: str(event.version)}
+
+
+def parse_event(subject: str, data: bytes, headers: dict | None = None):
+    """Decode and validate a message; raise ``ContractError`` if it breaks the contract."""
+    event_type = EVENT_TYPES.get(subject)
+    if event_type is None:
+        raise ContractError(f"unknown event subject {subject!r}")
+    version = (headers or {}).get(VERSION_HEADER, "1")
+    if version != str(event_type.version):
+        raise ContractError(f"unsupported {subject} version {version!r}")
+    try:
+        decoded = json.loads(data)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ContractError(f"payload is not JSON: {exc}") from None
+    return event_type.from_payload(decoded)

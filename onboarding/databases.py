@@ -1,0 +1,67 @@
+"""How the bounded contexts map onto databases.
+
+Each context (players, characters, progression, buildings) owns its data. By default each gets
+its own database; several contexts may still be configured onto one physical database, and then
+they must share one *alias*: aliases pointing at one database share one ``django_migrations``
+table, and ``migrate --database X`` would record another alias's migrations as applied without
+creating their tables (see docs/architecture.md). So the settings collapse aliases that point at
+the same database, and the router maps each app onto the alias that holds it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SQLITE_ENGINE = "django.db.backends.sqlite3"
+
+# WAL lets readers run beside the one writer; IMMEDIATE takes the write lock at BEGIN so two
+# writers queue on the busy timeout instead of failing with "database is locked" on upgrade.
+SQLITE_OPTIONS = {
+    "timeout": 20,
+    "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL",
+    "transaction_mode": "IMMEDIATE",
+}
+
+
+def prepare(config: dict, *, test_dir: Path) -> dict:
+    """Complete a database config parsed from a URL with the options this project relies on."""
+    config = dict(config)
+    config.setdefault("CONN_MAX_AGE", 60)
+    config.setdefault("CONN_HEALTH_CHECKS", True)
+    if config["ENGINE"] == SQLITE_ENGINE:
+        config["CONN_MAX_AGE"] = None  # one file, no network: keep the connection for ever
+        config["OPTIONS"] = {**SQLITE_OPTIONS, **config.get("OPTIONS", {})}
+        # Django would run SQLite tests in memory, invisible to the consumer threads and
+        # processes the tests start; a file next to the others keeps them real.
+        name = Path(config["NAME"]).name
+        config.setdefault("TEST", {}).setdefault("NAME", str(test_dir / f"test-{name}"))
+        # SQLite creates the file, not its folder; the embedded default must just work.
+        Path(config["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(config["TEST"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+    return config
+
+
+def identity(config: dict) -> tuple:
+    """What makes two configs the same physical database."""
+    if config["ENGINE"] == SQLITE_ENGINE:
+        return (SQLITE_ENGINE, str(Path(config["NAME"]).resolve()))
+    return (
+        config["ENGINE"],
+        config.get("HOST") or "",
+        str(config.get("PORT") or ""),
+        config.get("NAME"),
+    )
+
+
+def assign(default: dict, contexts: dict[str, dict]) -> tuple[dict[str, dict], dict[str, str]]:
+    """Return (DATABASES, alias of each context), one alias per distinct physical database."""
+    databases = {"default": default}
+    seen = {identity(default): "default"}
+    context_alias = {}
+    for context, config in contexts.items():
+        key = identity(config)
+        if key not in seen:
+            seen[key] = context
+            databases[context] = config
+        context_alias[context] = seen[key]
+    return databases, context_alias

@@ -1,0 +1,11 @@
+from django.apps import AppConfig
+
+
+class EventbusConfig(AppConfig):
+    name = "onboarding.eventbus"
+    label = "eventbus"
+    verbose_name = "Event bus"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self):
+        from onboarding.eventbus import checks  # noqa: F401  (registers system checks)

@@ -1,0 +1,29 @@
+"""System checks for the eventbus settings (``manage.py check``)."""
+
+from django.conf import settings
+from django.core.checks import Error, Warning, register
+
+
+@register()
+def check_eventbus_settings(app_configs, **kwargs):
+    problems = []
+    if settings.NATS_DUPLICATE_WINDOW > settings.NATS_STREAM_MAX_AGE:
+        problems.append(
+            Error(
+                "NATS_DUPLICATE_WINDOW may not exceed NATS_STREAM_MAX_AGE (JetStream refuses it).",
+                id="eventbus.E001",
+            )
+        )
+    # The relay republishes a row the fast path published but could not mark after its grace
+    # period; JetStream only drops that copy if it arrives within the duplicate window.
+    if settings.NATS_DUPLICATE_WINDOW < 10 * settings.OUTBOX_RELAY_GRACE:
+        problems.append(
+            Warning(
+                "NATS_DUPLICATE_WINDOW is short next to OUTBOX_RELAY_GRACE: events republished "
+                "by the relay may reach consumers twice (the inbox still skips them).",
+                id="eventbus.W001",
+            )
+        )
+    if settings.CONSUMER_MAX_DELIVER < 1:
+        problems.append(Error("CONSUMER_MAX_DELIVER must be at least 1.", id="eventbus.E002"))
+    return problems

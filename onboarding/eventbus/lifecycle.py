@@ -1,0 +1,74 @@
+"""Small pieces every long-running eventbus process shares: stopping and backing off."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+
+class Backoff:
+    """Exponential delays for retrying a failing dependency: initial, 2x, 4x, ... up to max."""
+
+    def __init__(self, *, initial: float = 0.5, maximum: float = 30.0) -> None:
+        self.initial, self.maximum = initial, maximum
+        self._next = initial
+
+    def next(self) -> float:
+        delay, self._next = self._next, min(self._next * 2, self.maximum)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self.initial
+
+
+class Stopper:
+    """A stop request that can come from a signal, another thread or the loop itself.
+
+    Loops check ``stopped`` between units of work and sleep through ``sleep``, which wakes up
+    early on stop: SIGTERM or SIGINT ends the process after the work in hand, never in its middle.
+    """
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+        self._requested = False
+
+    def bind(self) -> None:
+        """Attach to the running loop (call first thing inside it)."""
+        self._loop = asyncio.get_running_loop()
+        self._event = asyncio.Event()
+        if self._requested:
+            self._event.set()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self.stop)
+
+    @property
+    def stopped(self) -> bool:
+        return self._requested
+
+    def stop(self) -> None:
+        """Request a stop; safe from any thread."""
+        self._requested = True
+        if self._loop is not None and self._event is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._event.set)
+            except RuntimeError:
+                pass  # the loop already finished
+
+    async def sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._event.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    async def wait_for(self, future: asyncio.Future) -> bool:
+        """Wait for ``future`` unless a stop comes first (then cancel it); True if it finished."""
+        stop = asyncio.ensure_future(self._event.wait())
+        done, _ = await asyncio.wait({future, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if future in done:
+            stop.cancel()
+            return True
+        future.cancel()
+        return False

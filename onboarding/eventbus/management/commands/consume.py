@@ -1,0 +1,35 @@
+import asyncio
+
+from django.core.management.base import BaseCommand, CommandError
+
+from onboarding.eventbus.registry import get_consumers
+from onboarding.eventbus.runner import ConsumerRunner
+
+
+class Command(BaseCommand):
+    help = (
+        "Run a bounded context's durable JetStream consumer until SIGTERM/SIGINT.\n"
+        "Example: manage.py consume players   (or: manage.py consume --all, for development)"
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("apps", nargs="*", help="consumer (app label) to run")
+        parser.add_argument("--all", action="store_true", help="run every consumer")
+        parser.add_argument("--batch", type=int, help="messages per fetch")
+
+    def handle(self, *args, apps, all, batch, **options):
+        consumers = get_consumers()
+        if all == bool(apps):
+            raise CommandError(
+                f"name one or more consumers or pass --all; consumers: {', '.join(consumers)}"
+            )
+        names = list(consumers) if all else apps
+        unknown = [name for name in names if name not in consumers]
+        if unknown:
+            raise CommandError(
+                f"unknown consumer {', '.join(unknown)}; consumers: {', '.join(consumers)}"
+            )
+        if batch is not None and batch < 1:
+            raise CommandError("--batch must be at least 1")
+        runner = ConsumerRunner([consumers[name] for name in names], batch=batch)
+        asyncio.run(runner.run(install_signal_handlers=True))

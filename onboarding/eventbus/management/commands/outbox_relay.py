@@ -1,0 +1,24 @@
+import asyncio
+
+from django.core.management.base import BaseCommand
+
+from onboarding.eventbus.relay import OutboxRelay
+
+
+class Command(BaseCommand):
+    help = (
+        "Publish outbox events the on-commit path did not (after a crash, while NATS was "
+        "down). Runs until SIGTERM/SIGINT.\n"
+        "Example: manage.py outbox_relay   (or: manage.py outbox_relay --once --grace 0)"
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--once", action="store_true", help="flush the backlog and exit")
+        parser.add_argument("--grace", type=float, help="seconds a fresh row is left alone")
+        parser.add_argument("--batch", type=int, help="rows per publish batch")
+
+    def handle(self, *args, once, grace, batch, **options):
+        relay = OutboxRelay(grace=grace, batch=batch)
+        published = asyncio.run(relay.run(once=once, install_signal_handlers=True))
+        if once:
+            self.stdout.write(f"published {published} event(s)")

@@ -1,0 +1,95 @@
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class OutboxEvent(models.Model):
+    """An event written in the producer's own transaction, waiting to reach JetStream.
+
+    The row commits with the business change or not at all, so an event can be neither lost
+    (the relay publishes every row still unpublished) nor invented by a rolled-back request.
+    ``event_id`` travels as ``Nats-Msg-Id``: republishing a row is deduplicated by JetStream.
+    """
+
+    event_id = models.UUIDField(unique=True, editable=False)
+    subject = models.CharField(max_length=255)
+    payload = models.TextField(help_text="The exact JSON published.")
+    headers = models.JSONField(default=dict)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    published_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0, help_text="Relay publish attempts.")
+    last_error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [
+            # The relay scans unpublished rows in id order; keep that index small.
+            models.Index(
+                fields=["id"], condition=Q(published_at__isnull=True), name="outbox_unpublished"
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.subject} {self.event_id}"
+
+
+class ProcessedEvent(models.Model):
+    """The inbox: one row per (consumer, event) handled, in the consumer's own database.
+
+    Written in the same transaction as the consumer's business rows, so a redelivered event is
+    recognised and skipped; the unique constraint makes two racing deliveries serialise.
+    """
+
+    consumer = models.CharField(max_length=64)
+    event_id = models.CharField(max_length=128)
+    subject = models.CharField(max_length=255)
+    stream_seq = models.BigIntegerField()
+    processed_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["consumer", "event_id"], name="inbox_once_per_consumer")
+        ]
+
+    def __str__(self):
+        return f"{self.consumer} {self.event_id}"
+
+
+class DeadLetter(models.Model):
+    """A message a consumer set aside: it broke the contract or failed every delivery.
+
+    Kept whole (raw payload, headers, where it sat in the stream) so it can be inspected and
+    redelivered to that one consumer once the cause is fixed. Stored before the original is
+    terminated, so nothing is lost between the two.
+    """
+
+    consumer = models.CharField(max_length=64)
+    stream = models.CharField(max_length=255)
+    stream_seq = models.BigIntegerField()
+    subject = models.CharField(max_length=255)
+    event_id = models.CharField(max_length=128, blank=True)
+    user_id = models.CharField(
+        max_length=64, blank=True, db_index=True, help_text="From the payload, when readable."
+    )
+    payload = models.BinaryField()
+    headers = models.JSONField(default=dict)
+    deliveries = models.PositiveIntegerField()
+    error_type = models.CharField(max_length=255)
+    error_message = models.TextField()
+    first_failed_at = models.DateTimeField(default=timezone.now)
+    last_failed_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-last_failed_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["consumer", "stream", "stream_seq"], name="deadletter_once_per_message"
+            )
+        ]
+
+    def __str__(self):
+        return f"{self.consumer} seq={self.stream_seq} {self.error_type}"
+
+    @property
+    def payload_text(self) -> str:
+        return bytes(self.payload).decode("utf-8", errors="replace")

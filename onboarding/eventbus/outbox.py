@@ -1,0 +1,102 @@
+"""The transactional outbox: the producer side of every event.
+
+``outbox_publish_on_commit`` is the only way code publishes an event. It writes the event in the
+caller's transaction; after the commit a background thread publishes it at once (the fast
+path), and the relay (``manage.py outbox_relay``) publishes whatever is still unpublished after
+a grace period — after a crash, or while NATS was down. A rolled-back transaction publishes
+nothing, and a row is marked published only once JetStream has acknowledged it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from onboarding.contracts import event_headers
+from onboarding.eventbus.models import OutboxEvent
+
+# The outbox lives with the producer's data (accounts), in the default database.
+OUTBOX_DATABASE = "default"
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    """What the publisher needs of an outbox row, detached from the ORM (it crosses threads)."""
+
+    row_id: int
+    subject: str
+    payload: bytes
+    headers: dict
+
+    @classmethod
+    def from_row(cls, row: OutboxEvent) -> OutboundMessage:
+        return cls(
+            row_id=row.pk, subject=row.subject, payload=row.payload.encode(), headers=row.headers
+        )
+
+
+def outbox_publish_on_commit(*, event) -> OutboxEvent:
+    """Record ``event`` in the current transaction; publish it once that transaction commits.
+
+    Must be called inside ``transaction.atomic()`` together with the change the event announces:
+    outside one, the event would be published for a change that may still fail.
+    """
+    if not transaction.get_connection(OUTBOX_DATABASE).in_atomic_block:
+        raise RuntimeError("outbox_publish_on_commit() must run inside transaction.atomic()")
+    event_id = uuid.uuid4()
+    row = OutboxEvent.objects.using(OUTBOX_DATABASE).create(
+        event_id=event_id,
+        subject=event.subject,
+        payload=event.to_json().decode(),
+        headers=event_headers(event, event_id=event_id),
+    )
+    if settings.OUTBOX_PUBLISH_ON_COMMIT:
+        from onboarding.eventbus.publisher import get_publisher
+
+        message = OutboundMessage.from_row(row)
+        transaction.on_commit(lambda: get_publisher().submit([message]), using=OUTBOX_DATABASE)
+    return row
+
+
+def outbox_unpublished(*, older_than: float, limit: int) -> list[OutboundMessage]:
+    """The oldest unpublished rows created at least ``older_than`` seconds ago, in id order."""
+    cutoff = timezone.now() - dt.timedelta(seconds=older_than)
+    rows = (
+        OutboxEvent.objects.using(OUTBOX_DATABASE)
+        .filter(published_at__isnull=True, created_at__lte=cutoff)
+        .order_by("id")[:limit]
+    )
+    return [OutboundMessage.from_row(row) for row in rows]
+
+
+def outbox_mark_published(*, row_ids: list[int]) -> int:
+    """Mark rows whose PubAck arrived. Idempotent: a row already marked keeps its first time."""
+    if not row_ids:
+        return 0
+    return (
+        OutboxEvent.objects.using(OUTBOX_DATABASE)
+        .filter(id__in=row_ids, published_at__isnull=True)
+        .update(published_at=timezone.now())
+    )
+
+
+def outbox_record_failure(*, row_ids: list[int], error: str) -> None:
+    """Note a failed relay attempt on rows that stay unpublished (shown in the admin)."""
+    from django.db.models import F
+
+    if row_ids:
+        OutboxEvent.objects.using(OUTBOX_DATABASE).filter(id__in=row_ids).update(
+            attempts=F("attempts") + 1, last_error=error[:2000]
+        )
+
+
+def outbox_backlog() -> tuple[int, dt.datetime | None]:
+    """(number of unpublished rows, creation time of the oldest)."""
+    qs = OutboxEvent.objects.using(OUTBOX_DATABASE).filter(published_at__isnull=True)
+    oldest = qs.order_by("id").values_list("created_at", flat=True).first()
+    return qs.count(), oldest

@@ -1,0 +1,148 @@
+"""The fast path: publish outbox rows right after their transaction commits.
+
+A sync Django process (runserver, gunicorn's sync workers, a management command) cannot await a
+nats-py coroutine, and a nats-py connection belongs to one asyncio loop. So each process gets
+one ``BackgroundPublisher``: a daemon thread running a loop with one long-lived connection,
+started on first use and started anew in a forked child (gunicorn forks its workers).
+
+Guarantees:
+- ``submit`` never blocks on NATS and never raises: the request that committed is not delayed
+  or failed by the broker.
+- A row is marked published only after JetStream acknowledged it.
+- Anything not acknowledged (NATS down, a timeout) is left for the relay, which republishes it
+  with the same ``Nats-Msg-Id``; JetStream drops the copy if the first publish did land.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+
+from django.conf import settings
+from django.db import close_old_connections, connections
+
+from onboarding.eventbus.connection import close, connect
+from onboarding.eventbus.outbox import OutboundMessage, outbox_mark_published
+
+logger = logging.getLogger(__name__)
+
+
+class BackgroundPublisher:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._nc = None
+        self._marks: queue.SimpleQueue = queue.SimpleQueue()
+
+    # -- called from request threads -------------------------------------------------------
+
+    def submit(self, messages: list[OutboundMessage]) -> None:
+        """Schedule ``messages`` for publishing and return at once."""
+        try:
+            self._ensure_started()
+            nc = self._nc
+            if nc is None or not nc.is_connected:
+                # While disconnected nats-py would buffer the publish and its ack would time
+                # out later; the relay is the better owner of these rows.
+                logger.info("nats not connected; %d event(s) left to the relay", len(messages))
+                return
+            asyncio.run_coroutine_threadsafe(self._publish(messages), self._loop)
+        except Exception:
+            logger.exception("could not schedule publish; the relay will publish")
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread and close the connection (atexit, tests)."""
+        with self._lock:
+            if self._pid != os.getpid() or self._loop is None:
+                return
+            loop, self._pid = self._loop, None
+        try:
+            asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout)
+        except Exception:
+            logger.warning("publisher did not shut down cleanly", exc_info=True)
+        loop.call_soon_threadsafe(loop.stop)
+        self._marks.put(None)
+
+    # -- the publisher thread ---------------------------------------------------------------
+
+    def _ensure_started(self) -> None:
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            # A forked child inherits our attributes but not our threads: start afresh.
+            self._nc = None
+            self._marks = queue.SimpleQueue()
+            self._loop = asyncio.new_event_loop()
+            threading.Thread(target=self._run_loop, name="outbox-publisher", daemon=True).start()
+            threading.Thread(target=self._run_marker, name="outbox-marker", daemon=True).start()
+            self._pid = os.getpid()
+
+    def _run_loop(self) -> None:
+        loop = self._loop
+        asyncio.set_event_loop(loop)
+        loop.create_task(self._connect())
+        loop.run_forever()
+
+    async def _connect(self) -> None:
+        self._nc = await connect(f"outbox-publisher:{os.getpid()}")
+
+    async def _publish(self, messages: list[OutboundMessage]) -> None:
+        js = self._nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
+        acked = []
+        for message in messages:
+            try:
+                await js.publish(message.subject, message.payload, headers=message.headers)
+            except Exception as exc:
+                logger.warning(
+                    "publish failed; the relay will retry row=%s: %s", message.row_id, exc
+                )
+                continue
+            acked.append(message.row_id)
+        if acked:
+            self._marks.put(acked)
+
+    async def _shutdown(self) -> None:
+        if self._nc is not None:
+            await close(self._nc)
+
+    # -- the marker thread: the ORM may not run on the event loop thread --------------------
+
+    def _run_marker(self) -> None:
+        marks = self._marks
+        while True:
+            row_ids = marks.get()
+            if row_ids is None:
+                break
+            # Coalesce whatever else is waiting into one UPDATE.
+            while not marks.empty():
+                more = marks.get()
+                if more is None:
+                    self._mark(row_ids)
+                    connections.close_all()
+                    return
+                row_ids.extend(more)
+            self._mark(row_ids)
+        connections.close_all()
+
+    @staticmethod
+    def _mark(row_ids: list[int]) -> None:
+        close_old_connections()
+        try:
+            outbox_mark_published(row_ids=row_ids)
+        except Exception:
+            # Published but not marked: the relay republishes after its grace period and
+            # JetStream drops the duplicate by Nats-Msg-Id.
+            logger.exception("could not mark %d published row(s)", len(row_ids))
+
+
+_publisher = BackgroundPublisher()
+
+
+def get_publisher() -> BackgroundPublisher:
+    return _publisher

@@ -1,0 +1,68 @@
+"""Which consumers exist: each context app declares its own in ``<app>/consumers.py``.
+
+A context's ``consumers.py`` lists ``SUBSCRIPTIONS``: which contract events it handles and the
+handler (a one-line call into one of its services) for each. This module discovers them, the
+way ``django.contrib.admin`` discovers ``admin.py``. A consumer is named after its app label;
+that name is also its JetStream durable and its key in the inbox and dead letters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from importlib import import_module
+
+from django.apps import apps
+from django.conf import settings
+from django.utils.module_loading import module_has_submodule
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """Handle events of contract class ``event`` with ``handler(event)``.
+
+    The handler runs inside the consumer's database transaction; it must be idempotent for a
+    replayed event (the inbox already skips exact redeliveries).
+    """
+
+    event: type
+    handler: Callable[[object], None]
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    name: str
+    subscriptions: tuple[Subscription, ...]
+
+    @property
+    def durable(self) -> str:
+        return self.name
+
+    @property
+    def subjects(self) -> list[str]:
+        return [s.event.subject for s in self.subscriptions]
+
+    @property
+    def database(self) -> str:
+        """The alias of the context's own database, where its inbox lives."""
+        return settings.CONTEXT_DATABASES.get(self.name, "default")
+
+    def handler_for(self, subject: str) -> Callable[[object], None] | None:
+        for subscription in self.subscriptions:
+            if subscription.event.subject == subject:
+                return subscription.handler
+        return None
+
+
+@cache
+def get_consumers() -> dict[str, ConsumerSpec]:
+    found = {}
+    for app_config in apps.get_app_configs():
+        if not module_has_submodule(app_config.module, "consumers"):
+            continue
+        module = import_module(f"{app_config.name}.consumers")
+        subscriptions = tuple(getattr(module, "SUBSCRIPTIONS", ()))
+        if subscriptions:
+            found[app_config.label] = ConsumerSpec(app_config.label, subscriptions)
+    return found

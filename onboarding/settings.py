@@ -1,0 +1,197 @@
+"""Settings for the onboarding project.
+
+Everything that differs between machines comes from the environment (or a ``.env`` file next to
+``manage.py``) through one ``environ.Env``; see ``.env.example`` for every variable. With nothing
+set, the project runs on embedded defaults: one SQLite file per bounded context under ``var/db``
+and NATS on 127.0.0.1:4222.
+"""
+
+from pathlib import Path
+
+import environ
+
+from onboarding import databases as db_layout
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = BASE_DIR / "var"
+
+env = environ.Env()
+environ.Env.read_env(BASE_DIR / ".env")  # optional; real environment variables win
+
+# --- Core ----------------------------------------------------------------------------------
+
+DEBUG = env.bool("DJANGO_DEBUG", default=False)
+SECRET_KEY = env(
+    "DJANGO_SECRET_KEY",
+    default="django-insecure-development-only-key-set-DJANGO_SECRET_KEY-in-production",
+)
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "onboarding.eventbus",
+    # Bounded contexts. They share nothing but the event contract (onboarding.contracts).
+    "accounts",
+    "players",
+    "characters",
+    "progression",
+    "buildings",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "onboarding.urls"
+WSGI_APPLICATION = "onboarding.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Databases -----------------------------------------------------------------------------
+# accounts (and Django's own apps, and the outbox) live in DATABASE_URL. Each context has its
+# own URL; unset, it follows DATABASE_URL when that is set, else gets its own SQLite file.
+
+BOUNDED_CONTEXTS = ("players", "characters", "progression", "buildings")
+
+_sqlite_dir = VAR_DIR / "db"
+_test_dir = VAR_DIR / "test-db"
+_default_url = env.str("DATABASE_URL", default="")
+_default = db_layout.prepare(
+    env.db_url_config(_default_url or f"sqlite:///{_sqlite_dir / 'accounts.sqlite3'}"),
+    test_dir=_test_dir,
+)
+_contexts = {}
+for _context in BOUNDED_CONTEXTS:
+    _url = env.str(f"{_context.upper()}_DATABASE_URL", default="") or (
+        _default_url or f"sqlite:///{_sqlite_dir / f'{_context}.sqlite3'}"
+    )
+    _contexts[_context] = db_layout.prepare(env.db_url_config(_url), test_dir=_test_dir)
+
+DATABASES, CONTEXT_DATABASES = db_layout.assign(_default, _contexts)
+DATABASE_ROUTERS = ["onboarding.routers.BoundedContextRouter"]
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Auth ----------------------------------------------------------------------------------
+
+AUTH_USER_MODEL = "accounts.User"
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+# Tests and benchmarks swap in a fast hasher; production keeps Django's default (PBKDF2).
+PASSWORD_HASHERS = env.list(
+    "DJANGO_PASSWORD_HASHERS",
+    default=[
+        "django.contrib.auth.hashers.PBKDF2PasswordHasher",
+        "django.contrib.auth.hashers.PBKDF2SHA1PasswordHasher",
+        "django.contrib.auth.hashers.Argon2PasswordHasher",
+        "django.contrib.auth.hashers.BCryptSHA256PasswordHasher",
+        "django.contrib.auth.hashers.ScryptPasswordHasher",
+    ],
+)
+
+# --- API -----------------------------------------------------------------------------------
+
+REST_FRAMEWORK = {
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_THROTTLE_RATES": {
+        # Per client IP. Deployments and load tests change them here, not in code.
+        "register": env.str("REGISTER_THROTTLE_RATE", default="60/minute") or None,
+        "token": env.str("TOKEN_THROTTLE_RATE", default="60/minute") or None,
+    },
+}
+
+# --- NATS JetStream --------------------------------------------------------------------------
+
+NATS_URL = env.str("NATS_URL", default="nats://127.0.0.1:4222")
+# The stream that carries user.* events. Limits retention keeps history for max_age, so a
+# consumer that was down catches up and a new consumer can replay from the start.
+NATS_STREAM = env.str("NATS_STREAM", default="USERS")
+NATS_STREAM_SUBJECTS = ["user.>"]
+NATS_STREAM_MAX_AGE = env.int("NATS_STREAM_MAX_AGE", default=7 * 24 * 3600)  # seconds
+NATS_STREAM_REPLICAS = env.int("NATS_STREAM_REPLICAS", default=1)  # 3 on a NATS cluster
+# JetStream drops a publish whose Nats-Msg-Id it saw within this window. It must outlast the
+# time in which the relay may republish an event (see OUTBOX_* below); checked at startup.
+NATS_DUPLICATE_WINDOW = env.int("NATS_DUPLICATE_WINDOW", default=2 * 3600)  # seconds
+# Timeout of one JetStream API request or publish acknowledgement. Small, because a request in
+# flight when the connection drops waits this long.
+NATS_REQUEST_TIMEOUT = env.float("NATS_REQUEST_TIMEOUT", default=2.0)
+
+# Durable pull consumers (one per context app, named after it).
+CONSUMER_ACK_WAIT = env.float("CONSUMER_ACK_WAIT", default=30.0)  # seconds
+CONSUMER_MAX_DELIVER = env.int("CONSUMER_MAX_DELIVER", default=10)
+CONSUMER_MAX_ACK_PENDING = env.int("CONSUMER_MAX_ACK_PENDING", default=1000)
+CONSUMER_FETCH_BATCH = env.int("CONSUMER_FETCH_BATCH", default=50)
+# nak(delay) for a failed delivery n is min(base * 2**(n-1), max): never a hot loop.
+CONSUMER_RETRY_BASE_DELAY = env.float("CONSUMER_RETRY_BASE_DELAY", default=1.0)
+CONSUMER_RETRY_MAX_DELAY = env.float("CONSUMER_RETRY_MAX_DELAY", default=60.0)
+
+# --- Outbox --------------------------------------------------------------------------------
+
+# Publish right after commit from a background thread (the fast path). The relay publishes
+# whatever that path did not get out; with this off, the relay alone publishes.
+OUTBOX_PUBLISH_ON_COMMIT = env.bool("OUTBOX_PUBLISH_ON_COMMIT", default=True)
+# The relay leaves rows younger than this to the on-commit path, or every event would go out
+# twice (JetStream would drop the copy, but the work doubles).
+OUTBOX_RELAY_GRACE = env.float("OUTBOX_RELAY_GRACE", default=5.0)  # seconds
+OUTBOX_RELAY_BATCH = env.int("OUTBOX_RELAY_BATCH", default=500)
+OUTBOX_RELAY_POLL_INTERVAL = env.float("OUTBOX_RELAY_POLL_INTERVAL", default=1.0)  # seconds
+
+# --- I18N, static --------------------------------------------------------------------------
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+
+# --- Logging -------------------------------------------------------------------------------
+
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
+    "loggers": {
+        name: {"level": LOG_LEVEL}
+        for name in ("onboarding", "accounts", "players", "characters", "progression", "buildings")
+    },
+}
