@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 _REPEAT_SECONDS = 30.0
 
 
-def _callbacks(name: str) -> dict:
+def _callbacks(name: str, state: dict) -> dict:
     last_logged: dict[str, float] = {}
 
     async def error_cb(exc: Exception) -> None:
@@ -31,7 +31,8 @@ def _callbacks(name: str) -> dict:
             logger.warning("nats %s: %s", name, key)
 
     async def disconnected_cb() -> None:
-        logger.warning("nats %s: disconnected", name)
+        if not state["closing"]:
+            logger.warning("nats %s: disconnected", name)
 
     async def reconnected_cb() -> None:
         last_logged.clear()
@@ -46,14 +47,17 @@ def _callbacks(name: str) -> dict:
 
 async def connect(name: str) -> nats.NATS:
     """Connect to ``settings.NATS_URL``; waits (retrying) until a server answers."""
-    return await nats.connect(
+    state = {"closing": False}
+    nc = await nats.connect(
         servers=[url.strip() for url in settings.NATS_URL.split(",")],
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         connect_timeout=2,
-        **_callbacks(name),
+        **_callbacks(name, state),
     )
+    nc._onboarding_state = state  # lets close() silence the expected "disconnected"
+    return nc
 
 
 async def connect_within(name: str, timeout: float) -> nats.NATS:
@@ -63,6 +67,7 @@ async def connect_within(name: str, timeout: float) -> nats.NATS:
 
 async def close(nc: nats.NATS, *subscriptions) -> None:
     """Close cleanly: unsubscribe pull subscriptions first, or ``drain`` can hang 30 s."""
+    getattr(nc, "_onboarding_state", {})["closing"] = True
     for sub in subscriptions:
         try:
             await sub.unsubscribe()

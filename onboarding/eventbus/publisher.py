@@ -37,6 +37,7 @@ class BackgroundPublisher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._nc = None
         self._marks: queue.SimpleQueue = queue.SimpleQueue()
+        self._connected = asyncio.Event()
 
     # -- called from request threads -------------------------------------------------------
 
@@ -45,7 +46,7 @@ class BackgroundPublisher:
         try:
             self._ensure_started()
             nc = self._nc
-            if nc is None or not nc.is_connected:
+            if nc is not None and not nc.is_connected:
                 # While disconnected nats-py would buffer the publish and its ack would time
                 # out later; the relay is the better owner of these rows.
                 logger.info("nats not connected; %d event(s) left to the relay", len(messages))
@@ -65,7 +66,8 @@ class BackgroundPublisher:
         except Exception:
             logger.warning("publisher did not shut down cleanly", exc_info=True)
         loop.call_soon_threadsafe(loop.stop)
-        self._marks.put(None)
+        self._marks.put(None)  # the marker finishes its queue and closes its DB connections
+        self._marker.join(timeout)
 
     # -- the publisher thread ---------------------------------------------------------------
 
@@ -78,9 +80,13 @@ class BackgroundPublisher:
             # A forked child inherits our attributes but not our threads: start afresh.
             self._nc = None
             self._marks = queue.SimpleQueue()
+            self._connected = asyncio.Event()
             self._loop = asyncio.new_event_loop()
             threading.Thread(target=self._run_loop, name="outbox-publisher", daemon=True).start()
-            threading.Thread(target=self._run_marker, name="outbox-marker", daemon=True).start()
+            self._marker = threading.Thread(
+                target=self._run_marker, name="outbox-marker", daemon=True
+            )
+            self._marker.start()
             self._pid = os.getpid()
 
     def _run_loop(self) -> None:
@@ -91,8 +97,17 @@ class BackgroundPublisher:
 
     async def _connect(self) -> None:
         self._nc = await connect(f"outbox-publisher:{os.getpid()}")
+        self._connected.set()
 
     async def _publish(self, messages: list[OutboundMessage]) -> None:
+        if self._nc is None:
+            # The first events of a process arrive while it is still connecting; they wait a
+            # moment for it rather than all going to the relay.
+            try:
+                await asyncio.wait_for(self._connected.wait(), settings.NATS_REQUEST_TIMEOUT)
+            except asyncio.TimeoutError:
+                logger.info("nats not connected yet; %d event(s) left to the relay", len(messages))
+                return
         js = self._nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
         acked = []
         for message in messages:

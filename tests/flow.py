@@ -1,0 +1,64 @@
+"""Helpers for tests of the registration flow: registering users and counting what exists."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from buildings.models import Building
+from characters.models import Character
+from onboarding.contracts import UserRegistered
+from players.models import Player
+from progression.models import MetaProgression
+
+STRONG_PASSWORD = "correct-horse-battery-staple"
+
+
+def register(client, username: str, email: str | None = None, password: str = STRONG_PASSWORD):
+    return client.post(
+        "/api/auth/register",
+        data=json.dumps(
+            {"username": username, "email": email or f"{username}@example.com", "password": password}
+        ),
+        content_type="application/json",
+    )
+
+
+def counts() -> dict[str, int]:
+    return {
+        "players": Player.objects.count(),
+        "characters": Character.objects.count(),
+        "progression": MetaProgression.objects.count(),
+        "buildings": Building.objects.count(),
+    }
+
+
+def complete_count(n_users: int) -> dict[str, int]:
+    """What ``counts()`` reads once the defaults of ``n_users`` users all exist."""
+    return {"players": n_users, "characters": n_users, "progression": n_users,
+            "buildings": 2 * n_users}
+
+
+def assert_defaults(user_id: uuid.UUID, username: str) -> None:
+    player = Player.objects.get(user_id=user_id)
+    assert player.username == username
+    character = Character.objects.get(user_id=user_id)
+    assert (character.name, character.is_active) == ("Recruit", True)
+    progression = MetaProgression.objects.get(user_id=user_id)
+    assert "pistol" in progression.unlocked_weapons
+    assert set(progression.unlocked_skills) == {"dash", "first_aid"}
+    buildings = {(b.kind, b.level) for b in Building.objects.filter(user_id=user_id)}
+    assert buildings == {("hq", 1), ("warehouse", 1)}
+
+
+def sample_event(**overrides) -> UserRegistered:
+    import datetime as dt
+
+    fields = {
+        "user_id": uuid.uuid4(),
+        "username": "sample",
+        "email": "sample@example.com",
+        "registration_timestamp": dt.datetime.now(dt.timezone.utc),
+    }
+    fields.update(overrides)
+    return UserRegistered(**fields)

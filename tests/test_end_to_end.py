@@ -1,0 +1,147 @@
+"""The whole flow on a real nats-server and real databases: register → event → four services."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from django.db import transaction
+
+from accounts.models import User
+from accounts.services import user_register
+from conftest import relay_flush, run_async, wait_until
+from onboarding.contracts import event_headers
+from onboarding.eventbus.models import OutboxEvent
+from tests.flow import assert_defaults, complete_count, counts, register, sample_event
+
+pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
+
+
+async def stream_messages(js):
+    from django.conf import settings
+
+    return (await js.stream_info(settings.NATS_STREAM)).state.messages
+
+
+def test_register_over_http_creates_every_default(client, start_consumers):
+    start_consumers()
+    response = register(client, "sam")
+    assert response.status_code == 201
+    body = response.json()
+    assert set(body) == {"userId", "username", "email", "registrationTimestamp"}
+    user_id = uuid.UUID(body["userId"])
+    assert body["registrationTimestamp"].endswith("Z")
+
+    wait_until(lambda: counts() == complete_count(1), message="all four defaults")
+    assert_defaults(user_id, "sam")
+    # The fast path published it (no relay ran) and marked the row after its PubAck.
+    wait_until(lambda: OutboxEvent.objects.filter(published_at__isnull=False).count() == 1)
+
+
+def test_offline_consumer_catches_up_exactly_once(client, start_consumers):
+    online = start_consumers(["players", "characters", "progression"])
+    users = [user_register(username=f"user{i}", email=f"u{i}@example.com", password="x")
+             for i in range(50)]
+    wait_until(lambda: counts() == {**complete_count(50), "buildings": 0})
+    online.stop()
+
+    late = start_consumers(["buildings"])
+    wait_until(lambda: counts() == complete_count(50), message="buildings caught up")
+    late.stop()
+    assert late.runner.processed["buildings"] == 50
+
+    # Started again, it has nothing left: every event was acked exactly once.
+    again = start_consumers(["buildings"])
+    again.stop()
+    assert again.runner.processed["buildings"] == 0
+    assert counts() == complete_count(50)
+    for user in users[:3]:
+        assert_defaults(user.id, user.username)
+
+
+def test_event_republished_under_a_new_msg_id_creates_nothing_twice(start_consumers):
+    event = sample_event(username="twice")
+
+    async def publish_twice(js):
+        acks = []
+        for _ in range(2):  # a new Nats-Msg-Id each time: JetStream stores both
+            acks.append(await js.publish(event.subject, event.to_json(),
+                                          headers=event_headers(event, event_id=uuid.uuid4())))
+        return acks
+
+    acks = run_async(publish_twice)
+    assert not any(ack.duplicate for ack in acks)
+    running = start_consumers()
+    wait_until(lambda: all(n == 2 for n in running.runner.processed.values()),
+               message="both copies handled")
+    running.stop()
+    assert counts() == complete_count(1)
+    assert_defaults(event.user_id, "twice")
+
+
+def test_same_msg_id_published_twice_is_stored_once(jetstream):
+    event = sample_event()
+    headers = event_headers(event, event_id=uuid.uuid4())
+
+    async def publish_twice(js):
+        first = await js.publish(event.subject, event.to_json(), headers=headers)
+        second = await js.publish(event.subject, event.to_json(), headers=headers)
+        return first, second, await stream_messages(js)
+
+    first, second, stored = run_async(publish_twice)
+    assert second.duplicate and second.seq == first.seq
+    assert stored == 1
+
+
+def test_nats_down_during_registration_relay_delivers_when_back(
+    client, nats_server, jetstream, start_consumers
+):
+    nats_server.stop()
+    try:
+        responses = [register(client, f"offline{i}") for i in range(5)]
+        assert [r.status_code for r in responses] == [201] * 5
+        assert OutboxEvent.objects.filter(published_at__isnull=True).count() == 5
+    finally:
+        nats_server.start()
+
+    running = start_consumers()
+    wait_until(lambda: relay_flush() == 0 and
+               not OutboxEvent.objects.filter(published_at__isnull=True).exists(),
+               message="relay published the backlog")
+    wait_until(lambda: counts() == complete_count(5), message="defaults after NATS returned")
+    running.stop()
+    assert run_async(stream_messages) == 5  # each event stored once
+    for response in responses:
+        assert_defaults(uuid.UUID(response.json()["userId"]), response.json()["username"])
+
+
+def test_rolled_back_registration_publishes_nothing(start_consumers):
+    running = start_consumers()
+    with pytest.raises(RuntimeError), transaction.atomic():
+        user_register(username="ghost", email="ghost@example.com", password="x")
+        raise RuntimeError("the request failed after registering")
+    assert not User.objects.exists()
+    assert not OutboxEvent.objects.exists()
+    assert relay_flush() == 0
+    user_register(username="real", email="real@example.com", password="x")  # a marker event
+    wait_until(lambda: counts() == complete_count(1))
+    running.stop()
+    assert run_async(stream_messages) == 1
+    assert not User.objects.filter(username="ghost").exists()
+
+
+def test_relay_republish_of_a_published_row_is_dropped_by_jetstream(jetstream):
+    user_register(username="once", email="once@example.com", password="x")
+    wait_until(lambda: OutboxEvent.objects.filter(published_at__isnull=False).exists())
+    # As if the process died between the PubAck and marking the row.
+    OutboxEvent.objects.update(published_at=None)
+    assert relay_flush() == 1
+    assert run_async(stream_messages) == 1
+    assert not OutboxEvent.objects.filter(published_at__isnull=True).exists()
+
+
+def test_outbox_requires_a_transaction():
+    from onboarding.eventbus.outbox import outbox_publish_on_commit
+
+    with pytest.raises(RuntimeError, match="inside transaction.atomic"):
+        outbox_publish_on_commit(event=sample_event())
