@@ -20,11 +20,11 @@ PASSWORD_MAX_LENGTH = 1024
 class StrictCharField(serializers.CharField):
     """A CharField that refuses non-strings (DRF would quietly turn 123 into "123")."""
 
-    default_error_messages = {"invalid": "Must be a string."}
+    default_error_messages = {"not_a_string": "Must be a string."}
 
     def to_internal_value(self, data):
         if not isinstance(data, str):
-            self.fail("invalid")
+            self.fail("not_a_string")
         return super().to_internal_value(data)
 
 

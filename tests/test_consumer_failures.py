@@ -1,0 +1,140 @@
+"""Bad messages and failing handlers: set aside or retried, never lost, never fatal."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from django.conf import settings
+
+from conftest import run_async, wait_until
+from onboarding.contracts import VERSION_HEADER, event_headers
+from onboarding.eventbus.models import DeadLetter
+from onboarding.eventbus.registry import get_consumers
+from onboarding.eventbus.runner import retry_delay
+from tests.flow import assert_defaults, complete_count, counts, sample_event
+
+pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
+
+
+def publish_all(messages):
+    """Publish (payload, headers) pairs in order on user.registered; return their sequences."""
+
+    async def publish(js):
+        return [
+            (await js.publish("user.registered", payload, headers=headers)).seq
+            for payload, headers in messages
+        ]
+
+    return run_async(publish)
+
+
+def valid(event):
+    return event.to_json(), event_headers(event, event_id=uuid.uuid4())
+
+
+def poison_messages():
+    good = sample_event().to_payload()
+    return {
+        "not-json": (b"\x00\xffnot json{", {"Nats-Msg-Id": "p1"}),
+        "json-array": (b"[1, 2, 3]", {"Nats-Msg-Id": "p2"}),
+        "bad-uuid": (json.dumps({**good, "userId": "not-a-uuid"}).encode(), {"Nats-Msg-Id": "p3"}),
+        "oversized-username": (
+            json.dumps({**good, "username": "x" * 100_000}).encode(), {"Nats-Msg-Id": "p4"}
+        ),
+        "missing-email": (
+            json.dumps({k: v for k, v in good.items() if k != "email"}).encode(),
+            {"Nats-Msg-Id": "p5"},
+        ),
+        "naive-timestamp": (
+            json.dumps({**good, "registrationTimestamp": "2026-01-01T00:00:00"}).encode(),
+            {"Nats-Msg-Id": "p6"},
+        ),
+        "unknown-version": (
+            json.dumps(good).encode(), {"Nats-Msg-Id": "p7", VERSION_HEADER: "99"}
+        ),
+    }
+
+
+def test_poison_messages_are_dead_lettered_and_valid_ones_still_land(start_consumers):
+    poison = poison_messages()
+    events = [sample_event(username=f"valid{i}") for i in range(len(poison) + 1)]
+    interleaved = [valid(events[0])]
+    for event, bad in zip(events[1:], poison.values()):
+        interleaved += [bad, valid(event)]
+    sequences = publish_all(interleaved)
+
+    running = start_consumers()
+    wait_until(lambda: counts() == complete_count(len(events)), message="valid events landed")
+    wait_until(lambda: DeadLetter.objects.count() == len(poison) * 4, message="dead letters")
+    running.stop()
+
+    for event in events:
+        assert_defaults(event.user_id, event.username)
+    poison_seqs = set(sequences[1::2])
+    for name in get_consumers():
+        letters = DeadLetter.objects.filter(consumer=name)
+        assert set(letters.values_list("stream_seq", flat=True)) == poison_seqs
+        assert set(letters.values_list("error_type", flat=True)) == {"ContractError"}
+        assert set(letters.values_list("deliveries", flat=True)) == {1}  # never retried
+    letter = DeadLetter.objects.get(consumer="players", event_id="p1")
+    assert bytes(letter.payload) == b"\x00\xffnot json{"
+    assert letter.subject == "user.registered" and letter.stream == settings.NATS_STREAM
+    assert "x" * 100 not in DeadLetter.objects.get(consumer="players", event_id="p4").error_message
+
+
+def test_transient_failure_is_retried_with_growing_delay_and_applied_once(
+    start_consumers, monkeypatch
+):
+    import players.consumers
+
+    calls = []
+    original = players.consumers.player_create_default
+
+    def flaky(**kwargs):
+        calls.append(kwargs)
+        if len(calls) <= 2:
+            raise ConnectionError("database went away")
+        return original(**kwargs)
+
+    monkeypatch.setattr(players.consumers, "player_create_default", flaky)
+    event = sample_event(username="flaky")
+    publish_all([valid(event)])
+    running = start_consumers(["players"])
+    wait_until(lambda: counts()["players"] == 1, message="processed after retries")
+    running.stop()
+    assert len(calls) == 3
+    assert not DeadLetter.objects.exists()
+    assert retry_delay(1) < retry_delay(2) < retry_delay(3)
+
+
+def test_a_handler_that_always_fails_becomes_a_dead_letter_after_max_deliver(
+    start_consumers, monkeypatch
+):
+    import buildings.consumers
+
+    def broken(**kwargs):
+        raise ConnectionError("still down")
+
+    monkeypatch.setattr(buildings.consumers, "buildings_create_default", broken)
+    event, later = sample_event(username="doomed"), sample_event(username="after")
+    publish_all([valid(event), valid(later)])
+    running = start_consumers(["buildings", "players"])
+    wait_until(lambda: DeadLetter.objects.filter(consumer="buildings").count() == 2,
+               timeout=30, message="both dead-lettered after max deliveries")
+    running.stop()
+    letter = DeadLetter.objects.get(consumer="buildings", user_id=str(event.user_id))
+    assert letter.deliveries == settings.CONSUMER_MAX_DELIVER
+    assert (letter.error_type, letter.error_message) == ("ConnectionError", "still down")
+    assert counts()["players"] == 2  # the other consumer was unaffected
+
+
+def test_consume_command_rejects_unknown_consumers():
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match="unknown consumer nope; consumers: players"):
+        call_command("consume", "nope")
+    with pytest.raises(CommandError, match="name one or more consumers or pass --all"):
+        call_command("consume")

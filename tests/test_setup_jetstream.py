@@ -1,0 +1,94 @@
+"""Provisioning is idempotent and changes only what it manages."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from nats.js.api import RetentionPolicy, StreamConfig
+
+from conftest import run_async
+
+
+def setup_output() -> str:
+    out = io.StringIO()
+    call_command("setup_jetstream", stdout=out)
+    return out.getvalue()
+
+
+def test_second_run_changes_nothing(jetstream):
+    output = setup_output()
+    assert f"stream {settings.NATS_STREAM}: unchanged" in output
+    for name in ("players", "characters", "progression", "buildings"):
+        assert f"consumer {name}: unchanged" in output
+
+
+def test_creates_limits_stream_and_one_durable_per_context(jetstream):
+    async def read(js):
+        stream = await js.stream_info(settings.NATS_STREAM)
+        consumers = {c.name: c.config for c in await js.consumers_info(settings.NATS_STREAM)}
+        return stream.config, consumers
+
+    stream, consumers = run_async(read)
+    assert str(getattr(stream.retention, "value", stream.retention)) == "limits"
+    assert stream.subjects == ["user.>"]
+    assert stream.max_age == pytest.approx(settings.NATS_STREAM_MAX_AGE)
+    assert stream.duplicate_window == pytest.approx(settings.NATS_DUPLICATE_WINDOW)
+    assert set(consumers) == {"players", "characters", "progression", "buildings"}
+    for name, config in consumers.items():
+        assert config.durable_name == name
+        assert config.filter_subject == "user.registered"
+        assert str(getattr(config.ack_policy, "value", config.ack_policy)) == "explicit"
+        assert config.max_deliver == settings.CONSUMER_MAX_DELIVER
+        assert config.inactive_threshold in (None, 0)  # durables never expire
+
+
+def test_update_restores_managed_fields_and_keeps_the_rest(jetstream):
+    async def drift(js):
+        config = (await js.stream_info(settings.NATS_STREAM)).config
+        config.max_age = 60.0
+        config.duplicate_window = 30.0
+        config.description = "set by an operator"
+        await js.update_stream(config)
+        consumer = (await js.consumer_info(settings.NATS_STREAM, "players")).config
+        consumer.max_deliver = 99
+        consumer.description = "tuned by hand"
+        await js.add_consumer(settings.NATS_STREAM, consumer)
+
+    run_async(drift)
+    output = setup_output()
+    assert f"stream {settings.NATS_STREAM}: updated (max_age, duplicate_window)" in output
+    assert "consumer players: updated (max_deliver)" in output
+
+    async def read(js):
+        stream = (await js.stream_info(settings.NATS_STREAM)).config
+        consumer = (await js.consumer_info(settings.NATS_STREAM, "players")).config
+        return stream, consumer
+
+    stream, consumer = run_async(read)
+    assert stream.max_age == pytest.approx(settings.NATS_STREAM_MAX_AGE)
+    assert stream.description == "set by an operator"
+    assert consumer.max_deliver == settings.CONSUMER_MAX_DELIVER
+    assert consumer.description == "tuned by hand"
+
+
+def test_refuses_a_stream_with_the_wrong_retention(jetstream):
+    async def replace(js):
+        await js.delete_stream(settings.NATS_STREAM)
+        await js.add_stream(StreamConfig(name=settings.NATS_STREAM, subjects=["user.>"],
+                                         retention=RetentionPolicy.INTEREST))
+
+    run_async(replace)
+    with pytest.raises(CommandError, match="interest retention"):
+        setup_output()
+
+
+def test_unreachable_nats_is_a_clear_error(settings):
+    from onboarding.eventbus.natsserver import free_port
+
+    settings.NATS_URL = f"nats://127.0.0.1:{free_port()}"
+    with pytest.raises(CommandError, match="no NATS server answered"):
+        call_command("setup_jetstream", wait=1)
