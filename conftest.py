@@ -131,3 +131,59 @@ def relay_flush(grace: float = 0.0) -> int:
     from onboarding.eventbus.relay import OutboxRelay
 
     return asyncio.run(OutboxRelay(grace=grace).run(once=True))
+
+
+def _database_url(alias: str) -> str:
+    from urllib.parse import quote
+
+    config = settings.DATABASES[alias]  # during the tests, NAME is the test database
+    if config["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{config['NAME']}"
+    auth = quote(config.get("USER") or "")
+    if config.get("PASSWORD"):
+        auth += ":" + quote(config["PASSWORD"])
+    host = f"{config.get('HOST') or '127.0.0.1'}:{config.get('PORT') or 5432}"
+    return f"postgres://{auth}@{host}/{config['NAME']}"
+
+
+@pytest.fixture
+def process_env(jetstream):
+    """Environment for a real ``manage.py`` process working on this test's databases and NATS."""
+    import os
+
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "onboarding.settings_test",
+        "NATS_URL": settings.NATS_URL,
+        "DATABASE_URL": _database_url("default"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    for context, alias in settings.CONTEXT_DATABASES.items():
+        env[f"{context.upper()}_DATABASE_URL"] = _database_url(alias)
+    return env
+
+
+@pytest.fixture
+def manage(process_env):
+    """Start ``manage.py <args>`` as a real process; every one still running is killed after."""
+    import subprocess
+    import sys
+
+    started = []
+
+    def start(*args, **env):
+        process = subprocess.Popen(
+            [sys.executable, str(settings.BASE_DIR / "manage.py"), *args],
+            env={**process_env, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

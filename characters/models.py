@@ -15,7 +15,9 @@ class Character(models.Model):
         ordering = ["-created_at"]
         constraints = [
             models.UniqueConstraint(
-                fields=["user_id"], condition=Q(is_active=True), name="one_active_character_per_user"
+                fields=["user_id"],
+                condition=Q(is_active=True),
+                name="one_active_character_per_user",
             )
         ]
 

@@ -40,7 +40,7 @@ class ContractError(ValueError):
 def _format_timestamp(value: dt.datetime) -> str:
     if value.tzinfo is None:
         raise ValueError("registration timestamp must be timezone-aware")
-    text = value.astimezone(dt.timezone.utc).isoformat(timespec="microseconds")
+    text = value.astimezone(dt.UTC).isoformat(timespec="microseconds")
     return text.replace("+00:00", "Z")
 
 

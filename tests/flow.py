@@ -17,9 +17,11 @@ STRONG_PASSWORD = "correct-horse-battery-staple"
 def register(client, username: str, email: str | None = None, password: str = STRONG_PASSWORD):
     return client.post(
         "/api/auth/register",
-        data=json.dumps(
-            {"username": username, "email": email or f"{username}@example.com", "password": password}
-        ),
+        data=json.dumps({
+            "username": username,
+            "email": email or f"{username}@example.com",
+            "password": password,
+        }),
         content_type="application/json",
     )
 
@@ -58,7 +60,7 @@ def sample_event(**overrides) -> UserRegistered:
         "user_id": uuid.uuid4(),
         "username": "sample",
         "email": "sample@example.com",
-        "registration_timestamp": dt.datetime.now(dt.timezone.utc),
+        "registration_timestamp": dt.datetime.now(dt.UTC),
     }
     fields.update(overrides)
     return UserRegistered(**fields)

@@ -61,7 +61,7 @@ def test_poison_messages_are_dead_lettered_and_valid_ones_still_land(start_consu
     poison = poison_messages()
     events = [sample_event(username=f"valid{i}") for i in range(len(poison) + 1)]
     interleaved = [valid(events[0])]
-    for event, bad in zip(events[1:], poison.values()):
+    for event, bad in zip(events[1:], poison.values(), strict=False):
         interleaved += [bad, valid(event)]
     sequences = publish_all(interleaved)
 

@@ -60,7 +60,7 @@ class Stopper:
     async def sleep(self, seconds: float) -> None:
         try:
             await asyncio.wait_for(self._event.wait(), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def wait_for(self, future: asyncio.Future) -> bool:

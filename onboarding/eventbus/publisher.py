@@ -105,7 +105,7 @@ class BackgroundPublisher:
             # moment for it rather than all going to the relay.
             try:
                 await asyncio.wait_for(self._connected.wait(), settings.NATS_REQUEST_TIMEOUT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 logger.info("nats not connected yet; %d event(s) left to the relay", len(messages))
                 return
         js = self._nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)

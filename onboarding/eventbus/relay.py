@@ -105,8 +105,9 @@ class OutboxRelay:
             *(asyncio.wait_for(f, settings.NATS_REQUEST_TIMEOUT * 2) for f in futures),
             return_exceptions=True,
         )
-        acked = [m.row_id for m, r in zip(messages, results) if not isinstance(r, BaseException)]
-        failed = [(m.row_id, r) for m, r in zip(messages, results) if isinstance(r, BaseException)]
+        outcomes = list(zip(messages, results, strict=True))
+        acked = [m.row_id for m, r in outcomes if not isinstance(r, BaseException)]
+        failed = [(m.row_id, r) for m, r in outcomes if isinstance(r, BaseException)]
         await self._orm(outbox_mark_published, row_ids=acked)
         self.published += len(acked)
         if acked:

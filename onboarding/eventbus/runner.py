@@ -160,7 +160,7 @@ class ConsumerRunner:
                         )
                         subscriptions.append(psub)
                     msgs = await psub.fetch(self.batch, timeout=FETCH_TIMEOUT)
-                except (asyncio.TimeoutError, nats.errors.TimeoutError):
+                except (TimeoutError, nats.errors.TimeoutError):
                     backoff.reset()
                     continue  # nothing to do (fetch raises a bare asyncio.TimeoutError too)
                 except Exception as exc:
@@ -222,10 +222,8 @@ class ConsumerRunner:
             return
         await msg.ack()  # only now: the transaction has committed
         self.processed[spec.name] += 1
-        if applied:
-            logger.info("consumer %s: processed seq=%s event_id=%s", spec.name, seq, event_id)
-        else:
-            logger.info("consumer %s: duplicate skipped seq=%s event_id=%s", spec.name, seq, event_id)
+        outcome = "processed" if applied else "duplicate skipped"
+        logger.info("consumer %s: %s seq=%s event_id=%s", spec.name, outcome, seq, event_id)
 
     async def _dead_letter(self, spec: ConsumerSpec, msg, error: BaseException, executor) -> None:
         meta = msg.metadata

@@ -1,0 +1,44 @@
+# Two commands matter: `make run` (the whole stack, foreground) and `make test` (the suite).
+# Both create the virtualenv in .venv and install the pinned requirements first.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv migrate jetstream run test test-postgres superuser lint clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Apply migrations to every database (accounts' and each context's).
+migrate: venv
+	$(BIN)/python manage.py migrate_all
+
+## Run everything: embedded nats-server (unless NATS_URL answers), web on :8000, relay,
+## four consumers. Ctrl-C stops it all.
+run: migrate
+	DJANGO_DEBUG=$${DJANGO_DEBUG:-true} $(BIN)/honcho start -f Procfile
+
+## The whole test suite (SQLite by default; PostgreSQL when DATABASE_URL points at one).
+test: venv
+	$(BIN)/pytest
+
+## The suite on the local PostgreSQL server, all contexts in one database.
+test-postgres: venv
+	DATABASE_URL=$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/onboarding} $(BIN)/pytest
+
+## Create an admin account for http://127.0.0.1:8000/admin/.
+superuser: migrate
+	$(BIN)/python manage.py createsuperuser
+
+lint: venv
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf var/

@@ -1,0 +1,75 @@
+"""The management commands as real processes: what `make run` and a deployment start."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import pytest
+
+from accounts.services import user_register
+from conftest import wait_until
+from onboarding.eventbus.models import OutboxEvent
+from tests.flow import complete_count, counts
+
+pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
+
+
+def stop(process, timeout=15):
+    process.send_signal(signal.SIGTERM)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError(f"{process.args[2:]} did not exit within {timeout}s of SIGTERM")
+    return process.returncode, output
+
+
+def test_relay_and_consumer_processes_deliver_and_stop_cleanly(manage, settings):
+    settings.OUTBOX_PUBLISH_ON_COMMIT = False  # only the relay process publishes
+    consumers = manage("consume", "--all")
+    relay = manage("outbox_relay", OUTBOX_RELAY_GRACE="0")
+    for i in range(10):
+        user_register(username=f"proc{i}", email=f"proc{i}@example.com", password="x")
+
+    wait_until(lambda: counts() == complete_count(10), timeout=30, message="defaults")
+    wait_until(lambda: not OutboxEvent.objects.filter(published_at__isnull=True).exists())
+
+    code, output = stop(consumers)
+    assert code == 0, output
+    assert "consumers stopped" in output
+    code, output = stop(relay)
+    assert code == 0, output
+    assert "relay published" in output
+
+
+def test_consume_one_app_only_processes_that_app(manage):
+    players = manage("consume", "players")
+    user_register(username="solo", email="solo@example.com", password="x")
+    wait_until(lambda: counts()["players"] == 1, timeout=30)
+    code, output = stop(players)
+    assert code == 0, output
+    assert counts() == {"players": 1, "characters": 0, "progression": 0, "buildings": 0}
+
+
+def test_relay_once_flushes_the_backlog_and_exits(manage, settings):
+    settings.OUTBOX_PUBLISH_ON_COMMIT = False
+    for i in range(3):
+        user_register(username=f"once{i}", email=f"once{i}@example.com", password="x")
+    relay = manage("outbox_relay", "--once", "--grace", "0")
+    output, _ = relay.communicate(timeout=30)
+    assert relay.returncode == 0, output
+    assert "published 3 event(s)" in output
+    assert not OutboxEvent.objects.filter(published_at__isnull=True).exists()
+
+
+def test_consume_exits_cleanly_on_sigterm_while_nats_is_unreachable(manage):
+    from onboarding.eventbus.natsserver import free_port
+
+    process = manage("consume", "--all", NATS_URL=f"nats://127.0.0.1:{free_port()}")
+    wait_until(lambda: process.poll() is None, timeout=2)
+    import time
+
+    time.sleep(1.5)
+    code, output = stop(process)
+    assert code == 0, output
