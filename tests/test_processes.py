@@ -6,6 +6,7 @@ import signal
 import subprocess
 
 import pytest
+from django.conf import settings
 
 from accounts.services import user_register
 from conftest import wait_until
@@ -13,6 +14,24 @@ from onboarding.eventbus.models import OutboxEvent
 from tests.flow import complete_count, counts
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
+
+
+def has_durable(url: str, name: str) -> bool:
+    import asyncio
+
+    import nats
+
+    async def check():
+        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=1)
+        try:
+            await nc.jetstream(timeout=1).consumer_info(settings.NATS_STREAM, name)
+            return True
+        except Exception:
+            return False
+        finally:
+            await nc.close()
+
+    return asyncio.run(check())
 
 
 def stop(process, timeout=15):
@@ -73,3 +92,42 @@ def test_consume_exits_cleanly_on_sigterm_while_nats_is_unreachable(manage):
     time.sleep(1.5)
     code, output = stop(process)
     assert code == 0, output
+
+
+def test_dev_nats_starts_an_embedded_server_provisions_and_stops(manage, tmp_path):
+    from onboarding.eventbus.natsserver import answers, free_port
+
+    url = f"nats://127.0.0.1:{free_port()}"
+    process = manage("dev_nats", "--store-dir", str(tmp_path / "nats"), NATS_URL=url)
+    wait_until(lambda: answers(url), timeout=15, message="embedded nats-server")
+    wait_until(lambda: has_durable(url, "buildings"), timeout=15, message="provisioned")
+    code, output = stop(process)
+    assert code == 0, output
+    assert "started nats-server" in output
+    assert "consumer buildings: created" in output
+    assert not answers(url)
+
+
+def test_dev_nats_uses_a_server_that_already_answers(manage):
+    process = manage("dev_nats")  # NATS_URL is the suite's running server
+    lines = []
+    for line in process.stdout:  # blocks until the command reports
+        lines.append(line)
+        if "consumer buildings: unchanged" in line:
+            break
+    code, output = stop(process)
+    output = "".join(lines) + output
+    assert code == 0, output
+    assert "using the NATS server already answering" in output
+    assert "consumer players: unchanged" in output
+
+
+def test_migrate_all_migrates_every_database():
+    import io
+
+    from django.core.management import call_command
+
+    out = io.StringIO()
+    call_command("migrate_all", stdout=out)
+    for alias in settings.DATABASES:
+        assert f"Database {alias!r}" in out.getvalue()

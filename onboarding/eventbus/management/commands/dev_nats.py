@@ -16,7 +16,12 @@ class Command(BaseCommand):
         "Example: manage.py dev_nats"
     )
 
-    def handle(self, *args, **options):
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--store-dir", help="JetStream store of the embedded server (default: var/nats)"
+        )
+
+    def handle(self, *args, store_dir, **options):
         url = settings.NATS_URL.split(",")[0].strip()
         server = None
         if answers(url):
@@ -26,7 +31,7 @@ class Command(BaseCommand):
             if "127.0.0.1" not in url and "localhost" not in url:
                 raise CommandError(f"no NATS server answers at {url}, and it is not local")
             port = int(host_port[1]) if len(host_port) == 2 and host_port[1].isdigit() else 4222
-            server = NatsServer(settings.VAR_DIR / "nats", port=port).start()
+            server = NatsServer(store_dir or settings.VAR_DIR / "nats", port=port).start()
             self.stdout.write(f"started nats-server (JetStream, store {server.store_dir}) at {url}")
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
