@@ -25,6 +25,9 @@ from django.core.validators import EmailValidator
 VERSION_HEADER = "Event-Version"
 # JetStream deduplicates publishes by this header; it carries the stable event id.
 MSG_ID_HEADER = "Nats-Msg-Id"
+# The event's identity for consumers' inboxes. Equal to Nats-Msg-Id when first published; a
+# replay to one consumer is a new message (new Nats-Msg-Id) of the same event (same Event-Id).
+EVENT_ID_HEADER = "Event-Id"
 
 USERNAME_MAX_LENGTH = 150  # accounts.User.username; players.Player.username
 EMAIL_MAX_LENGTH = 254  # RFC 5321 path limit, Django's EmailField default
@@ -112,7 +115,11 @@ EVENT_TYPES: dict[str, type[UserRegistered]] = {UserRegistered.subject: UserRegi
 
 def event_headers(event, *, event_id: uuid.UUID | str) -> dict[str, str]:
     """The headers every published event carries."""
-    return {MSG_ID_HEADER: str(event_id), VERSION_HEADER: str(event.version)}
+    return {
+        MSG_ID_HEADER: str(event_id),
+        EVENT_ID_HEADER: str(event_id),
+        VERSION_HEADER: str(event.version),
+    }
 
 
 def parse_event(subject: str, data: bytes, headers: dict | None = None):

@@ -140,7 +140,8 @@ NATS_URL = env.str("NATS_URL", default="nats://127.0.0.1:4222")
 # The stream that carries user.* events. Limits retention keeps history for max_age, so a
 # consumer that was down catches up and a new consumer can replay from the start.
 NATS_STREAM = env.str("NATS_STREAM", default="USERS")
-NATS_STREAM_SUBJECTS = ["user.>"]
+# user.* events, and replay.<consumer>.* for dead letters sent back to one consumer.
+NATS_STREAM_SUBJECTS = ["user.>", "replay.>"]
 NATS_STREAM_MAX_AGE = env.int("NATS_STREAM_MAX_AGE", default=7 * 24 * 3600)  # seconds
 NATS_STREAM_REPLICAS = env.int("NATS_STREAM_REPLICAS", default=1)  # 3 on a NATS cluster
 # JetStream drops a publish whose Nats-Msg-Id it saw within this window. It must outlast the

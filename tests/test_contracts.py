@@ -41,7 +41,7 @@ def test_round_trip():
 def test_headers_carry_a_stable_msg_id_and_version():
     event_id = uuid.uuid4()
     assert event_headers(sample_event(), event_id=event_id) == {
-        "Nats-Msg-Id": str(event_id), "Event-Version": "1"
+        "Nats-Msg-Id": str(event_id), "Event-Id": str(event_id), "Event-Version": "1"
     }
 
 

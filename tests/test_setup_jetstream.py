@@ -34,15 +34,15 @@ def test_creates_limits_stream_and_one_durable_per_context(jetstream):
 
     stream, consumers = run_async(read)
     assert str(getattr(stream.retention, "value", stream.retention)) == "limits"
-    assert stream.subjects == ["user.>"]
+    assert stream.subjects == ["user.>", "replay.>"]
     assert stream.max_age == pytest.approx(settings.NATS_STREAM_MAX_AGE)
     assert stream.duplicate_window == pytest.approx(settings.NATS_DUPLICATE_WINDOW)
     assert set(consumers) == {"players", "characters", "progression", "buildings"}
     for name, config in consumers.items():
         assert config.durable_name == name
-        assert config.filter_subject == "user.registered"
+        assert config.filter_subjects == ["user.registered", f"replay.{name}.>"]
         assert str(getattr(config.ack_policy, "value", config.ack_policy)) == "explicit"
-        assert config.max_deliver == settings.CONSUMER_MAX_DELIVER
+        assert config.max_deliver == -1  # the runner enforces CONSUMER_MAX_DELIVER
         assert config.inactive_threshold in (None, 0)  # durables never expire
 
 
@@ -71,7 +71,7 @@ def test_update_restores_managed_fields_and_keeps_the_rest(jetstream):
     stream, consumer = run_async(read)
     assert stream.max_age == pytest.approx(settings.NATS_STREAM_MAX_AGE)
     assert stream.description == "set by an operator"
-    assert consumer.max_deliver == settings.CONSUMER_MAX_DELIVER
+    assert consumer.max_deliver == -1
     assert consumer.description == "tuned by hand"
 
 
@@ -92,3 +92,24 @@ def test_unreachable_nats_is_a_clear_error(settings):
     settings.NATS_URL = f"nats://127.0.0.1:{free_port()}"
     with pytest.raises(CommandError, match="no NATS server answered"):
         call_command("setup_jetstream", wait=1)
+
+
+def test_a_durable_from_an_older_config_is_brought_up_to_date(jetstream):
+    from nats.js.api import ConsumerConfig
+
+    async def old(js):
+        await js.delete_consumer(settings.NATS_STREAM, "players")
+        await js.add_consumer(settings.NATS_STREAM, ConsumerConfig(
+            durable_name="players", filter_subject="user.registered", max_deliver=10,
+        ))
+
+    run_async(old)
+    assert "consumer players: updated (filter_subject, filter_subjects, ack_wait, max_deliver" \
+        in setup_output()
+
+    async def read(js):
+        return (await js.consumer_info(settings.NATS_STREAM, "players")).config
+
+    config = run_async(read)
+    assert config.filter_subjects == ["user.registered", "replay.players.>"]
+    assert config.max_deliver == -1

@@ -1,7 +1,8 @@
 from django.conf import settings
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.utils.html import format_html
 
+from onboarding.eventbus.deadletters import dead_letters_replay
 from onboarding.eventbus.models import DeadLetter, OutboxEvent, ProcessedEvent
 
 
@@ -42,13 +43,29 @@ class OutboxEventAdmin(ReadOnlyAdmin):
     date_hierarchy = "created_at"
 
 
+class ResolvedFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request, model_admin):
+        return [("open", "Open"), ("resolved", "Resolved by a replay")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "open":
+            return queryset.filter(resolved_at__isnull=True)
+        if self.value() == "resolved":
+            return queryset.filter(resolved_at__isnull=False)
+        return queryset
+
+
 @admin.register(DeadLetter)
 class DeadLetterAdmin(ReadOnlyAdmin):
     list_display = (
         "id", "consumer", "stream_seq", "subject", "user_id", "error_type", "deliveries",
-        "last_failed_at",
+        "replays", "last_failed_at", "resolved_at",
     )
-    list_filter = ("consumer", "error_type", "subject", "last_failed_at")
+    list_filter = (ResolvedFilter, "consumer", "error_type", "subject", "last_failed_at")
+    actions = ["replay"]
     search_fields = ("user_id", "event_id", "error_message")
     readonly_fields = [f.name for f in DeadLetter._meta.fields if f.name != "payload"] + [
         "payload_preview"
@@ -58,6 +75,21 @@ class DeadLetterAdmin(ReadOnlyAdmin):
     @admin.display(description="payload")
     def payload_preview(self, obj):
         return format_html("<pre>{}</pre>", obj.payload_text[:20_000])
+
+    def has_replay_permission(self, request):
+        return request.user.is_superuser
+
+    @admin.action(description="Replay to their consumer (only)", permissions=["replay"])
+    def replay(self, request, queryset):
+        letters = list(queryset.filter(resolved_at__isnull=True))
+        try:
+            count = dead_letters_replay(letters=letters)
+        except Exception as exc:
+            self.message_user(request, f"Replay failed: {exc}", messages.ERROR)
+            return
+        skipped = queryset.count() - len(letters)
+        note = f" ({skipped} already resolved, skipped)" if skipped else ""
+        self.message_user(request, f"Replayed {count} dead letter(s){note}.", messages.SUCCESS)
 
 
 class ConsumerFilter(admin.SimpleListFilter):

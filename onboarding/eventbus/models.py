@@ -78,6 +78,11 @@ class DeadLetter(models.Model):
     error_message = models.TextField()
     first_failed_at = models.DateTimeField(default=timezone.now)
     last_failed_at = models.DateTimeField(default=timezone.now)
+    replays = models.PositiveIntegerField(default=0, help_text="Times sent back to the consumer.")
+    replayed_at = models.DateTimeField(null=True, blank=True)
+    resolved_at = models.DateTimeField(
+        null=True, blank=True, db_index=True, help_text="When a replay was processed."
+    )
 
     class Meta:
         ordering = ["-last_failed_at"]

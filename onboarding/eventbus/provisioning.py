@@ -21,6 +21,7 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
+from onboarding.eventbus.deadletters import replay_filter
 from onboarding.eventbus.registry import ConsumerSpec
 
 
@@ -61,13 +62,16 @@ def stream_fields() -> dict:
 
 
 def consumer_fields(spec: ConsumerSpec) -> dict:
-    subjects = spec.subjects
     return {
-        "filter_subject": subjects[0] if len(subjects) == 1 else None,
-        "filter_subjects": subjects if len(subjects) > 1 else None,
+        # The events it handles, and the dead letters replayed to it alone.
+        "filter_subject": None,
+        "filter_subjects": [*spec.subjects, replay_filter(spec.name)],
         "ack_policy": AckPolicy.EXPLICIT,
         "ack_wait": float(settings.CONSUMER_ACK_WAIT),
-        "max_deliver": settings.CONSUMER_MAX_DELIVER,
+        # Unlimited on the server: the runner enforces CONSUMER_MAX_DELIVER itself and turns the
+        # last failure into a dead letter. A server-side limit would instead leave the message
+        # stuck, unacked and undelivered, whenever that last step could not complete.
+        "max_deliver": -1,
         "max_ack_pending": settings.CONSUMER_MAX_ACK_PENDING,
     }
 

@@ -7,30 +7,52 @@ each consumer it binds the app's durable pull consumer, fetches batches and, per
    as a dead letter and terminated, never retried, and the consumer carries on;
 2. in one transaction on the context's own database, checks the inbox, runs the handler and
    records the event in the inbox — a redelivered event is skipped, never applied twice;
-3. acks only after that transaction committed. A failure naks with a growing delay (never a
-   hot loop); the last allowed delivery that fails becomes a dead letter.
+3. acks only after that transaction committed.
+
+Failures are told apart, because they call for different answers:
+
+- *the database is down* (a database error, and a probe transaction fails too): this is an
+  outage, not a bad message. The runner keeps the messages in hand (``in_progress()`` keeps
+  them from being redelivered elsewhere), stops fetching, probes with backoff and, once the
+  database answers, retries the same delivery. An outage of minutes dead-letters nothing.
+- *this message failed* (anything else, or a database error while the database is fine): nak
+  with a delay that doubles with each delivery, never a hot loop; the last allowed delivery
+  that fails becomes a dead letter. A message that arrives past its allowed deliveries (the
+  process died handling it, repeatedly) is dead-lettered without running the handler again.
+- *NATS is unreachable*: fetch fails; the loop backs off and tries again, for ever.
 
 The ORM runs on one worker thread per consumer (it may not run on the event loop, and one
-thread keeps one database connection). Errors from NATS — timeouts, a restart, a missing
-consumer — never end the loop: it backs off and carries on.
+thread keeps one database connection). On SIGTERM/SIGINT the message in hand is finished, the
+rest of the batch is nak'ed back at once for another worker, and the process exits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import nats.errors
 from django.conf import settings
-from django.db import DataError, close_old_connections, connections, transaction
-from django.utils import timezone
+from django.db import (
+    DataError,
+    InterfaceError,
+    OperationalError,
+    close_old_connections,
+    connections,
+    transaction,
+)
 
-from onboarding.contracts import MSG_ID_HEADER, ContractError, parse_event
+from onboarding.contracts import EVENT_ID_HEADER, MSG_ID_HEADER, ContractError, parse_event
 from onboarding.eventbus.connection import close, connect
+from onboarding.eventbus.deadletters import (
+    dead_letter_resolve,
+    dead_letter_store,
+    original_subject,
+)
 from onboarding.eventbus.lifecycle import Backoff, Stopper
-from onboarding.eventbus.models import DeadLetter, ProcessedEvent
+from onboarding.eventbus.models import ProcessedEvent
 from onboarding.eventbus.registry import ConsumerSpec
 
 logger = logging.getLogger(__name__)
@@ -42,11 +64,14 @@ class PermanentError(Exception):
     """Raised by a handler for an event that can never succeed: dead-lettered at once."""
 
 
-# Failures a retry cannot fix. Everything else (a lock timeout, a dropped connection, a
-# deadlock) is retried with a growing delay.
-PERMANENT_ERRORS = (ContractError, PermanentError, DataError)
+class MaxDeliveriesExceeded(Exception):
+    """The message arrived more often than allowed without being settled."""
 
-DEAD_LETTER_DATABASE = "default"
+
+# Failures a retry cannot fix.
+PERMANENT_ERRORS = (ContractError, PermanentError, DataError)
+# Failures that may mean the database is unreachable (confirmed by a probe).
+DATABASE_ERRORS = (OperationalError, InterfaceError)
 
 
 def retry_delay(delivery: int) -> float:
@@ -56,9 +81,13 @@ def retry_delay(delivery: int) -> float:
 
 
 def event_id_of(msg) -> str:
-    """The event's stable id: its Nats-Msg-Id, or its stream position if it was sent bare."""
+    """The event's stable id: Event-Id, else Nats-Msg-Id, else its place in the stream."""
     headers = msg.headers or {}
-    return headers.get(MSG_ID_HEADER) or f"{settings.NATS_STREAM}:{msg.metadata.sequence.stream}"
+    return (
+        headers.get(EVENT_ID_HEADER)
+        or headers.get(MSG_ID_HEADER)
+        or f"{msg.metadata.stream}:{msg.metadata.sequence.stream}"
+    )
 
 
 def process_event(spec: ConsumerSpec, *, event, event_id: str, subject: str, stream_seq: int):
@@ -82,38 +111,14 @@ def process_event(spec: ConsumerSpec, *, event, event_id: str, subject: str, str
     return True
 
 
-def dead_letter_store(
-    *, consumer: str, msg_subject: str, stream: str, stream_seq: int, event_id: str,
-    payload: bytes, headers: dict, deliveries: int, error: BaseException,
-) -> DeadLetter:
-    """Store (or refresh) the dead letter for one message of one consumer."""
-    user_id = ""
-    try:
-        data = json.loads(payload)
-        if isinstance(data, dict) and isinstance(data.get("userId"), str):
-            user_id = data["userId"][:64]
-    except (ValueError, RecursionError):
-        pass
-    now = timezone.now()
-    fields = {
-        "subject": msg_subject,
-        "event_id": event_id[:128],
-        "user_id": user_id,
-        "payload": payload,
-        "headers": headers,
-        "deliveries": deliveries,
-        "error_type": type(error).__name__,
-        "error_message": str(error)[:10_000],
-        "last_failed_at": now,
-    }
-    letter, _ = DeadLetter.objects.using(DEAD_LETTER_DATABASE).update_or_create(
-        consumer=consumer,
-        stream=stream,
-        stream_seq=stream_seq,
-        defaults=fields,
-        create_defaults={**fields, "first_failed_at": now},
-    )
-    return letter
+def database_probe(alias: str) -> None:
+    """Raise unless ``alias`` accepts a write transaction now.
+
+    On SQLite the transaction begins IMMEDIATE, so it also fails while another process holds
+    the write lock — a read would still succeed then, and prove nothing.
+    """
+    with transaction.atomic(using=alias), connections[alias].cursor() as cursor:
+        cursor.execute("SELECT 1")
 
 
 class ConsumerRunner:
@@ -124,6 +129,8 @@ class ConsumerRunner:
         self.batch = batch or settings.CONSUMER_FETCH_BATCH
         self.stopper = Stopper()
         self.processed = {spec.name: 0 for spec in specs}
+        self.outages = {spec.name: 0 for spec in specs}
+        self._ack_wait: dict[str, float] = {}
 
     def stop(self) -> None:
         self.stopper.stop()
@@ -145,6 +152,8 @@ class ConsumerRunner:
             await close(nc, *subscriptions)
             logger.info("consumers stopped: %s", names)
 
+    # -- fetching ----------------------------------------------------------------------------
+
     async def _consume(self, nc, spec: ConsumerSpec, subscriptions: list) -> None:
         js = nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
         executor = ThreadPoolExecutor(1, thread_name_prefix=f"consume-{spec.name}")
@@ -154,7 +163,9 @@ class ConsumerRunner:
             while not self.stopper.stopped:
                 try:
                     if psub is None:
-                        await js.consumer_info(settings.NATS_STREAM, spec.durable)
+                        info = await js.consumer_info(settings.NATS_STREAM, spec.durable)
+                        # Keepalives follow the durable's real ack_wait, whatever settings say.
+                        self._ack_wait[spec.name] = info.config.ack_wait or 30.0
                         psub = await js.pull_subscribe_bind(
                             spec.durable, stream=settings.NATS_STREAM
                         )
@@ -173,13 +184,44 @@ class ConsumerRunner:
                     await self.stopper.sleep(delay)
                     continue
                 backoff.reset()
-                for msg in msgs:
-                    # A stop request lets the batch in hand finish: every fetched message is
-                    # acked or nak'ed before exit, none is left waiting for ack_wait.
-                    await self._handle(spec, msg, executor)
+                await self._handle_batch(spec, msgs, executor)
         finally:
             await asyncio.get_running_loop().run_in_executor(executor, connections.close_all)
             executor.shutdown()
+
+    async def _handle_batch(self, spec: ConsumerSpec, msgs: list, executor) -> None:
+        unsettled = list(msgs)
+        async with self._keepalive(unsettled, self._ack_wait.get(spec.name, 30.0)):
+            while unsettled:
+                if self.stopper.stopped:
+                    # Stopping: hand the rest back now rather than after ack_wait.
+                    for msg in unsettled:
+                        with contextlib.suppress(Exception):
+                            await msg.nak()
+                    return
+                await self._handle(spec, unsettled[0], executor, unsettled)
+                unsettled.pop(0)
+
+    @contextlib.asynccontextmanager
+    async def _keepalive(self, msgs: list, ack_wait: float):
+        """Tell JetStream the messages in hand are still being worked on, every ack_wait/3.
+
+        Without it a slow handler, or a batch waiting out a database outage, would see its
+        messages redelivered — to another worker, or to this one after the outage.
+        """
+
+        async def beat():
+            while True:
+                await asyncio.sleep(ack_wait / 3)
+                for msg in list(msgs):
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
+
+        task = asyncio.create_task(beat())
+        try:
+            yield
+        finally:
+            task.cancel()
 
     async def _orm(self, executor, fn, /, *args, **kwargs):
         def call():
@@ -188,50 +230,104 @@ class ConsumerRunner:
 
         return await asyncio.get_running_loop().run_in_executor(executor, call)
 
-    async def _handle(self, spec: ConsumerSpec, msg, executor) -> None:
+    # -- one message -------------------------------------------------------------------------
+
+    async def _handle(self, spec: ConsumerSpec, msg, executor, in_hand: list) -> None:
         meta = msg.metadata
         seq, delivery = meta.sequence.stream, meta.num_delivered
         event_id = event_id_of(msg)
-        try:
-            event = parse_event(msg.subject, msg.data, msg.headers)
-            applied = await self._orm(
-                executor, process_event, spec,
-                event=event, event_id=event_id, subject=msg.subject, stream_seq=seq,
+        subject = original_subject(spec.name, msg.subject)
+        limit = settings.CONSUMER_MAX_DELIVER
+        if delivery > limit:
+            error = MaxDeliveriesExceeded(
+                f"delivered {delivery} times (limit {limit}) without being settled; "
+                "the consumer may have died handling it"
             )
-        except PERMANENT_ERRORS as exc:
-            logger.error(
-                "consumer %s: permanent failure, dead-lettering seq=%s event_id=%s: %s: %s",
-                spec.name, seq, event_id, type(exc).__name__, exc,
-            )
-            await self._dead_letter(spec, msg, exc, executor)
+            logger.error("consumer %s: dead-lettering seq=%s event_id=%s: %s",
+                         spec.name, seq, event_id, error)
+            await self._dead_letter(spec, msg, error, executor)
             return
-        except Exception as exc:
-            if delivery >= settings.CONSUMER_MAX_DELIVER:
+        while True:
+            try:
+                event = parse_event(subject, msg.data, msg.headers)
+                applied = await self._orm(
+                    executor, process_event, spec,
+                    event=event, event_id=event_id, subject=subject, stream_seq=seq,
+                )
+            except PERMANENT_ERRORS as exc:
                 logger.error(
-                    "consumer %s: delivery %d of %d failed, dead-lettering seq=%s event_id=%s: %s",
-                    spec.name, delivery, settings.CONSUMER_MAX_DELIVER, seq, event_id, exc,
+                    "consumer %s: permanent failure, dead-lettering seq=%s event_id=%s: %s: %s",
+                    spec.name, seq, event_id, type(exc).__name__, exc,
                 )
                 await self._dead_letter(spec, msg, exc, executor)
                 return
-            delay = retry_delay(delivery)
-            logger.warning(
-                "consumer %s: delivery %d failed seq=%s event_id=%s, retrying in %.1fs: %s: %s",
-                spec.name, delivery, seq, event_id, delay, type(exc).__name__, exc,
-            )
-            await msg.nak(delay=delay)
-            return
+            except DATABASE_ERRORS as exc:
+                if await self._database_available(spec, executor):
+                    await self._retry_later(spec, msg, exc, executor)  # this message's problem
+                    return
+                logger.warning(
+                    "consumer %s: database %r unavailable (%s: %s); pausing with %d message(s) "
+                    "in hand", spec.name, spec.database, type(exc).__name__, exc, len(in_hand),
+                )
+                if not await self._await_database(spec, executor):
+                    return  # stopping: the batch handler hands the messages back
+                continue  # the same delivery, again: an outage costs no delivery attempts
+            except Exception as exc:
+                await self._retry_later(spec, msg, exc, executor)
+                return
+            break
         await msg.ack()  # only now: the transaction has committed
         self.processed[spec.name] += 1
+        if msg.subject != subject:  # a replay: its dead letter is resolved
+            with contextlib.suppress(Exception):
+                await self._orm(executor, dead_letter_resolve, consumer=spec.name,
+                                headers=dict(msg.headers or {}))
         outcome = "processed" if applied else "duplicate skipped"
         logger.info("consumer %s: %s seq=%s event_id=%s", spec.name, outcome, seq, event_id)
+
+    async def _retry_later(self, spec: ConsumerSpec, msg, error: BaseException, executor):
+        meta = msg.metadata
+        delivery, seq = meta.num_delivered, meta.sequence.stream
+        if delivery >= settings.CONSUMER_MAX_DELIVER:
+            logger.error(
+                "consumer %s: delivery %d of %d failed, dead-lettering seq=%s: %s: %s",
+                spec.name, delivery, settings.CONSUMER_MAX_DELIVER, seq,
+                type(error).__name__, error,
+            )
+            await self._dead_letter(spec, msg, error, executor)
+            return
+        delay = retry_delay(delivery)
+        logger.warning(
+            "consumer %s: delivery %d failed seq=%s, retrying in %.1fs: %s: %s",
+            spec.name, delivery, seq, delay, type(error).__name__, error,
+        )
+        await msg.nak(delay=delay)
+
+    async def _database_available(self, spec: ConsumerSpec, executor) -> bool:
+        try:
+            await self._orm(executor, database_probe, spec.database)
+        except Exception:
+            return False
+        return True
+
+    async def _await_database(self, spec: ConsumerSpec, executor) -> bool:
+        """Probe with backoff until the database is back (True) or a stop comes (False)."""
+        self.outages[spec.name] += 1
+        backoff = Backoff(initial=0.5, maximum=15.0)
+        while not self.stopper.stopped:
+            await self.stopper.sleep(backoff.next())
+            if await self._database_available(spec, executor):
+                logger.info("consumer %s: database %r is back; resuming", spec.name, spec.database)
+                return True
+        return False
 
     async def _dead_letter(self, spec: ConsumerSpec, msg, error: BaseException, executor) -> None:
         meta = msg.metadata
         try:
             await self._orm(
                 executor, dead_letter_store,
-                consumer=spec.name, msg_subject=msg.subject, stream=meta.stream,
-                stream_seq=meta.sequence.stream, event_id=event_id_of(msg),
+                consumer=spec.name, subject=original_subject(spec.name, msg.subject),
+                stream=meta.stream, stream_seq=meta.sequence.stream, event_id=event_id_of(msg),
                 payload=bytes(msg.data), headers=dict(msg.headers or {}),
                 deliveries=meta.num_delivered, error=error,
             )

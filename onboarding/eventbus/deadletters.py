@@ -1,0 +1,188 @@
+"""Dead letters: messages a consumer set aside, and sending them back to that consumer.
+
+A message becomes a dead letter when it breaks the contract (at once, no retry), when it fails
+its last allowed delivery, or when it arrives with more deliveries than allowed (the consumer
+died handling it, again and again). It is stored *before* the original message is terminated,
+so there is no moment at which it exists nowhere.
+
+Replay publishes the stored message again on ``replay.<consumer>.<subject>``, which only that
+consumer's durable subscribes to: the other services, which handled the event, never see it.
+The replay keeps the event's ``Event-Id`` (so the consumer's inbox still recognises the event)
+under a fresh ``Nats-Msg-Id`` (so JetStream does not drop it as a duplicate of the original),
+and names the dead letter in ``Dead-Letter-Id``: processing it resolves the dead letter, failing
+again updates the same dead letter with the new error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+from django.conf import settings
+from django.db.models import F, QuerySet
+from django.utils import timezone
+
+from onboarding.contracts import EVENT_ID_HEADER, MSG_ID_HEADER
+from onboarding.eventbus.models import DeadLetter
+
+# Dead letters of every consumer sit together, in the operations (default) database, so the
+# admin and `manage.py deadletters` can show them in one list.
+DEAD_LETTER_DATABASE = "default"
+DEAD_LETTER_HEADER = "Dead-Letter-Id"
+REPLAY_PREFIX = "replay"
+
+
+def replay_subject(consumer: str, subject: str) -> str:
+    return f"{REPLAY_PREFIX}.{consumer}.{subject}"
+
+
+def replay_filter(consumer: str) -> str:
+    """The extra filter subject of ``consumer``'s durable: replays addressed to it."""
+    return f"{REPLAY_PREFIX}.{consumer}.>"
+
+
+def original_subject(consumer: str, subject: str) -> str:
+    """The event subject of a message, whether it is the original or a replay."""
+    prefix = f"{REPLAY_PREFIX}.{consumer}."
+    return subject[len(prefix):] if subject.startswith(prefix) else subject
+
+
+def _user_id_of(payload: bytes) -> str:
+    try:
+        data = json.loads(payload)
+    except (ValueError, RecursionError):
+        return ""
+    if isinstance(data, dict) and isinstance(data.get("userId"), str):
+        return data["userId"][:64]
+    return ""
+
+
+def dead_letter_store(
+    *,
+    consumer: str,
+    subject: str,
+    stream: str,
+    stream_seq: int,
+    event_id: str,
+    payload: bytes,
+    headers: dict,
+    deliveries: int,
+    error: BaseException,
+) -> DeadLetter:
+    """Store the dead letter of one message for one consumer (or refresh the existing one).
+
+    A replayed message that fails again updates the dead letter it was replayed from.
+    """
+    now = timezone.now()
+    fields = {
+        "event_id": event_id[:128],
+        "deliveries": deliveries,
+        "error_type": type(error).__name__,
+        "error_message": str(error)[:10_000],
+        "last_failed_at": now,
+        "resolved_at": None,
+    }
+    letters = DeadLetter.objects.using(DEAD_LETTER_DATABASE)
+    letter_id = headers.get(DEAD_LETTER_HEADER)
+    if letter_id and letter_id.isdigit():
+        letter = letters.filter(id=int(letter_id), consumer=consumer).first()
+        if letter is not None:
+            for name, value in fields.items():
+                setattr(letter, name, value)
+            letter.save(using=DEAD_LETTER_DATABASE, update_fields=[*fields])
+            return letter
+    fields.update(
+        subject=subject, user_id=_user_id_of(payload), payload=payload, headers=headers
+    )
+    letter, _ = letters.update_or_create(
+        consumer=consumer,
+        stream=stream,
+        stream_seq=stream_seq,
+        defaults=fields,
+        create_defaults={**fields, "first_failed_at": now},
+    )
+    return letter
+
+
+def dead_letter_resolve(*, consumer: str, headers: dict) -> int:
+    """Mark the dead letter a successfully processed replay came from as resolved."""
+    letter_id = (headers or {}).get(DEAD_LETTER_HEADER)
+    if not (letter_id and letter_id.isdigit()):
+        return 0
+    return (
+        DeadLetter.objects.using(DEAD_LETTER_DATABASE)
+        .filter(id=int(letter_id), consumer=consumer, resolved_at__isnull=True)
+        .update(resolved_at=timezone.now())
+    )
+
+
+def dead_letters_open(*, consumer: str | None = None) -> QuerySet[DeadLetter]:
+    letters = DeadLetter.objects.using(DEAD_LETTER_DATABASE).filter(resolved_at__isnull=True)
+    if consumer:
+        letters = letters.filter(consumer=consumer)
+    return letters.order_by("id")
+
+
+def dead_letter_as_dict(letter: DeadLetter) -> dict:
+    return {
+        "id": letter.id,
+        "consumer": letter.consumer,
+        "stream": letter.stream,
+        "stream_seq": letter.stream_seq,
+        "subject": letter.subject,
+        "event_id": letter.event_id,
+        "user_id": letter.user_id,
+        "error": f"{letter.error_type}: {letter.error_message}",
+        "error_type": letter.error_type,
+        "error_message": letter.error_message,
+        "deliveries": letter.deliveries,
+        "replays": letter.replays,
+        "first_failed_at": letter.first_failed_at.isoformat(),
+        "last_failed_at": letter.last_failed_at.isoformat(),
+        "resolved_at": letter.resolved_at.isoformat() if letter.resolved_at else None,
+        "headers": letter.headers,
+        "payload": letter.payload_text,
+    }
+
+
+async def _publish_replays(letters: list[DeadLetter], replayed: list[int]) -> None:
+    from onboarding.eventbus.connection import close, connect_within
+
+    nc = await connect_within("deadletters-replay", settings.NATS_REQUEST_TIMEOUT * 2)
+    try:
+        js = nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
+        for letter in letters:
+            headers = {k: v for k, v in (letter.headers or {}).items() if k != MSG_ID_HEADER}
+            headers[MSG_ID_HEADER] = f"replay-{uuid.uuid4()}"
+            if letter.event_id:
+                headers.setdefault(EVENT_ID_HEADER, letter.event_id)
+            headers[DEAD_LETTER_HEADER] = str(letter.id)
+            await js.publish(
+                replay_subject(letter.consumer, letter.subject),
+                bytes(letter.payload),
+                headers=headers,
+            )
+            replayed.append(letter.id)  # acknowledged by JetStream
+    finally:
+        await close(nc)
+
+
+def dead_letters_replay(*, letters: list[DeadLetter]) -> int:
+    """Send each dead letter back to its own consumer only; return how many were sent.
+
+    Sync (admin actions, management commands). Raises if NATS cannot be reached; letters sent
+    before a failure are counted and marked.
+    """
+    letters = list(letters)
+    if not letters:
+        return 0
+    replayed: list[int] = []
+    try:
+        asyncio.run(_publish_replays(letters, replayed))
+    finally:
+        if replayed:
+            DeadLetter.objects.using(DEAD_LETTER_DATABASE).filter(id__in=replayed).update(
+                replays=F("replays") + 1, replayed_at=timezone.now()
+            )
+    return len(replayed)
