@@ -163,27 +163,71 @@ def process_env(jetstream):
     return env
 
 
+class ManagedProcess:
+    """A real ``manage.py`` process; its output goes to a file (a pipe would fill and block)."""
+
+    def __init__(self, args, env, log_path):
+        import subprocess
+
+        self.args = args
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.popen = subprocess.Popen(
+            args, env=env, stdout=self._log, stderr=subprocess.STDOUT, text=True
+        )
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def poll(self):
+        return self.popen.poll()
+
+    def wait_for_output(self, text: str, timeout: float = 20.0) -> None:
+        wait_until(lambda: text in self.output() or self.poll() is not None, timeout=timeout,
+                   message=f"{text!r} in the output of {self.args[2:]}")
+        assert text in self.output(), self.output()
+
+    def wait(self, timeout: float = 30.0) -> int:
+        return self.popen.wait(timeout)
+
+    def stop(self, timeout: float = 15.0) -> tuple[int, str]:
+        """SIGTERM, then wait: (exit code, output). Fails if it does not exit in time."""
+        import signal
+        import subprocess
+
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            code = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"{self.args[2:]} did not exit within {timeout}s of SIGTERM")
+        return code, self.output()
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+
 @pytest.fixture
-def manage(process_env):
+def manage(process_env, tmp_path):
     """Start ``manage.py <args>`` as a real process; every one still running is killed after."""
-    import subprocess
+    import itertools
     import sys
 
     started = []
+    numbers = itertools.count()
 
-    def start(*args, **env):
-        process = subprocess.Popen(
-            [sys.executable, str(settings.BASE_DIR / "manage.py"), *args],
-            env={**process_env, **env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+    def start(*args, faults: bool = False, **env):
+        script = "tests/faults/faulty_manage.py" if faults else "manage.py"
+        process = ManagedProcess(
+            [sys.executable, str(settings.BASE_DIR / script), *args],
+            {**process_env, **env},
+            tmp_path / f"process-{next(numbers)}-{args[0]}.log",
         )
         started.append(process)
         return process
 
     yield start
     for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        process.kill()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
-
 import pytest
 from django.conf import settings
 
@@ -34,16 +31,6 @@ def has_durable(url: str, name: str) -> bool:
     return asyncio.run(check())
 
 
-def stop(process, timeout=15):
-    process.send_signal(signal.SIGTERM)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise AssertionError(f"{process.args[2:]} did not exit within {timeout}s of SIGTERM")
-    return process.returncode, output
-
-
 def test_relay_and_consumer_processes_deliver_and_stop_cleanly(manage, settings):
     settings.OUTBOX_PUBLISH_ON_COMMIT = False  # only the relay process publishes
     consumers = manage("consume", "--all")
@@ -54,10 +41,10 @@ def test_relay_and_consumer_processes_deliver_and_stop_cleanly(manage, settings)
     wait_until(lambda: counts() == complete_count(10), timeout=30, message="defaults")
     wait_until(lambda: not OutboxEvent.objects.filter(published_at__isnull=True).exists())
 
-    code, output = stop(consumers)
+    code, output = consumers.stop()
     assert code == 0, output
     assert "consumers stopped" in output
-    code, output = stop(relay)
+    code, output = relay.stop()
     assert code == 0, output
     assert "relay published" in output
 
@@ -66,7 +53,7 @@ def test_consume_one_app_only_processes_that_app(manage):
     players = manage("consume", "players")
     user_register(username="solo", email="solo@example.com", password="x")
     wait_until(lambda: counts()["players"] == 1, timeout=30)
-    code, output = stop(players)
+    code, output = players.stop()
     assert code == 0, output
     assert counts() == {"players": 1, "characters": 0, "progression": 0, "buildings": 0}
 
@@ -76,8 +63,8 @@ def test_relay_once_flushes_the_backlog_and_exits(manage, settings):
     for i in range(3):
         user_register(username=f"once{i}", email=f"once{i}@example.com", password="x")
     relay = manage("outbox_relay", "--once", "--grace", "0")
-    output, _ = relay.communicate(timeout=30)
-    assert relay.returncode == 0, output
+    assert relay.wait(30) == 0, relay.output()
+    output = relay.output()
     assert "published 3 event(s)" in output
     assert not OutboxEvent.objects.filter(published_at__isnull=True).exists()
 
@@ -86,11 +73,8 @@ def test_consume_exits_cleanly_on_sigterm_while_nats_is_unreachable(manage):
     from onboarding.eventbus.natsserver import free_port
 
     process = manage("consume", "--all", NATS_URL=f"nats://127.0.0.1:{free_port()}")
-    wait_until(lambda: process.poll() is None, timeout=2)
-    import time
-
-    time.sleep(1.5)
-    code, output = stop(process)
+    process.wait_for_output("Connect call failed")  # it is up, retrying the connection
+    code, output = process.stop()
     assert code == 0, output
 
 
@@ -101,7 +85,7 @@ def test_dev_nats_starts_an_embedded_server_provisions_and_stops(manage, tmp_pat
     process = manage("dev_nats", "--store-dir", str(tmp_path / "nats"), NATS_URL=url)
     wait_until(lambda: answers(url), timeout=15, message="embedded nats-server")
     wait_until(lambda: has_durable(url, "buildings"), timeout=15, message="provisioned")
-    code, output = stop(process)
+    code, output = process.stop()
     assert code == 0, output
     assert "started nats-server" in output
     assert "consumer buildings: created" in output
@@ -110,13 +94,8 @@ def test_dev_nats_starts_an_embedded_server_provisions_and_stops(manage, tmp_pat
 
 def test_dev_nats_uses_a_server_that_already_answers(manage):
     process = manage("dev_nats")  # NATS_URL is the suite's running server
-    lines = []
-    for line in process.stdout:  # blocks until the command reports
-        lines.append(line)
-        if "consumer buildings: unchanged" in line:
-            break
-    code, output = stop(process)
-    output = "".join(lines) + output
+    process.wait_for_output("consumer buildings: unchanged")
+    code, output = process.stop()
     assert code == 0, output
     assert "using the NATS server already answering" in output
     assert "consumer players: unchanged" in output

@@ -186,8 +186,25 @@ class ConsumerRunner:
                 backoff.reset()
                 await self._handle_batch(spec, msgs, executor)
         finally:
+            if psub is not None:
+                await self._hand_back(psub)
             await asyncio.get_running_loop().run_in_executor(executor, connections.close_all)
             executor.shutdown()
+
+    async def _hand_back(self, psub) -> None:
+        """Nak what the server delivered that no fetch returned yet, so nothing waits ack_wait.
+
+        A pull request outlives the fetch that returned early; messages it brings queue up in
+        the subscription for the next fetch. Stopping, there is no next fetch.
+        """
+        with contextlib.suppress(Exception):
+            await psub.unsubscribe()  # no more deliveries after this
+        queue = getattr(getattr(psub, "_sub", None), "_pending_queue", None)
+        while queue is not None and not queue.empty():
+            msg = queue.get_nowait()
+            if msg.reply:  # status messages (e.g. "no messages") carry no reply subject
+                with contextlib.suppress(Exception):
+                    await msg.nak()
 
     async def _handle_batch(self, spec: ConsumerSpec, msgs: list, executor) -> None:
         unsettled = list(msgs)
