@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv migrate jetstream run test test-postgres superuser lint clean
+.PHONY: venv migrate run test test-slow test-all test-postgres superuser lint clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,9 +25,18 @@ migrate: venv
 run: migrate
 	DJANGO_DEBUG=$${DJANGO_DEBUG:-true} $(BIN)/honcho start -f Procfile
 
-## The whole test suite (SQLite by default; PostgreSQL when DATABASE_URL points at one).
+## The test suite without the slow fault-injection tests (SQLite by default; PostgreSQL when
+## DATABASE_URL points at one). A couple of minutes at most.
 test: venv
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not slow"
+
+## Only the slow fault-injection tests (kill -9, NATS restart, a minute-long database outage...).
+test-slow: venv
+	$(BIN)/pytest -m slow -rA
+
+## Everything.
+test-all: venv
+	$(BIN)/pytest -rA
 
 ## The suite on the local PostgreSQL server, all contexts in one database.
 test-postgres: venv

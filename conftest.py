@@ -54,6 +54,26 @@ def run_async(coro_fn, *args, **kwargs):
     return asyncio.run(main())
 
 
+def consumer_state(name: str):
+    """(pending, ack_pending) of a durable."""
+    async def read(js):
+        info = await js.consumer_info(settings.NATS_STREAM, name)
+        return info.num_pending, info.num_ack_pending
+
+    return run_async(read)
+
+
+def wait_settled(names=None, timeout: float = 5.0):
+    """Wait until every durable has nothing pending and nothing awaiting an ack.
+
+    Redelivery only happens after ack_wait (10 s in tests), so a message that was never acked
+    (or terminated) keeps ack_pending above zero for longer than this waits.
+    """
+    for name in names or settings.BOUNDED_CONTEXTS:
+        wait_until(lambda n=name: consumer_state(n) == (0, 0), timeout=timeout,
+                   message=f"durable {name} settled")
+
+
 @pytest.fixture
 def jetstream(nats_server):
     """A fresh stream and fresh durables for the test (whatever earlier tests left is gone)."""

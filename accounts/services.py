@@ -6,6 +6,8 @@ import logging
 
 from django.contrib.auth.hashers import make_password
 from django.db import IntegrityError, transaction
+from django.db.models import Value
+from django.db.models.functions import Lower
 
 from accounts.models import User
 from onboarding.contracts import UserRegistered
@@ -23,11 +25,27 @@ class RegistrationConflict(Exception):
 
 
 def user_taken_field(*, username: str, email: str) -> str | None:
-    """Which of username/email already belongs to someone (case-insensitive), if any."""
-    if User.objects.filter(username__iexact=username).exists():
+    """Which of username/email already belongs to someone (case-insensitive), if any.
+
+    Compares with the database's own LOWER(), the function the unique constraints use, so
+    the check and the constraint agree on every character.
+    """
+    users = User.objects.annotate(
+        username_ci=Lower("username"), email_ci=Lower("email")
+    )
+    if users.filter(username_ci=Lower(Value(username))).exists():
         return "username"
-    if User.objects.filter(email__iexact=email).exists():
+    if users.filter(email_ci=Lower(Value(email))).exists():
         return "email"
+    return None
+
+
+def _conflicting_field(error: IntegrityError) -> str | None:
+    """The field a unique-constraint violation is about, read off the constraint's name."""
+    text = str(error)
+    for field in ("username", "email"):
+        if f"accounts_user_{field}" in text or f"accounts_user.{field}" in text:
+            return field
     return None
 
 
@@ -45,7 +63,10 @@ def user_register(*, username: str, email: str, password: str) -> User:
     # The pre-check gives the common case a precise error; the database constraints decide
     # races. Both, and the slow hashing, stay outside the transaction: on SQLite it holds the
     # write lock from its first statement.
-    email = User.objects.normalize_email(email)  # the domain part is case-insensitive
+    # Django's own normalisation: NFKC for usernames (lookalike characters become one), a
+    # lower-case domain for emails.
+    username = User.normalize_username(username)
+    email = User.objects.normalize_email(email)
     taken = user_taken_field(username=username, email=email)
     if taken:
         raise _conflict(taken)
@@ -61,8 +82,9 @@ def user_register(*, username: str, email: str, password: str) -> User:
                     registration_timestamp=user.date_joined,
                 )
             )
-    except IntegrityError:
-        taken = user_taken_field(username=username, email=email)
+    except IntegrityError as exc:
+        # Lost a race to a concurrent registration: the constraint names the field.
+        taken = _conflicting_field(exc) or user_taken_field(username=username, email=email)
         if taken is None:
             raise
         raise _conflict(taken) from None

@@ -80,7 +80,9 @@ def test_bad_input_is_a_400_naming_the_field(client, data, field, problem):
     assert_nothing_written()
 
 
-@pytest.mark.parametrize("body", ["not json", "{", "", "[1, 2]", '"a string"', "null"])
+@pytest.mark.parametrize(
+    "body", ["not json", "{", "", "[1, 2]", '"a string"', "null", "[" * 100_000]
+)
 def test_a_body_that_is_not_a_json_object_is_a_400(client, body):
     response = post(client, body)
     assert response.status_code == 400
@@ -112,21 +114,54 @@ def test_duplicates_in_any_case_are_refused(client, second, field):
 def test_a_lost_race_is_a_400_not_a_500(client, monkeypatch):
     """The pre-check passes for both racers; the database constraint decides."""
     assert post(client, valid()).status_code == 201
-    checks = iter([None])  # the racer's pre-check ran before the winner committed
-    real = services.user_taken_field
-    monkeypatch.setattr(
-        services, "user_taken_field", lambda **kw: next(checks, None) or real(**kw)
-    )
+    real, calls = services.user_taken_field, []
+
+    def racing_pre_check(**kwargs):  # the racer's pre-check ran before the winner committed
+        calls.append(kwargs)
+        return None if len(calls) == 1 else real(**kwargs)
+
+    monkeypatch.setattr(services, "user_taken_field", racing_pre_check)
     response = post(client, valid(username="Sam", email="other@example.com"))
     assert response.status_code == 400
     assert response.json() == {"username": ["A user with that username already exists."]}
     assert User.objects.count() == 1 and OutboxEvent.objects.count() == 1
+    assert len(calls) == 1  # the constraint's name told which field, no second look needed
+
+
+@pytest.mark.parametrize("name", ["\u212aam", "ｋａｍ"])  # Kelvin sign K; full-width letters
+def test_lookalike_usernames_are_the_same_user(client, name):
+    assert post(client, valid(username="kam", email="kam@example.com")).status_code == 201
+    response = post(client, valid(username=name, email="other@example.com"))
+    assert response.status_code == 400, response.content
+    assert "username" in response.json()
+    assert User.objects.count() == 1
 
 
 def test_the_database_enforces_case_insensitive_uniqueness():
     User.objects.create(username="sam", email="sam@example.com")
     with pytest.raises(IntegrityError):
         User.objects.create(username="SaM", email="x@example.com")
+
+
+def test_the_throttle_keys_on_the_peer_not_on_x_forwarded_for(client, monkeypatch):
+    from django.core.cache import cache
+    from rest_framework.throttling import ScopedRateThrottle
+
+    cache.clear()
+    # DRF reads the rates once, at import: patch where it keeps them.
+    monkeypatch.setattr(ScopedRateThrottle, "THROTTLE_RATES", {"register": "2/minute"})
+    statuses = [
+        post_with(client, valid(username=f"t{i}", email=f"t{i}@example.com"),
+                  HTTP_X_FORWARDED_FOR=f"10.0.0.{i}").status_code
+        for i in range(4)
+    ]
+    cache.clear()
+    assert statuses == [201, 201, 429, 429]
+
+
+def post_with(client, data, **extra):
+    return client.post("/api/auth/register", data=json.dumps(data),
+                       content_type="application/json", **extra)
 
 
 def test_token_lets_the_client_act_as_the_user(client):

@@ -18,7 +18,8 @@ SQLITE_ENGINE = "django.db.backends.sqlite3"
 # writers queue on the busy timeout instead of failing with "database is locked" on upgrade.
 SQLITE_OPTIONS = {
     "timeout": 20,
-    "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL",
+    # synchronous=FULL: a commit (after which a consumer acks) survives a power cut too.
+    "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL",
     "transaction_mode": "IMMEDIATE",
 }
 
@@ -28,6 +29,17 @@ def prepare(config: dict, *, test_dir: Path) -> dict:
     config = dict(config)
     config.setdefault("CONN_MAX_AGE", 60)
     config.setdefault("CONN_HEALTH_CHECKS", True)
+    if config["ENGINE"] == "django.db.backends.postgresql":
+        # A database that stops answering must fail a call, not hang the consumer's only ORM
+        # thread: bounded connect, and TCP keepalives to notice a dead peer.
+        config["OPTIONS"] = {
+            "connect_timeout": 5,
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 10,
+            "keepalives_count": 3,
+            **config.get("OPTIONS", {}),
+        }
     if config["ENGINE"] == SQLITE_ENGINE:
         config["CONN_MAX_AGE"] = None  # one file, no network: keep the connection for ever
         config["OPTIONS"] = {**SQLITE_OPTIONS, **config.get("OPTIONS", {})}
@@ -41,15 +53,28 @@ def prepare(config: dict, *, test_dir: Path) -> dict:
     return config
 
 
+_LOOPBACK = {"", "localhost", "127.0.0.1", "::1", "[::1]"}
+_DEFAULT_PORTS = {"django.db.backends.postgresql": "5432", "django.db.backends.mysql": "3306"}
+
+
 def identity(config: dict) -> tuple:
-    """What makes two configs the same physical database."""
+    """What makes two configs the same database (and so the same ``django_migrations``).
+
+    Spellings of one server compare equal (``localhost`` and ``127.0.0.1``, a missing port and
+    the default one); the user does not matter (two users of one database share its tables),
+    but a ``search_path`` in the connection options does (one schema per context is a
+    separate set of tables). ``migrate_all`` double-checks the outcome table by table.
+    """
     if config["ENGINE"] == SQLITE_ENGINE:
         return (SQLITE_ENGINE, str(Path(config["NAME"]).resolve()))
+    host = str(config.get("HOST") or "").lower()
+    port = str(config.get("PORT") or _DEFAULT_PORTS.get(config["ENGINE"], ""))
     return (
         config["ENGINE"],
-        config.get("HOST") or "",
-        str(config.get("PORT") or ""),
+        "loopback" if host in _LOOPBACK else host,
+        port,
         config.get("NAME"),
+        str((config.get("OPTIONS") or {}).get("options", "")),
     )
 
 

@@ -118,15 +118,23 @@ PASSWORD_HASHERS = env.list(
     ],
 )
 
+# --- Cache ---------------------------------------------------------------------------------
+# Throttle counters live here. The default is per process; several web processes need a
+# shared cache (e.g. CACHE_URL=redis://127.0.0.1:6379/1) to enforce one limit between them.
+CACHES = {"default": env.cache_url("CACHE_URL", default="locmemcache://")}
+
 # --- API -----------------------------------------------------------------------------------
 
 REST_FRAMEWORK = {
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["onboarding.parsers.SafeJSONParser"],
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # Throttles key on the client address. 0: REMOTE_ADDR, never a client-supplied
+    # X-Forwarded-For; behind N trusted proxies set it to N.
+    "NUM_PROXIES": env.int("DJANGO_NUM_PROXIES", default=0),
     "DEFAULT_THROTTLE_RATES": {
         # Per client IP. Deployments and load tests change them here, not in code.
         "register": env.str("REGISTER_THROTTLE_RATE", default="60/minute") or None,

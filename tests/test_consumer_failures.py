@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
 from django.conf import settings
 
-from conftest import run_async, wait_until
+from conftest import run_async, wait_settled, wait_until
 from onboarding.contracts import VERSION_HEADER, event_headers
 from onboarding.eventbus.models import DeadLetter
 from onboarding.eventbus.registry import get_consumers
@@ -72,6 +73,7 @@ def test_poison_messages_are_dead_lettered_and_valid_ones_still_land(start_consu
 
     for event in events:
         assert_defaults(event.user_id, event.username)
+    wait_settled()  # the poison messages were terminated, not left to ack_wait
     poison_seqs = set(sequences[1::2])
     for name in get_consumers():
         letters = DeadLetter.objects.filter(consumer=name)
@@ -93,7 +95,7 @@ def test_transient_failure_is_retried_with_growing_delay_and_applied_once(
     original = players.consumers.player_create_default
 
     def flaky(**kwargs):
-        calls.append(kwargs)
+        calls.append(time.monotonic())
         if len(calls) <= 2:
             raise ConnectionError("database went away")
         return original(**kwargs)
@@ -106,6 +108,9 @@ def test_transient_failure_is_retried_with_growing_delay_and_applied_once(
     running.stop()
     assert len(calls) == 3
     assert not DeadLetter.objects.exists()
+    gaps = [later - earlier for earlier, later in zip(calls, calls[1:], strict=False)]
+    # nak(delay) guarantees at least the delay before the redelivery, and it doubles.
+    assert gaps[0] >= retry_delay(1) * 0.9 and gaps[1] >= retry_delay(2) * 0.9, gaps
     assert retry_delay(1) < retry_delay(2) < retry_delay(3)
 
 
@@ -138,3 +143,14 @@ def test_consume_command_rejects_unknown_consumers():
         call_command("consume", "nope")
     with pytest.raises(CommandError, match="name one or more consumers or pass --all"):
         call_command("consume")
+
+
+def test_a_new_failure_at_a_reused_sequence_does_not_overwrite_an_old_dead_letter():
+    """A stream deleted and created again restarts its sequence numbers."""
+    from onboarding.eventbus.deadletters import dead_letter_store
+
+    for event_id in ("old-event", "new-event"):
+        dead_letter_store(consumer="players", subject="user.registered", stream="USERS",
+                          stream_seq=1, event_id=event_id, payload=b"{}", headers={},
+                          deliveries=1, error=ValueError(event_id))
+    assert set(DeadLetter.objects.values_list("event_id", flat=True)) == {"old-event", "new-event"}

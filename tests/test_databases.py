@@ -86,3 +86,31 @@ def test_contexts_do_not_import_each_other():
                 for name in names:
                     top = name.split(".")[0]
                     assert top == context or top not in contexts, f"{path} imports {name}"
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"HOST": "localhost", "PORT": ""},
+        {"HOST": "127.0.0.1", "PORT": 5432},
+        {"HOST": "", "PORT": "5432", "USER": "someone-else"},
+    ],
+)
+def test_spellings_of_one_postgres_database_are_one_alias(other):
+    base = postgres("main")
+    dbs, alias = databases.assign(base, {"players": {**base, **other}})
+    assert list(dbs) == ["default"] and alias == {"players": "default"}
+
+
+def test_a_schema_per_context_is_its_own_database():
+    base = postgres("main")
+    schema = {**base, "OPTIONS": {"options": "-c search_path=players"}}
+    dbs, alias = databases.assign(base, {"players": schema})
+    assert alias == {"players": "players"}
+
+
+@pytest.mark.django_db(databases="__all__")
+def test_migrate_all_finds_no_missing_table():
+    from onboarding.eventbus.management.commands.migrate_all import missing_tables
+
+    assert missing_tables() == []

@@ -76,7 +76,6 @@ def dead_letter_store(
     """
     now = timezone.now()
     fields = {
-        "event_id": event_id[:128],
         "deliveries": deliveries,
         "error_type": type(error).__name__,
         "error_message": str(error)[:10_000],
@@ -99,6 +98,7 @@ def dead_letter_store(
         consumer=consumer,
         stream=stream,
         stream_seq=stream_seq,
+        event_id=event_id[:128],
         defaults=fields,
         create_defaults={**fields, "first_failed_at": now},
     )

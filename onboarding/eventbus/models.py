@@ -87,8 +87,11 @@ class DeadLetter(models.Model):
     class Meta:
         ordering = ["-last_failed_at"]
         constraints = [
+            # The event id is part of the key: a stream that is deleted and created again
+            # restarts its sequence numbers, and a new failure must not overwrite an old one.
             models.UniqueConstraint(
-                fields=["consumer", "stream", "stream_seq"], name="deadletter_once_per_message"
+                fields=["consumer", "stream", "stream_seq", "event_id"],
+                name="deadletter_once_per_message",
             )
         ]
 

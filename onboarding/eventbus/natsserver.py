@@ -21,6 +21,9 @@ listen: 127.0.0.1:{port}
 server_name: {name}
 jetstream {{
   store_dir: "{store_dir}"
+  # fsync every write: an acknowledged publish survives a power cut, not only a crash
+  # (the default syncs every 2 minutes).
+  sync_interval: always
   max_memory_store: 256MB
   max_file_store: 4GB
 }}

@@ -16,6 +16,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import queue
@@ -66,6 +67,7 @@ class BackgroundPublisher:
         except Exception:
             logger.warning("publisher did not shut down cleanly", exc_info=True)
         loop.call_soon_threadsafe(loop.stop)
+        self._nc = None
         self._marks.put(None)  # the marker finishes its queue and closes its DB connections
         self._marker.join(timeout)
 
@@ -87,6 +89,8 @@ class BackgroundPublisher:
                 target=self._run_marker, name="outbox-marker", daemon=True
             )
             self._marker.start()
+            if self._pid is None:
+                atexit.register(self.close)
             self._pid = os.getpid()
 
     def _run_loop(self) -> None:
@@ -96,7 +100,13 @@ class BackgroundPublisher:
         loop.run_forever()
 
     async def _connect(self) -> None:
-        self._nc = await connect(f"outbox-publisher:{os.getpid()}")
+        # connect() itself retries for ever; this loop only outlives unexpected errors.
+        while self._nc is None:
+            try:
+                self._nc = await connect(f"outbox-publisher:{os.getpid()}")
+            except Exception:
+                logger.exception("publisher could not connect; retrying")
+                await asyncio.sleep(1)
         self._connected.set()
 
     async def _publish(self, messages: list[OutboundMessage]) -> None:
@@ -147,8 +157,8 @@ class BackgroundPublisher:
 
     @staticmethod
     def _mark(row_ids: list[int]) -> None:
-        close_old_connections()
         try:
+            close_old_connections()
             outbox_mark_published(row_ids=row_ids)
         except Exception:
             # Published but not marked: the relay republishes after its grace period and

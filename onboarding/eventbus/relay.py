@@ -47,6 +47,7 @@ class OutboxRelay:
         # One thread for the ORM, so the relay keeps one database connection.
         self._db = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay-db")
         self._nc = None
+        self._js = None
         self.published = 0
 
     async def _orm(self, fn, /, **kwargs):
@@ -65,12 +66,16 @@ class OutboxRelay:
         if not await self.stopper.wait_for(connecting):
             return self.published
         self._nc = connecting.result()
+        # One JetStream context for the run: each new one subscribes its own PubAck inbox.
+        self._js = self._nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
         backoff = Backoff(initial=0.5, maximum=10.0)
         try:
             while not self.stopper.stopped:
                 try:
                     count = await self.flush_batch()
                 except Exception as exc:
+                    if once:
+                        raise  # a one-shot flush reports failure instead of waiting for ever
                     delay = backoff.next()
                     logger.warning("relay batch failed, retrying in %.1fs: %s", delay, exc)
                     await self.stopper.sleep(delay)
@@ -95,11 +100,12 @@ class OutboxRelay:
         )
         if not messages:
             return 0
-        js = self._nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
         futures = []
         for message in messages:  # pipelined, in id order, on one connection
             futures.append(
-                await js.publish_async(message.subject, message.payload, headers=message.headers)
+                await self._js.publish_async(
+                    message.subject, message.payload, headers=message.headers
+                )
             )
         results = await asyncio.gather(
             *(asyncio.wait_for(f, settings.NATS_REQUEST_TIMEOUT * 2) for f in futures),

@@ -68,6 +68,12 @@ class MaxDeliveriesExceeded(Exception):
     """The message arrived more often than allowed without being settled."""
 
 
+# A message delivered this many times CONSUMER_MAX_DELIVER without ever being settled (acked,
+# nak'ed or dead-lettered) keeps killing its consumer: it is dead-lettered without running the
+# handler again. Deliveries also count restarts and hand-backs on stop, hence the margin; a
+# handler that merely fails is dead-lettered after CONSUMER_MAX_DELIVER attempts.
+CRASH_LOOP_FACTOR = 3
+
 # Failures a retry cannot fix.
 PERMANENT_ERRORS = (ContractError, PermanentError, DataError)
 # Failures that may mean the database is unreachable (confirmed by a probe).
@@ -166,6 +172,12 @@ class ConsumerRunner:
                         info = await js.consumer_info(settings.NATS_STREAM, spec.durable)
                         # Keepalives follow the durable's real ack_wait, whatever settings say.
                         self._ack_wait[spec.name] = info.config.ack_wait or 30.0
+                        if info.config.max_deliver not in (None, -1):
+                            logger.error(
+                                "consumer %s: the durable has max_deliver=%s; a message at that "
+                                "limit whose dead letter cannot be stored would be stuck. Run "
+                                "`manage.py setup_jetstream`.", spec.name, info.config.max_deliver,
+                            )
                         psub = await js.pull_subscribe_bind(
                             spec.durable, stream=settings.NATS_STREAM
                         )
@@ -216,8 +228,8 @@ class ConsumerRunner:
                         with contextlib.suppress(Exception):
                             await msg.nak()
                     return
-                await self._handle(spec, unsettled[0], executor, unsettled)
-                unsettled.pop(0)
+                if await self._handle(spec, unsettled[0], executor, unsettled):
+                    unsettled.pop(0)
 
     @contextlib.asynccontextmanager
     async def _keepalive(self, msgs: list, ack_wait: float):
@@ -249,21 +261,22 @@ class ConsumerRunner:
 
     # -- one message -------------------------------------------------------------------------
 
-    async def _handle(self, spec: ConsumerSpec, msg, executor, in_hand: list) -> None:
+    async def _handle(self, spec: ConsumerSpec, msg, executor, in_hand: list) -> bool:
+        """Settle ``msg`` (ack, nak or dead letter); False if a stop came first (unsettled)."""
         meta = msg.metadata
         seq, delivery = meta.sequence.stream, meta.num_delivered
         event_id = event_id_of(msg)
         subject = original_subject(spec.name, msg.subject)
-        limit = settings.CONSUMER_MAX_DELIVER
+        limit = settings.CONSUMER_MAX_DELIVER * CRASH_LOOP_FACTOR
         if delivery > limit:
             error = MaxDeliveriesExceeded(
-                f"delivered {delivery} times (limit {limit}) without being settled; "
-                "the consumer may have died handling it"
+                f"delivered {delivery} times without being settled; the consumer keeps dying "
+                "while handling it"
             )
             logger.error("consumer %s: dead-lettering seq=%s event_id=%s: %s",
                          spec.name, seq, event_id, error)
             await self._dead_letter(spec, msg, error, executor)
-            return
+            return True
         while True:
             try:
                 event = parse_event(subject, msg.data, msg.headers)
@@ -277,21 +290,21 @@ class ConsumerRunner:
                     spec.name, seq, event_id, type(exc).__name__, exc,
                 )
                 await self._dead_letter(spec, msg, exc, executor)
-                return
+                return True
             except DATABASE_ERRORS as exc:
                 if await self._database_available(spec, executor):
                     await self._retry_later(spec, msg, exc, executor)  # this message's problem
-                    return
+                    return True
                 logger.warning(
                     "consumer %s: database %r unavailable (%s: %s); pausing with %d message(s) "
                     "in hand", spec.name, spec.database, type(exc).__name__, exc, len(in_hand),
                 )
                 if not await self._await_database(spec, executor):
-                    return  # stopping: the batch handler hands the messages back
+                    return False  # stopping: the batch handler hands the messages back
                 continue  # the same delivery, again: an outage costs no delivery attempts
             except Exception as exc:
                 await self._retry_later(spec, msg, exc, executor)
-                return
+                return True
             break
         await msg.ack()  # only now: the transaction has committed
         self.processed[spec.name] += 1
@@ -301,6 +314,7 @@ class ConsumerRunner:
                                 headers=dict(msg.headers or {}))
         outcome = "processed" if applied else "duplicate skipped"
         logger.info("consumer %s: %s seq=%s event_id=%s", spec.name, outcome, seq, event_id)
+        return True
 
     async def _retry_later(self, spec: ConsumerSpec, msg, error: BaseException, executor):
         meta = msg.metadata

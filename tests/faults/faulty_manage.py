@@ -47,7 +47,8 @@ def faulty(consumer: str, handler):
             time.sleep(float(slow[1]))
         if fail_always and fail_always[0] == consumer:
             raise InjectedFault(f"injected failure in {consumer}")
-        if fail_first and fail_first[0] == consumer and attempts[event.user_id] <= int(fail_first[1]):
+        failing_first = fail_first and fail_first[0] == consumer
+        if failing_first and attempts[event.user_id] <= int(fail_first[1]):
             raise InjectedFault(f"injected failure {attempts[event.user_id]} in {consumer}")
         return handler(event)
 

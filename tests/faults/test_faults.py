@@ -19,9 +19,8 @@ from django.db import connections
 from accounts.services import user_register
 from conftest import run_async, wait_until
 from onboarding.eventbus.models import DeadLetter, OutboxEvent, ProcessedEvent
-from tests.flow import complete_count, counts, register
+from tests.flow import complete_count, counts, register, sample_event
 from tests.test_consumer_failures import poison_messages, publish_all, valid
-from tests.flow import sample_event
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True, databases="__all__")]
 
@@ -219,7 +218,8 @@ def test_a_handler_failing_k_times_is_retried_with_growing_delays(manage, tmp_pa
     log = tmp_path / "attempts.log"
     k = 3
     consumer = manage("consume", "players", faults=True, FAULT_FAIL_FIRST=f"players:{k}",
-                      FAULT_LOG=str(log), CONSUMER_RETRY_BASE_DELAY="0.5")
+                      FAULT_LOG=str(log), CONSUMER_RETRY_BASE_DELAY="0.5",
+                      CONSUMER_RETRY_MAX_DELAY="10")
     event = sample_event(username="flaky")
     publish_all([valid(event)])
     wait_until(lambda: counts()["players"] == 1, timeout=30)

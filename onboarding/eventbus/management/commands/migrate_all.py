@@ -1,6 +1,8 @@
+from django.apps import apps
 from django.conf import settings
 from django.core.management import call_command
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
+from django.db import connections, router
 
 
 class Command(BaseCommand):
@@ -19,3 +21,26 @@ class Command(BaseCommand):
                 "migrate", database=alias, interactive=False, verbosity=verbosity,
                 stdout=self.stdout, stderr=self.stderr,
             )
+        missing = missing_tables()
+        if missing:
+            raise CommandError(
+                "migrations are recorded but these tables do not exist — are two database "
+                "settings spelling the same database differently? "
+                + ", ".join(f"{table} in {alias!r}" for alias, table in missing)
+            )
+
+
+def missing_tables() -> list[tuple[str, str]]:
+    """(alias, table) of every model table the router expects but the database lacks."""
+    present = {alias: set(connections[alias].introspection.table_names())
+               for alias in settings.DATABASES}
+    missing = []
+    for model in apps.get_models():
+        if not model._meta.managed or model._meta.proxy:
+            continue
+        for alias in settings.DATABASES:
+            if router.allow_migrate_model(alias, model) and (
+                model._meta.db_table not in present[alias]
+            ):
+                missing.append((alias, model._meta.db_table))
+    return missing

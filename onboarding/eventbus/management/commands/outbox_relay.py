@@ -1,6 +1,6 @@
 import asyncio
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from onboarding.eventbus.relay import OutboxRelay
 
@@ -19,6 +19,9 @@ class Command(BaseCommand):
 
     def handle(self, *args, once, grace, batch, **options):
         relay = OutboxRelay(grace=grace, batch=batch)
-        published = asyncio.run(relay.run(once=once, install_signal_handlers=True))
+        try:
+            published = asyncio.run(relay.run(once=once, install_signal_handlers=True))
+        except Exception as exc:  # only with --once; the service mode retries for ever
+            raise CommandError(f"relay failed after {relay.published} event(s): {exc}")
         if once:
             self.stdout.write(f"published {published} event(s)")
