@@ -1,0 +1,602 @@
+"""Benchmarks of the event pipeline: ``make bench`` (see docs/benchmarks.md).
+
+One engine per run (``--engine sqlite`` or ``--engine postgres``, the latter from
+``DATABASE_URL``). Everything it needs is started here and torn down after: a nats-server on a
+free port with a temporary store (fsync on every write, as in development), bench databases
+(SQLite files in a temporary folder, or ``<name>_bench`` databases on the PostgreSQL server),
+the real ``consume`` / ``outbox_relay`` processes and gunicorn. Only 127.0.0.1 is used; every
+loop is bounded in count and time.
+
+Scenarios:
+  drain     N events published up front, then the four consumers (one process each) drain
+            them; events/s per consumer and for all four, against the bare bulk_create ceiling
+            of the same rows in batches of the same size, no NATS.
+  latency   registrations over HTTP at a steady rate (fast MD5 hasher); time from the 201 to
+            the last of the four services' default rows.
+  register  the register endpoint with and without event publishing (same hasher, same run).
+  relay     an outbox backlog of N rows flushed by the relay; events/s.
+
+Passwords are hashed with MD5 (``DJANGO_PASSWORD_HASHERS``) so that hashing does not hide the
+pipeline; per-event INFO logs are off (``LOG_LEVEL=WARNING``), as they would be at volume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import http.client
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CONTEXTS = ("players", "characters", "progression", "buildings")
+FAST_HASHER = "django.contrib.auth.hashers.MD5PasswordHasher"
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def progress(label: str, done: int, total: int, started: float) -> None:
+    if not sys.stderr.isatty() and done not in (0, total):
+        return
+    width = 30
+    filled = int(width * done / max(total, 1))
+    rate = done / max(time.monotonic() - started, 1e-9)
+    sys.stderr.write(
+        f"\r  {label:<10} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {rate:,.0f}/s"
+    )
+    if done >= total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+# -- environment --------------------------------------------------------------------------------
+
+
+def bench_databases(engine: str, workdir: Path) -> dict[str, str]:
+    """Database URLs for the bench, never the developer's own databases."""
+    if engine == "sqlite":
+        urls = {"DATABASE_URL": f"sqlite:///{workdir / 'accounts.sqlite3'}"}
+        for context in CONTEXTS:
+            urls[f"{context.upper()}_DATABASE_URL"] = f"sqlite:///{workdir / context}.sqlite3"
+        return urls
+    base = os.environ.get("DATABASE_URL", "")
+    if not base.startswith("postgres"):
+        raise SystemExit("--engine postgres needs DATABASE_URL=postgres://...")
+    urls = {}
+    for key in ["DATABASE_URL", *(f"{c.upper()}_DATABASE_URL" for c in CONTEXTS)]:
+        url = os.environ.get(key)
+        if url:
+            parsed = urlparse(url)
+            urls[key] = parsed._replace(path=parsed.path + "_bench").geturl()
+    for url in set(urls.values()):
+        recreate_postgres_database(url)
+    return urls
+
+
+def recreate_postgres_database(url: str) -> None:
+    import psycopg
+
+    parsed = urlparse(url)
+    name = parsed.path.lstrip("/")
+    with psycopg.connect(
+        host=parsed.hostname or "127.0.0.1", port=parsed.port or 5432,
+        user=parsed.username or None, password=parsed.password or None,
+        dbname="postgres", autocommit=True,
+    ) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+class Stack:
+    """The processes of one scenario; all of them are stopped on exit."""
+
+    def __init__(self, env: dict, workdir: Path):
+        self.env, self.workdir = env, workdir
+        self.processes: list[subprocess.Popen] = []
+
+    def manage(self, *args, **extra_env) -> subprocess.Popen:
+        log = open(self.workdir / f"{args[0]}-{len(self.processes)}.log", "w")
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "manage.py"), *args],
+            env={**self.env, **extra_env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        self.processes.append(process)
+        return process
+
+    def gunicorn(self, port: int, **extra_env) -> subprocess.Popen:
+        log = open(self.workdir / f"gunicorn-{len(self.processes)}.log", "w")
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "gunicorn"), "onboarding.wsgi",
+             "--workers", "2", "--bind", f"127.0.0.1:{port}", "--log-level", "warning"],
+            env={**self.env, **extra_env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        self.processes.append(process)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+                conn.request("GET", "/api/auth/me")
+                conn.getresponse().read()
+                return process
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("gunicorn did not start")
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.processes.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+# -- helpers that need Django -------------------------------------------------------------------
+
+
+def default_models():
+    from buildings.models import Building
+    from characters.models import Character
+    from players.models import Player
+    from progression.models import MetaProgression
+
+    return {"players": Player, "characters": Character, "progression": MetaProgression,
+            "buildings": Building}
+
+
+def reset_data() -> None:
+    """Empty every table the scenarios write, between scenarios."""
+    from django.apps import apps
+    from django.db import router
+
+    from django.conf import settings
+
+    for model in apps.get_models():
+        if model._meta.app_label in ("eventbus", "accounts", *CONTEXTS):
+            aliases = (
+                set(settings.CONTEXT_DATABASES.values())
+                if model._meta.model_name == "processedevent"
+                else {router.db_for_write(model) or "default"}
+            )
+            for alias in aliases:
+                model.objects.using(alias).all().delete()
+
+
+def reset_jetstream() -> None:
+    import asyncio
+
+    from django.conf import settings
+    from django.core.management import call_command
+    from nats.js.errors import NotFoundError
+
+    from onboarding.eventbus.connection import close, connect_within
+
+    async def delete():
+        nc = await connect_within("bench", 5)
+        try:
+            await nc.jetstream().delete_stream(settings.NATS_STREAM)
+        except NotFoundError:
+            pass
+        finally:
+            await close(nc)
+
+    asyncio.run(delete())
+    call_command("setup_jetstream", stdout=open(os.devnull, "w"))
+
+
+def wait_for_counts(target: int, timeout: float, label: str) -> dict[str, float]:
+    """Poll until each context has ``target`` users' defaults; return when each got there."""
+    models = default_models()
+    per_user = {"buildings": 2}
+    started = time.monotonic()
+    reached: dict[str, float] = {}
+    while len(reached) < len(models):
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"{label}: not every default after {timeout}s: {reached}")
+        done = 0
+        for name, model in models.items():
+            count = model.objects.count() // per_user.get(name, 1)
+            done += min(count, target)
+            if count >= target and name not in reached:
+                reached[name] = time.monotonic()
+        progress(label, done // len(models), target, started)
+        time.sleep(0.2)
+    return reached
+
+
+def created_span(model, user_ids=None) -> tuple[dt.datetime, dt.datetime]:
+    from django.db.models import Max, Min
+
+    rows = model.objects.all()
+    if user_ids is not None:
+        rows = rows.filter(user_id__in=user_ids)
+    span = rows.aggregate(first=Min("created_at"), last=Max("created_at"))
+    return span["first"], span["last"]
+
+
+# -- scenarios ----------------------------------------------------------------------------------
+
+
+def scenario_drain(stack: Stack, events: int, batch: int) -> dict:
+    import asyncio
+
+    from django.conf import settings
+    from django.db import transaction
+
+    from onboarding.contracts import UserRegistered, event_headers
+    from onboarding.eventbus.connection import close, connect_within
+
+    async def publish():
+        nc = await connect_within("bench-publish", 5)
+        js = nc.jetstream(timeout=10)
+        now = dt.datetime.now(dt.UTC)
+        started = time.monotonic()
+        for i in range(events):
+            event = UserRegistered(user_id=uuid.uuid4(), username=f"drain{i}",
+                                   email=f"drain{i}@example.com", registration_timestamp=now)
+            await js.publish_async(event.subject, event.to_json(),
+                                   headers=event_headers(event, event_id=uuid.uuid4()))
+            if i % 1000 == 0:
+                progress("publish", i, events, started)
+        await js.publish_async_completed()
+        progress("publish", events, events, started)
+        elapsed = time.monotonic() - started
+        await close(nc)
+        return events / elapsed
+
+    publish_rate = asyncio.run(publish())
+    for context in CONTEXTS:
+        stack.manage("consume", context, "--batch", str(batch))
+    wait_for_counts(events, timeout=600, label="drain")
+    stack.stop()
+
+    models = default_models()
+    spans = {name: created_span(model) for name, model in models.items()}
+    per_consumer = {
+        name: events / max((last - first).total_seconds(), 1e-6)
+        for name, (first, last) in spans.items()
+    }
+    first = min(f for f, _ in spans.values())
+    last = max(lst for _, lst in spans.values())
+    all_four = events / max((last - first).total_seconds(), 1e-6)
+
+    # The ceiling: the same rows, bulk_create in batches of the same size, one process, no NATS.
+    from buildings.defaults import STARTER_BUILDINGS
+    from characters.defaults import DEFAULT_CHARACTER_NAME
+    from progression.defaults import STARTER_SKILLS, STARTER_WEAPONS
+
+    users = [(uuid.uuid4(), f"ceil{i}") for i in range(events)]
+    builders = {
+        "players": lambda u, n: [models["players"](user_id=u, username=n)],
+        "characters": lambda u, n: [models["characters"](
+            user_id=u, name=DEFAULT_CHARACTER_NAME, is_active=True)],
+        "progression": lambda u, n: [models["progression"](
+            user_id=u, unlocked_weapons=list(STARTER_WEAPONS),
+            unlocked_skills=list(STARTER_SKILLS))],
+        "buildings": lambda u, n: [models["buildings"](user_id=u, kind=k, level=lv)
+                                   for k, lv in STARTER_BUILDINGS],
+    }
+    started = time.monotonic()
+    for name, build in builders.items():
+        model, alias = models[name], settings.CONTEXT_DATABASES[name]
+        for i in range(0, events, batch):
+            rows = [row for u, n in users[i:i + batch] for row in build(u, n)]
+            with transaction.atomic(using=alias):
+                model.objects.using(alias).bulk_create(rows)
+    ceiling = events / (time.monotonic() - started)
+    return {
+        "events": events,
+        "batch": batch,
+        "publish_events_per_s": round(publish_rate),
+        "per_consumer_events_per_s": {k: round(v) for k, v in per_consumer.items()},
+        "all_four_events_per_s": round(all_four),
+        "ceiling_events_per_s": round(ceiling),
+        "ratio_to_ceiling": round(all_four / ceiling, 3),
+    }
+
+
+def http_register(conn: http.client.HTTPConnection, username: str) -> tuple[int, dict, float]:
+    body = json.dumps({"username": username, "email": f"{username}@example.com",
+                       "password": "bench-Pw-1234!"})
+    conn.request("POST", "/api/auth/register", body=body,
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    payload = json.loads(response.read() or b"{}")
+    return response.status, payload, time.time()
+
+
+def scenario_latency(stack: Stack, rate: float, seconds: float, port: int) -> dict:
+    stack.gunicorn(port)
+    stack.manage("outbox_relay")
+    for context in CONTEXTS:
+        stack.manage("consume", context)
+    time.sleep(2)  # let the consumers bind
+    total = int(rate * seconds)
+    results: list[tuple[uuid.UUID, float]] = []
+    errors = []
+    lock = threading.Lock()
+    local = threading.local()
+
+    def one(i: int) -> None:
+        if not hasattr(local, "conn"):
+            local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            status, payload, received = http_register(local.conn, f"lat{i}")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            errors.append(repr(exc))
+            return
+        if status != 201:
+            errors.append(f"{status} {payload}")
+            return
+        with lock:
+            results.append((uuid.UUID(payload["userId"]), received))
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        for i in range(total):  # open loop: send on schedule whatever the responses do
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            pool.submit(one, i)
+            if i % 25 == 0:
+                progress("latency", i, total, started)
+    progress("latency", total, total, started)
+    wait_for_counts(len(results), timeout=120, label="defaults")
+    stack.stop()
+
+    models = default_models()
+    latest: dict[uuid.UUID, dt.datetime] = {}
+    for model in models.values():
+        for user_id, created in model.objects.values_list("user_id", "created_at"):
+            if user_id not in latest or created > latest[user_id]:
+                latest[user_id] = created
+    latencies = [
+        (latest[user_id].timestamp() - received) * 1000 for user_id, received in results
+    ]
+    return {
+        "rate_per_s": rate,
+        "registrations": total,
+        "errors": len(errors),
+        "p50_ms": round(statistics.median(latencies), 1),
+        "p95_ms": round(percentile(latencies, 0.95), 1),
+        "p99_ms": round(percentile(latencies, 0.99), 1),
+        "max_ms": round(max(latencies), 1),
+    }
+
+
+def closed_loop(port: int, requests: int, concurrency: int, prefix: str) -> float:
+    """Send ``requests`` registrations from ``concurrency`` clients; return requests/s."""
+    counter = iter(range(requests))
+    lock = threading.Lock()
+    failures = []
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            status, payload, _ = http_register(conn, f"{prefix}{i}")
+            if status != 201:
+                failures.append(payload)
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise RuntimeError(f"{len(failures)} failed registrations: {failures[:3]}")
+    return requests / (time.monotonic() - started)
+
+
+def scenario_register(stack: Stack, requests: int, rounds: int, port: int) -> dict:
+    rates = {"with_events": [], "without_events": []}
+    for r in range(rounds):
+        for mode in ("with_events", "without_events"):
+            reset_data()
+            stack.gunicorn(port, ACCOUNTS_PUBLISH_EVENTS="true" if mode == "with_events"
+                           else "false")
+            closed_loop(port, min(200, requests), 4, f"warm{mode}{r}")  # warm up
+            rate = closed_loop(port, requests, 4, f"reg{mode}{r}")
+            rates[mode].append(rate)
+            progress("register", r * 2 + (mode == "without_events") + 1, rounds * 2,
+                     time.monotonic())
+            stack.stop()
+    with_events = statistics.median(rates["with_events"])
+    without = statistics.median(rates["without_events"])
+    return {
+        "requests_per_round": requests,
+        "concurrency": 4,
+        "gunicorn_workers": 2,
+        "with_events_req_per_s": round(with_events),
+        "without_events_req_per_s": round(without),
+        "event_cost_fraction": round(1 - with_events / without, 3),
+    }
+
+
+def scenario_relay(rows: int, batch: int) -> dict:
+    import asyncio
+
+    from django.utils import timezone
+
+    from onboarding.contracts import UserRegistered, event_headers
+    from onboarding.eventbus.models import OutboxEvent
+    from onboarding.eventbus.relay import OutboxRelay
+
+    old = timezone.now() - dt.timedelta(minutes=5)
+    objects = []
+    for i in range(rows):
+        event_id = uuid.uuid4()
+        event = UserRegistered(user_id=uuid.uuid4(), username=f"relay{i}",
+                               email=f"relay{i}@example.com", registration_timestamp=old)
+        objects.append(OutboxEvent(event_id=event_id, subject=event.subject,
+                                   payload=event.to_json().decode(),
+                                   headers=event_headers(event, event_id=event_id),
+                                   created_at=old))
+    OutboxEvent.objects.bulk_create(objects, batch_size=1000)
+    relay = OutboxRelay(grace=0, batch=batch)
+    done = threading.Event()
+    started = time.monotonic()
+
+    def watch():
+        while not done.wait(0.5):
+            progress("relay", relay.published, rows, started)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    published = asyncio.run(relay.run(once=True))
+    elapsed = time.monotonic() - started
+    done.set()
+    progress("relay", published, rows, started)
+    assert published == rows, (published, rows)
+    assert not OutboxEvent.objects.filter(published_at__isnull=True).exists()
+    return {"rows": rows, "batch": batch, "events_per_s": round(rows / elapsed)}
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Benchmarks of the onboarding event pipeline")
+    parser.add_argument("--engine", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--events", type=int, default=20_000, help="drain backlog (max 200000)")
+    parser.add_argument("--batch", type=int, default=100, help="consumer fetch/commit batch")
+    parser.add_argument("--rate", type=float, default=50.0, help="latency: registrations/s")
+    parser.add_argument("--seconds", type=float, default=20.0, help="latency: duration")
+    parser.add_argument("--requests", type=int, default=1000, help="register: per round")
+    parser.add_argument("--rounds", type=int, default=3, help="register: rounds (median)")
+    parser.add_argument("--relay-rows", type=int, default=20_000)
+    parser.add_argument("--only", default="drain,latency,register,relay")
+    parser.add_argument("--output", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args()
+    args.events = min(args.events, 200_000)
+    args.relay_rows = min(args.relay_rows, 200_000)
+    scenarios = set(args.only.split(","))
+
+    from onboarding.eventbus.natsserver import NatsServer, free_port
+
+    with tempfile.TemporaryDirectory(prefix="onboarding-bench-") as tmp:
+        workdir = Path(tmp)
+        nats = NatsServer(workdir / "nats", name="onboarding-bench").start(
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        env = {
+            **os.environ,
+            **bench_databases(args.engine, workdir),
+            "NATS_URL": nats.url,
+            "DJANGO_SETTINGS_MODULE": "onboarding.settings",
+            "DJANGO_PASSWORD_HASHERS": FAST_HASHER,
+            "REGISTER_THROTTLE_RATE": "",
+            "LOG_LEVEL": "WARNING",
+            "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+        }
+        os.environ.update(env)
+        import django
+
+        django.setup()
+        from django.core.management import call_command
+
+        call_command("migrate_all", verbosity=0, stdout=open(os.devnull, "w"))
+        results = {"engine": args.engine, "machine": machine(), "hasher": FAST_HASHER}
+        port = free_port()
+        try:
+            for name in ("drain", "latency", "register", "relay"):
+                if name not in scenarios:
+                    continue
+                print(f"{args.engine}: {name}", file=sys.stderr)
+                reset_data()
+                reset_jetstream()
+                with Stack(env, workdir) as stack:
+                    if name == "drain":
+                        results[name] = scenario_drain(stack, args.events, args.batch)
+                    elif name == "latency":
+                        results[name] = scenario_latency(stack, args.rate, args.seconds, port)
+                    elif name == "register":
+                        results[name] = scenario_register(stack, args.requests, args.rounds,
+                                                          port)
+                    else:
+                        results[name] = scenario_relay(args.relay_rows, 500)
+        finally:
+            from django.db import connections
+
+            connections.close_all()
+            nats.stop()
+
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / f"{args.engine}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(markdown(results))
+    print(f"\n(results: {path.relative_to(ROOT)})")
+
+
+def markdown(results: dict) -> str:
+    engine = results["engine"]
+    lines = [f"### {engine}", "", "| scenario | result | target |", "| --- | --- | --- |"]
+    if "drain" in results:
+        d = results["drain"]
+        per = ", ".join(f"{k} {v:,}" for k, v in d["per_consumer_events_per_s"].items())
+        lines.append(f"| drain {d['events']:,} events, batch {d['batch']} | all four "
+                     f"{d['all_four_events_per_s']:,} ev/s ({per}); ceiling "
+                     f"{d['ceiling_events_per_s']:,} ev/s; ratio **{d['ratio_to_ceiling']:.0%}** "
+                     "| ≥ 50% |")
+    if "latency" in results:
+        la = results["latency"]
+        lines.append(f"| latency at {la['rate_per_s']:g}/s ({la['registrations']} regs, "
+                     f"{la['errors']} errors) | p50 **{la['p50_ms']} ms**, p95 {la['p95_ms']}, "
+                     f"p99 **{la['p99_ms']} ms**, max {la['max_ms']} | p50 ≤ 15, p99 ≤ 50 |")
+    if "register" in results:
+        r = results["register"]
+        lines.append(f"| register overhead | {r['with_events_req_per_s']:,} vs "
+                     f"{r['without_events_req_per_s']:,} req/s without events: event costs "
+                     f"**{r['event_cost_fraction']:.1%}** | ≤ 10% |")
+    if "relay" in results:
+        rl = results["relay"]
+        lines.append(f"| relay {rl['rows']:,} rows | **{rl['events_per_s']:,} ev/s** | ≥ 5,000 |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
