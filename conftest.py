@@ -104,12 +104,14 @@ def wait_until(predicate, *, timeout: float = 20.0, interval: float = 0.05, mess
 class RunningConsumers:
     """Consumers running on a thread of this process, as ``manage.py consume`` runs them."""
 
-    def __init__(self, names, batch=None):
+    def __init__(self, names, batch=None, per_message=None):
         from onboarding.eventbus.registry import get_consumers
         from onboarding.eventbus.runner import ConsumerRunner
 
         consumers = get_consumers()
-        self.runner = ConsumerRunner([consumers[name] for name in names], batch=batch)
+        self.runner = ConsumerRunner(
+            [consumers[name] for name in names], batch=batch, per_message=per_message
+        )
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="test-consumers", daemon=True)
 
@@ -135,8 +137,10 @@ class RunningConsumers:
 def start_consumers(jetstream):
     started = []
 
-    def start(names=None, batch=None):
-        running = RunningConsumers(names or settings.BOUNDED_CONTEXTS, batch=batch).start()
+    def start(names=None, batch=None, per_message=None):
+        running = RunningConsumers(
+            names or settings.BOUNDED_CONTEXTS, batch=batch, per_message=per_message
+        ).start()
         started.append(running)
         return running
 

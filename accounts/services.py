@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from django.conf import settings
 from django.contrib.auth.hashers import make_password
 from django.db import IntegrityError, transaction
 from django.db.models import Value
@@ -74,14 +75,15 @@ def user_register(*, username: str, email: str, password: str) -> User:
     try:
         with transaction.atomic():
             user.save(force_insert=True)
-            outbox_publish_on_commit(
-                event=UserRegistered(
-                    user_id=user.id,
-                    username=user.username,
-                    email=user.email,
-                    registration_timestamp=user.date_joined,
+            if settings.ACCOUNTS_PUBLISH_EVENTS:
+                outbox_publish_on_commit(
+                    event=UserRegistered(
+                        user_id=user.id,
+                        username=user.username,
+                        email=user.email,
+                        registration_timestamp=user.date_joined,
+                    )
                 )
-            )
     except IntegrityError as exc:
         # Lost a race to a concurrent registration: the constraint names the field.
         taken = _conflicting_field(exc) or user_taken_field(username=username, email=email)

@@ -190,3 +190,9 @@ def test_token_with_a_wrong_password_is_a_400(client):
 def test_user_id_is_a_uuid():
     user = User.objects.create(username="u", email="u@example.com")
     assert isinstance(user.pk, uuid.UUID)
+
+
+def test_with_publishing_switched_off_no_event_is_written(client, settings):
+    settings.ACCOUNTS_PUBLISH_EVENTS = False
+    assert post(client, valid()).status_code == 201
+    assert User.objects.count() == 1 and not OutboxEvent.objects.exists()

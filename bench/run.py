@@ -174,9 +174,8 @@ def default_models():
 def reset_data() -> None:
     """Empty every table the scenarios write, between scenarios."""
     from django.apps import apps
-    from django.db import router
-
     from django.conf import settings
+    from django.db import router
 
     for model in apps.get_models():
         if model._meta.app_label in ("eventbus", "accounts", *CONTEXTS):

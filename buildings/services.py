@@ -1,5 +1,6 @@
 import logging
 import uuid
+from collections.abc import Iterable
 
 from buildings.defaults import STARTER_BUILDINGS
 from buildings.models import Building
@@ -7,18 +8,25 @@ from buildings.models import Building
 logger = logging.getLogger(__name__)
 
 
-def buildings_create_default(*, user_id: uuid.UUID) -> list[Building]:
-    """Create the starter buildings the user does not have yet; return all of theirs.
+def buildings_create_defaults(*, user_ids: Iterable[uuid.UUID]) -> None:
+    """Create the starter buildings each user does not have yet.
 
-    Idempotent: a replayed event creates nothing (one building of a kind per user).
+    Idempotent: one building of a kind per user (a database constraint); existing ones, and
+    their levels, are left alone.
     """
-    have = set(Building.objects.filter(user_id=user_id).values_list("kind", flat=True))
-    missing = [
-        Building(user_id=user_id, kind=kind, level=level)
-        for kind, level in STARTER_BUILDINGS
-        if kind not in have
-    ]
-    if missing:
-        Building.objects.bulk_create(missing)
-        logger.info("default buildings created user_id=%s count=%d", user_id, len(missing))
+    wanted = set(user_ids)
+    Building.objects.bulk_create(
+        [
+            Building(user_id=user_id, kind=kind, level=level)
+            for user_id in wanted
+            for kind, level in STARTER_BUILDINGS
+        ],
+        ignore_conflicts=True,
+    )
+    logger.debug("default buildings ensured for %d user(s)", len(wanted))
+
+
+def buildings_create_default(*, user_id: uuid.UUID) -> list[Building]:
+    """Create the starter buildings the user does not have yet; return all of theirs."""
+    buildings_create_defaults(user_ids=[user_id])
     return list(Building.objects.filter(user_id=user_id))

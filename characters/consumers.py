@@ -1,12 +1,12 @@
 """What the Character Service consumes (run with ``manage.py consume characters``)."""
 
-from characters.services import character_create_default
+from characters.services import characters_create_defaults
 from onboarding.contracts import UserRegistered
 from onboarding.eventbus.registry import Subscription
 
 
-def on_user_registered(event: UserRegistered) -> None:
-    character_create_default(user_id=event.user_id)
+def on_users_registered(events: list[UserRegistered]) -> None:
+    characters_create_defaults(user_ids=[event.user_id for event in events])
 
 
-SUBSCRIPTIONS = [Subscription(UserRegistered, on_user_registered)]
+SUBSCRIPTIONS = [Subscription(UserRegistered, on_users_registered)]

@@ -1,5 +1,6 @@
 import logging
 import uuid
+from collections.abc import Iterable
 
 from characters.defaults import DEFAULT_CHARACTER_NAME
 from characters.models import Character
@@ -7,16 +8,27 @@ from characters.models import Character
 logger = logging.getLogger(__name__)
 
 
-def character_create_default(*, user_id: uuid.UUID) -> Character:
-    """Give a new user the default character, active; a user who has characters keeps them.
+def characters_create_defaults(*, user_ids: Iterable[uuid.UUID]) -> None:
+    """Give each new user the default character, active; users with characters keep theirs.
 
-    Idempotent: for a user who already has a character (a replayed event) nothing is created.
+    Idempotent: users who already have a character are skipped, and the one-active-character
+    constraint turns a concurrent duplicate into an ignored conflict.
     """
-    existing = Character.objects.filter(user_id=user_id).order_by("-is_active", "id").first()
-    if existing is not None:
-        return existing
-    character = Character.objects.create(
-        user_id=user_id, name=DEFAULT_CHARACTER_NAME, is_active=True
+    wanted = set(user_ids)
+    have = set(
+        Character.objects.filter(user_id__in=wanted).values_list("user_id", flat=True)
     )
-    logger.info("default character created user_id=%s", user_id)
-    return character
+    Character.objects.bulk_create(
+        [
+            Character(user_id=user_id, name=DEFAULT_CHARACTER_NAME, is_active=True)
+            for user_id in wanted - have
+        ],
+        ignore_conflicts=True,
+    )
+    logger.debug("default characters ensured for %d user(s)", len(wanted))
+
+
+def character_create_default(*, user_id: uuid.UUID) -> Character:
+    """Give a new user the default character, active; a user who has characters keeps them."""
+    characters_create_defaults(user_ids=[user_id])
+    return Character.objects.filter(user_id=user_id).order_by("-is_active", "id").first()

@@ -163,10 +163,17 @@ NATS_REQUEST_TIMEOUT = env.float("NATS_REQUEST_TIMEOUT", default=2.0)
 CONSUMER_ACK_WAIT = env.float("CONSUMER_ACK_WAIT", default=30.0)  # seconds
 CONSUMER_MAX_DELIVER = env.int("CONSUMER_MAX_DELIVER", default=10)
 CONSUMER_MAX_ACK_PENDING = env.int("CONSUMER_MAX_ACK_PENDING", default=1000)
-CONSUMER_FETCH_BATCH = env.int("CONSUMER_FETCH_BATCH", default=50)
+CONSUMER_FETCH_BATCH = env.int("CONSUMER_FETCH_BATCH", default=100)
+# A fetched batch commits in one transaction with bulk writes (10-40x one transaction per
+# message); false: one transaction per message.
+CONSUMER_BATCH_TRANSACTIONS = env.bool("CONSUMER_BATCH_TRANSACTIONS", default=True)
 # nak(delay) for a failed delivery n is min(base * 2**(n-1), max): never a hot loop.
 CONSUMER_RETRY_BASE_DELAY = env.float("CONSUMER_RETRY_BASE_DELAY", default=1.0)
 CONSUMER_RETRY_MAX_DELAY = env.float("CONSUMER_RETRY_MAX_DELAY", default=60.0)
+
+# Benchmarks only: false registers users without announcing them, so no other service ever
+# creates their defaults (a system check warns). Measures what the event costs the endpoint.
+ACCOUNTS_PUBLISH_EVENTS = env.bool("ACCOUNTS_PUBLISH_EVENTS", default=True)
 
 # --- Outbox --------------------------------------------------------------------------------
 

@@ -2,11 +2,11 @@
 
 from onboarding.contracts import UserRegistered
 from onboarding.eventbus.registry import Subscription
-from players.services import player_create_default
+from players.services import players_create_defaults
 
 
-def on_user_registered(event: UserRegistered) -> None:
-    player_create_default(user_id=event.user_id, username=event.username)
+def on_users_registered(events: list[UserRegistered]) -> None:
+    players_create_defaults(users=[(event.user_id, event.username) for event in events])
 
 
-SUBSCRIPTIONS = [Subscription(UserRegistered, on_user_registered)]
+SUBSCRIPTIONS = [Subscription(UserRegistered, on_users_registered)]

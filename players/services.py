@@ -1,14 +1,27 @@
 import logging
 import uuid
+from collections.abc import Iterable
 
 from players.models import Player
 
 logger = logging.getLogger(__name__)
 
 
+def players_create_defaults(*, users: Iterable[tuple[uuid.UUID, str]]) -> None:
+    """Create the player record of each (user_id, username) that has none; others are untouched.
+
+    Idempotent and set-based: one INSERT for the lot, conflicts on ``user_id`` ignored, so a
+    replayed or duplicated event creates nothing twice.
+    """
+    by_user = dict(users)
+    Player.objects.bulk_create(
+        [Player(user_id=user_id, username=name) for user_id, name in by_user.items()],
+        ignore_conflicts=True,
+    )
+    logger.debug("default players ensured for %d user(s)", len(by_user))
+
+
 def player_create_default(*, user_id: uuid.UUID, username: str) -> Player:
     """Create the user's player record; a second call for the same user returns the first."""
-    player, created = Player.objects.get_or_create(user_id=user_id, defaults={"username": username})
-    if created:
-        logger.info("default player created user_id=%s", user_id)
-    return player
+    players_create_defaults(users=[(user_id, username)])
+    return Player.objects.get(user_id=user_id)

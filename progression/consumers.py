@@ -2,11 +2,11 @@
 
 from onboarding.contracts import UserRegistered
 from onboarding.eventbus.registry import Subscription
-from progression.services import progression_create_default
+from progression.services import progressions_create_defaults
 
 
-def on_user_registered(event: UserRegistered) -> None:
-    progression_create_default(user_id=event.user_id)
+def on_users_registered(events: list[UserRegistered]) -> None:
+    progressions_create_defaults(user_ids=[event.user_id for event in events])
 
 
-SUBSCRIPTIONS = [Subscription(UserRegistered, on_user_registered)]
+SUBSCRIPTIONS = [Subscription(UserRegistered, on_users_registered)]

@@ -1,5 +1,6 @@
 import logging
 import uuid
+from collections.abc import Iterable
 
 from progression.defaults import STARTER_SKILLS, STARTER_WEAPONS
 from progression.models import MetaProgression
@@ -7,18 +8,28 @@ from progression.models import MetaProgression
 logger = logging.getLogger(__name__)
 
 
-def progression_create_default(*, user_id: uuid.UUID) -> MetaProgression:
-    """Create the user's progression with the starter weapons and skills unlocked.
+def progressions_create_defaults(*, user_ids: Iterable[uuid.UUID]) -> None:
+    """Create each user's progression with the starter weapons and skills unlocked.
 
-    Idempotent: an existing progression (a replayed event) is returned untouched.
+    Idempotent: an existing progression (a replayed event) is left untouched — conflicts on
+    ``user_id`` are ignored, never overwritten.
     """
-    progression, created = MetaProgression.objects.get_or_create(
-        user_id=user_id,
-        defaults={
-            "unlocked_weapons": list(STARTER_WEAPONS),
-            "unlocked_skills": list(STARTER_SKILLS),
-        },
+    wanted = set(user_ids)
+    MetaProgression.objects.bulk_create(
+        [
+            MetaProgression(
+                user_id=user_id,
+                unlocked_weapons=list(STARTER_WEAPONS),
+                unlocked_skills=list(STARTER_SKILLS),
+            )
+            for user_id in wanted
+        ],
+        ignore_conflicts=True,
     )
-    if created:
-        logger.info("default progression created user_id=%s", user_id)
-    return progression
+    logger.debug("default progressions ensured for %d user(s)", len(wanted))
+
+
+def progression_create_default(*, user_id: uuid.UUID) -> MetaProgression:
+    """Create the user's progression with the starter weapons and skills unlocked."""
+    progressions_create_defaults(user_ids=[user_id])
+    return MetaProgression.objects.get(user_id=user_id)

@@ -92,7 +92,7 @@ def test_transient_failure_is_retried_with_growing_delay_and_applied_once(
     import players.consumers
 
     calls = []
-    original = players.consumers.player_create_default
+    original = players.consumers.players_create_defaults
 
     def flaky(**kwargs):
         calls.append(time.monotonic())
@@ -100,7 +100,7 @@ def test_transient_failure_is_retried_with_growing_delay_and_applied_once(
             raise ConnectionError("database went away")
         return original(**kwargs)
 
-    monkeypatch.setattr(players.consumers, "player_create_default", flaky)
+    monkeypatch.setattr(players.consumers, "players_create_defaults", flaky)
     event = sample_event(username="flaky")
     publish_all([valid(event)])
     running = start_consumers(["players"])
@@ -122,7 +122,7 @@ def test_a_handler_that_always_fails_becomes_a_dead_letter_after_max_deliver(
     def broken(**kwargs):
         raise ConnectionError("still down")
 
-    monkeypatch.setattr(buildings.consumers, "buildings_create_default", broken)
+    monkeypatch.setattr(buildings.consumers, "buildings_create_defaults", broken)
     event, later = sample_event(username="doomed"), sample_event(username="after")
     publish_all([valid(event), valid(later)])
     running = start_consumers(["buildings", "players"])
@@ -154,3 +154,44 @@ def test_a_new_failure_at_a_reused_sequence_does_not_overwrite_an_old_dead_lette
                           stream_seq=1, event_id=event_id, payload=b"{}", headers={},
                           deliveries=1, error=ValueError(event_id))
     assert set(DeadLetter.objects.values_list("event_id", flat=True)) == {"old-event", "new-event"}
+
+
+def test_duplicates_within_and_across_batches_create_nothing_twice(start_consumers):
+    events = [sample_event(username=f"dup{i}") for i in range(30)]
+    first = [valid(e) for e in events]
+    # The same facts again: some under a new event id (only the services' constraints can
+    # tell), some as exact redeliveries (same Event-Id: the inbox tells).
+    again_new_id = [valid(e) for e in events[:10]]
+    again_same_id = [(payload, {**headers, "Nats-Msg-Id": str(uuid.uuid4())})
+                     for payload, headers in first[10:20]]
+    publish_all(first + again_new_id + again_same_id)
+    running = start_consumers(batch=25)  # duplicates land in the same and in later batches
+    wait_until(lambda: all(n == 50 for n in running.runner.processed.values()))
+    running.stop()
+    assert counts() == complete_count(30)
+    for event in events:
+        assert_defaults(event.user_id, event.username)
+
+
+def test_a_failing_event_does_not_fail_its_batch_mates(start_consumers, monkeypatch):
+    import characters.consumers
+
+    bad = sample_event(username="bad")
+    original = characters.consumers.characters_create_defaults
+
+    def picky(*, user_ids):
+        if bad.user_id in set(user_ids):
+            raise ValueError("this user breaks the character service")
+        return original(user_ids=user_ids)
+
+    monkeypatch.setattr(characters.consumers, "characters_create_defaults", picky)
+    good = [sample_event(username=f"mate{i}") for i in range(9)]
+    publish_all([valid(e) for e in good[:4]] + [valid(bad)] + [valid(e) for e in good[4:]])
+    running = start_consumers(["characters"], batch=20)
+    wait_until(lambda: counts()["characters"] == 9, message="the batch-mates landed")
+    wait_until(lambda: DeadLetter.objects.filter(consumer="characters").exists(), timeout=30,
+               message="the bad one dead-lettered after its retries")
+    running.stop()
+    letter = DeadLetter.objects.get(consumer="characters")
+    assert letter.user_id == str(bad.user_id) and letter.error_type == "ValueError"
+    assert counts()["characters"] == 9

@@ -39,14 +39,15 @@ def test_register_over_http_creates_every_default(client, start_consumers):
     wait_until(lambda: OutboxEvent.objects.filter(published_at__isnull=False).count() == 1)
 
 
-def test_offline_consumer_catches_up_exactly_once(client, start_consumers):
-    online = start_consumers(["players", "characters", "progression"])
+@pytest.mark.parametrize("per_message", [False, True], ids=["batched", "per-message"])
+def test_offline_consumer_catches_up_exactly_once(client, start_consumers, per_message):
+    online = start_consumers(["players", "characters", "progression"], per_message=per_message)
     users = [user_register(username=f"user{i}", email=f"u{i}@example.com", password="x")
              for i in range(50)]
     wait_until(lambda: counts() == {**complete_count(50), "buildings": 0})
     online.stop()
 
-    late = start_consumers(["buildings"])
+    late = start_consumers(["buildings"], per_message=per_message)
     wait_until(lambda: counts() == complete_count(50), message="buildings caught up")
     wait_settled(["buildings"])  # all 50 acked: nothing left to redeliver
     late.stop()
@@ -81,9 +82,9 @@ def test_a_redelivered_event_is_skipped_by_the_inbox(start_consumers, monkeypatc
     import players.consumers
 
     calls = []
-    original = players.consumers.player_create_default
-    monkeypatch.setattr(players.consumers, "player_create_default",
-                        lambda **kw: calls.append(kw) or original(**kw))
+    original = players.consumers.players_create_defaults
+    monkeypatch.setattr(players.consumers, "players_create_defaults",
+                        lambda *, users: calls.extend(users) or original(users=users))
     event = sample_event(username="inbox")
     headers = event_headers(event, event_id=uuid.uuid4())
 

@@ -24,6 +24,14 @@ def check_eventbus_settings(app_configs, **kwargs):
                 id="eventbus.W001",
             )
         )
+    if not settings.ACCOUNTS_PUBLISH_EVENTS:
+        problems.append(
+            Warning(
+                "ACCOUNTS_PUBLISH_EVENTS is off: registrations are not announced and no "
+                "service creates the new users' defaults. Only for benchmarks.",
+                id="eventbus.W002",
+            )
+        )
     if settings.CONSUMER_MAX_DELIVER < 1:
         problems.append(Error("CONSUMER_MAX_DELIVER must be at least 1.", id="eventbus.E002"))
     return problems

@@ -20,10 +20,11 @@ from django.utils.module_loading import module_has_submodule
 
 @dataclass(frozen=True)
 class Subscription:
-    """Handle events of contract class ``event`` with ``handler(event)``.
+    """Handle events of contract class ``event`` with ``handler(events)``.
 
-    The handler runs inside the consumer's database transaction; it must be idempotent for a
-    replayed event (the inbox already skips exact redeliveries).
+    The handler receives a list (one event, or a whole fetched batch) and runs inside the
+    consumer's database transaction. It must be idempotent: the inbox skips exact
+    redeliveries, but the same fact may still arrive twice under two event ids.
     """
 
     event: type

@@ -31,7 +31,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import nats.errors
 from django.conf import settings
@@ -96,25 +98,52 @@ def event_id_of(msg) -> str:
     )
 
 
-def process_event(spec: ConsumerSpec, *, event, event_id: str, subject: str, stream_seq: int):
-    """Apply one event exactly once for ``spec``; return False if it was already processed.
+@dataclass(frozen=True)
+class Incoming:
+    """A parsed message, ready for its handler."""
 
-    The inbox row and the handler's rows commit together in the context's own database, so
-    after any crash either both exist or neither does.
+    event: object
+    event_id: str
+    subject: str
+    stream_seq: int
+
+
+def process_events(spec: ConsumerSpec, items: list[Incoming]) -> list[bool]:
+    """Apply events exactly once for ``spec``, in one transaction; True for each one applied.
+
+    The inbox rows and the handlers' rows commit together in the context's own database, so
+    after any crash either both exist or neither does. Events already in the inbox, and
+    repeats within ``items``, are skipped; each handler receives the rest in one list.
     """
-    handler = spec.handler_for(subject)
-    if handler is None:
-        raise PermanentError(f"consumer {spec.name} has no handler for {subject}")
     alias = spec.database
     with transaction.atomic(using=alias):
         inbox = ProcessedEvent.objects.using(alias)
-        if inbox.filter(consumer=spec.name, event_id=event_id).exists():
-            return False
-        handler(event)
+        seen = set(
+            inbox.filter(consumer=spec.name, event_id__in={i.event_id for i in items})
+            .values_list("event_id", flat=True)
+        )
+        applied, fresh = [], []
+        by_subject: dict[str, list] = defaultdict(list)
+        for item in items:
+            is_new = item.event_id not in seen
+            applied.append(is_new)
+            if is_new:
+                seen.add(item.event_id)
+                fresh.append(item)
+                by_subject[item.subject].append(item.event)
+        for subject, events in by_subject.items():
+            handler = spec.handler_for(subject)
+            if handler is None:
+                raise PermanentError(f"consumer {spec.name} has no handler for {subject}")
+            handler(events)
         # A concurrent delivery of the same event fails here on the unique constraint and
         # rolls back entirely; its retry then finds the inbox row and skips.
-        inbox.create(consumer=spec.name, event_id=event_id, subject=subject, stream_seq=stream_seq)
-    return True
+        inbox.bulk_create(
+            ProcessedEvent(consumer=spec.name, event_id=i.event_id, subject=i.subject,
+                           stream_seq=i.stream_seq)
+            for i in fresh
+        )
+    return applied
 
 
 def database_probe(alias: str) -> None:
@@ -130,9 +159,20 @@ def database_probe(alias: str) -> None:
 class ConsumerRunner:
     """Runs the given consumers in this process until stopped (SIGTERM/SIGINT or ``stop()``)."""
 
-    def __init__(self, specs: list[ConsumerSpec], *, batch: int | None = None) -> None:
+    def __init__(
+        self,
+        specs: list[ConsumerSpec],
+        *,
+        batch: int | None = None,
+        per_message: bool | None = None,
+    ) -> None:
         self.specs = specs
         self.batch = batch or settings.CONSUMER_FETCH_BATCH
+        # Batch mode: a fetched batch commits in one transaction with bulk writes; a failure
+        # falls back to one message at a time, so one bad message never fails its batch-mates.
+        self.per_message = (
+            not settings.CONSUMER_BATCH_TRANSACTIONS if per_message is None else per_message
+        )
         self.stopper = Stopper()
         self.processed = {spec.name: 0 for spec in specs}
         self.outages = {spec.name: 0 for spec in specs}
@@ -221,6 +261,8 @@ class ConsumerRunner:
     async def _handle_batch(self, spec: ConsumerSpec, msgs: list, executor) -> None:
         unsettled = list(msgs)
         async with self._keepalive(unsettled, self._ack_wait.get(spec.name, 30.0)):
+            if not self.per_message and len(unsettled) > 1:
+                await self._handle_together(spec, unsettled, executor)
             while unsettled:
                 if self.stopper.stopped:
                     # Stopping: hand the rest back now rather than after ack_wait.
@@ -259,6 +301,66 @@ class ConsumerRunner:
 
         return await asyncio.get_running_loop().run_in_executor(executor, call)
 
+    # -- a whole batch in one transaction -----------------------------------------------------
+
+    async def _handle_together(self, spec: ConsumerSpec, unsettled: list, executor) -> None:
+        """Settle what it can of ``unsettled`` in one transaction; leave the rest in the list.
+
+        Messages that cannot be parsed (or keep killing the consumer) are dead-lettered on their
+        own first. If the transaction fails for any other reason than an outage, the batch is
+        left to the one-message-at-a-time path, which isolates the culprit.
+        """
+        ready: list[tuple[object, Incoming]] = []
+        settled: set[int] = set()
+        for msg in unsettled:
+            meta = msg.metadata
+            subject = original_subject(spec.name, msg.subject)
+            if meta.num_delivered > settings.CONSUMER_MAX_DELIVER * CRASH_LOOP_FACTOR:
+                continue  # the one-message path dead-letters it
+            try:
+                event = parse_event(subject, msg.data, msg.headers)
+            except ContractError:
+                continue  # the one-message path dead-letters it, with its own log line
+            ready.append((msg, Incoming(event, event_id_of(msg), subject, meta.sequence.stream)))
+        if len(ready) < 2:
+            return
+        while True:
+            try:
+                applied = await self._orm(
+                    executor, process_events, spec, [item for _, item in ready]
+                )
+            except DATABASE_ERRORS as exc:
+                if await self._database_available(spec, executor):
+                    return
+                logger.warning(
+                    "consumer %s: database %r unavailable (%s: %s); pausing with %d message(s) "
+                    "in hand", spec.name, spec.database, type(exc).__name__, exc, len(unsettled),
+                )
+                if not await self._await_database(spec, executor):
+                    return
+                continue
+            except Exception as exc:
+                logger.warning(
+                    "consumer %s: batch of %d failed (%s: %s); retrying one by one",
+                    spec.name, len(ready), type(exc).__name__, exc,
+                )
+                return
+            break
+        for msg, _ in ready:
+            await msg.ack()  # only now: the transaction has committed
+            settled.add(id(msg))
+        unsettled[:] = [msg for msg in unsettled if id(msg) not in settled]
+        self.processed[spec.name] += len(ready)
+        replays = [dict(msg.headers or {}) for msg, item in ready if msg.subject != item.subject]
+        for headers in replays:
+            with contextlib.suppress(Exception):
+                await self._orm(executor, dead_letter_resolve, consumer=spec.name, headers=headers)
+        logger.info(
+            "consumer %s: processed %d event(s) in one transaction (%d duplicate(s) skipped) "
+            "seq %s-%s", spec.name, sum(applied), len(applied) - sum(applied),
+            ready[0][1].stream_seq, ready[-1][1].stream_seq,
+        )
+
     # -- one message -------------------------------------------------------------------------
 
     async def _handle(self, spec: ConsumerSpec, msg, executor, in_hand: list) -> bool:
@@ -280,9 +382,8 @@ class ConsumerRunner:
         while True:
             try:
                 event = parse_event(subject, msg.data, msg.headers)
-                applied = await self._orm(
-                    executor, process_event, spec,
-                    event=event, event_id=event_id, subject=subject, stream_seq=seq,
+                (applied,) = await self._orm(
+                    executor, process_events, spec, [Incoming(event, event_id, subject, seq)]
                 )
             except PERMANENT_ERRORS as exc:
                 logger.error(

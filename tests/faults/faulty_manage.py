@@ -38,19 +38,21 @@ def faulty(consumer: str, handler):
     log_path = os.environ.get("FAULT_LOG")
     attempts: collections.Counter = collections.Counter()
 
-    def wrapped(event):
-        attempts[event.user_id] += 1
-        if log_path:
-            with open(log_path, "a") as log:
-                log.write(f"{consumer} {event.user_id} {time.time()}\n")
+    def wrapped(events):
+        for event in events:
+            attempts[event.user_id] += 1
+            if log_path:
+                with open(log_path, "a") as log:
+                    log.write(f"{consumer} {event.user_id} {time.time()}\n")
         if slow and slow[0] == consumer:
             time.sleep(float(slow[1]))
         if fail_always and fail_always[0] == consumer:
             raise InjectedFault(f"injected failure in {consumer}")
         failing_first = fail_first and fail_first[0] == consumer
-        if failing_first and attempts[event.user_id] <= int(fail_first[1]):
-            raise InjectedFault(f"injected failure {attempts[event.user_id]} in {consumer}")
-        return handler(event)
+        for event in events:
+            if failing_first and attempts[event.user_id] <= int(fail_first[1]):
+                raise InjectedFault(f"injected failure {attempts[event.user_id]} in {consumer}")
+        return handler(events)
 
     return wrapped
 

@@ -282,7 +282,7 @@ def test_sigterm_finishes_the_message_in_hand_and_hands_back_the_rest(manage, se
     from django.core.management import call_command
 
     call_command("setup_jetstream", stdout=open(os.devnull, "w"))
-    consumer = manage("consume", "players", "--batch", "20", faults=True,
+    consumer = manage("consume", "players", "--batch", "20", "--per-message", faults=True,
                       FAULT_SLOW="players:0.5")
     for i in range(20):
         user_register(username=f"slow{i}", email=f"slow{i}@example.com", password="x")

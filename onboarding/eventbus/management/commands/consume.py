@@ -16,8 +16,12 @@ class Command(BaseCommand):
         parser.add_argument("apps", nargs="*", help="consumer (app label) to run")
         parser.add_argument("--all", action="store_true", help="run every consumer")
         parser.add_argument("--batch", type=int, help="messages per fetch")
+        parser.add_argument(
+            "--per-message", action="store_true",
+            help="one transaction per message instead of one per fetched batch",
+        )
 
-    def handle(self, *args, apps, all, batch, **options):
+    def handle(self, *args, apps, all, batch, per_message, **options):
         consumers = get_consumers()
         if all == bool(apps):
             raise CommandError(
@@ -31,5 +35,7 @@ class Command(BaseCommand):
             )
         if batch is not None and batch < 1:
             raise CommandError("--batch must be at least 1")
-        runner = ConsumerRunner([consumers[name] for name in names], batch=batch)
+        runner = ConsumerRunner(
+            [consumers[name] for name in names], batch=batch, per_message=per_message or None
+        )
         asyncio.run(runner.run(install_signal_handlers=True))
