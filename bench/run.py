@@ -568,7 +568,7 @@ def main() -> None:
     path = output / f"{args.engine}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))
-    print(f"\n(results: {path.relative_to(ROOT)})")
+    print(f"\n(results: {path})")
 
 
 def markdown(results: dict) -> str:

@@ -69,9 +69,13 @@ def outbox_unpublished(*, older_than: float, limit: int) -> list[OutboundMessage
     rows = (
         OutboxEvent.objects.using(OUTBOX_DATABASE)
         .filter(published_at__isnull=True, created_at__lte=cutoff)
-        .order_by("id")[:limit]
+        .order_by("id")
+        .values_list("id", "subject", "payload", "headers")[:limit]
     )
-    return [OutboundMessage.from_row(row) for row in rows]
+    return [
+        OutboundMessage(row_id=row_id, subject=subject, payload=payload.encode(), headers=headers)
+        for row_id, subject, payload, headers in rows
+    ]
 
 
 def outbox_mark_published(*, row_ids: list[int]) -> int:

@@ -21,6 +21,7 @@ import logging
 import os
 import queue
 import threading
+import time
 
 from django.conf import settings
 from django.db import close_old_connections, connections
@@ -29,6 +30,8 @@ from onboarding.eventbus.connection import close, connect
 from onboarding.eventbus.outbox import OutboundMessage, outbox_mark_published
 
 logger = logging.getLogger(__name__)
+
+MARK_COALESCE_SECONDS = 0.05
 
 
 class BackgroundPublisher:
@@ -39,6 +42,12 @@ class BackgroundPublisher:
         self._nc = None
         self._marks: queue.SimpleQueue = queue.SimpleQueue()
         self._connected = asyncio.Event()
+        # Messages handed over by request threads, published together by the loop: one wake-up
+        # of the loop per burst rather than one task (and one future) per request.
+        self._pending: list[OutboundMessage] = []
+        self._pending_lock = threading.Lock()
+        self._wakeup_scheduled = False
+        self._js = None
 
     # -- called from request threads -------------------------------------------------------
 
@@ -52,7 +61,12 @@ class BackgroundPublisher:
                 # out later; the relay is the better owner of these rows.
                 logger.info("nats not connected; %d event(s) left to the relay", len(messages))
                 return
-            asyncio.run_coroutine_threadsafe(self._publish(messages), self._loop)
+            with self._pending_lock:
+                self._pending.extend(messages)
+                if self._wakeup_scheduled:
+                    return
+                self._wakeup_scheduled = True
+            self._loop.call_soon_threadsafe(self._drain_pending)
         except Exception:
             logger.exception("could not schedule publish; the relay will publish")
 
@@ -80,9 +94,11 @@ class BackgroundPublisher:
             if self._pid == os.getpid():
                 return
             # A forked child inherits our attributes but not our threads: start afresh.
-            self._nc = None
+            self._nc = self._js = None
             self._marks = queue.SimpleQueue()
             self._connected = asyncio.Event()
+            self._pending, self._pending_lock = [], threading.Lock()
+            self._wakeup_scheduled = False
             self._loop = asyncio.new_event_loop()
             threading.Thread(target=self._run_loop, name="outbox-publisher", daemon=True).start()
             self._marker = threading.Thread(
@@ -103,11 +119,22 @@ class BackgroundPublisher:
         # connect() itself retries for ever; this loop only outlives unexpected errors.
         while self._nc is None:
             try:
-                self._nc = await connect(f"outbox-publisher:{os.getpid()}")
+                nc = await connect(f"outbox-publisher:{os.getpid()}")
             except Exception:
                 logger.exception("publisher could not connect; retrying")
                 await asyncio.sleep(1)
+                continue
+            # One JetStream context for good: each one subscribes its own PubAck inbox.
+            self._js = nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
+            self._nc = nc
         self._connected.set()
+
+    def _drain_pending(self) -> None:
+        with self._pending_lock:
+            messages, self._pending = self._pending, []
+            self._wakeup_scheduled = False
+        if messages:
+            self._loop.create_task(self._publish(messages))
 
     async def _publish(self, messages: list[OutboundMessage]) -> None:
         if self._nc is None:
@@ -118,17 +145,24 @@ class BackgroundPublisher:
             except TimeoutError:
                 logger.info("nats not connected yet; %d event(s) left to the relay", len(messages))
                 return
-        js = self._nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
-        acked = []
-        for message in messages:
+        futures = []
+        for message in messages:  # pipelined: every PubAck is awaited together
             try:
-                await js.publish(message.subject, message.payload, headers=message.headers)
+                futures.append(await self._js.publish_async(
+                    message.subject, message.payload, headers=message.headers
+                ))
             except Exception as exc:
-                logger.warning(
-                    "publish failed; the relay will retry row=%s: %s", message.row_id, exc
-                )
-                continue
-            acked.append(message.row_id)
+                logger.warning("publish failed; the relay will retry: %s", exc)
+                return
+        results = await asyncio.gather(
+            *(asyncio.wait_for(f, settings.NATS_REQUEST_TIMEOUT) for f in futures),
+            return_exceptions=True,
+        )
+        acked = [m.row_id for m, r in zip(messages, results, strict=False)
+                 if not isinstance(r, BaseException)]
+        if len(acked) < len(messages):
+            logger.warning("%d publish(es) not acknowledged; the relay will retry them",
+                           len(messages) - len(acked))
         if acked:
             self._marks.put(acked)
 
@@ -144,7 +178,10 @@ class BackgroundPublisher:
             row_ids = marks.get()
             if row_ids is None:
                 break
-            # Coalesce whatever else is waiting into one UPDATE.
+            # Wait a moment and coalesce whatever else arrives into one UPDATE: under load one
+            # write transaction per registration would compete with the registrations
+            # themselves (on SQLite, for its one write lock). The relay's grace is far longer.
+            time.sleep(MARK_COALESCE_SECONDS)
             while not marks.empty():
                 more = marks.get()
                 if more is None:
