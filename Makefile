@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv migrate run test test-slow test-all test-postgres superuser lint clean
+.PHONY: venv migrate run test test-slow test-all test-postgres bench superuser lint clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ test-all: venv
 ## The suite on the local PostgreSQL server, all contexts in one database.
 test-postgres: venv
 	DATABASE_URL=$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/onboarding} $(BIN)/pytest
+
+## Benchmarks (docs/benchmarks.md): SQLite, then PostgreSQL too when DATABASE_URL is set.
+## Starts its own nats-server and uses separate bench databases. Extra flags: BENCH_ARGS=...
+bench: venv
+	$(BIN)/python bench/run.py --engine sqlite $(BENCH_ARGS)
+	if [ -n "$$DATABASE_URL" ]; then $(BIN)/python bench/run.py --engine postgres $(BENCH_ARGS); fi
 
 ## Create an admin account for http://127.0.0.1:8000/admin/.
 superuser: migrate

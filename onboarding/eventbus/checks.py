@@ -16,6 +16,16 @@ def check_eventbus_settings(app_configs, **kwargs):
         )
     # The relay republishes a row the fast path published but could not mark after its grace
     # period; JetStream only drops that copy if it arrives within the duplicate window.
+    from onboarding.eventbus.publisher import MARK_COALESCE_SECONDS
+
+    if settings.OUTBOX_PUBLISH_ON_COMMIT and settings.OUTBOX_RELAY_GRACE < 4 * MARK_COALESCE_SECONDS:
+        problems.append(
+            Warning(
+                "OUTBOX_RELAY_GRACE is shorter than the time the on-commit path takes to mark "
+                "rows published: the relay will publish most events a second time.",
+                id="eventbus.W003",
+            )
+        )
     if settings.NATS_DUPLICATE_WINDOW < 10 * settings.OUTBOX_RELAY_GRACE:
         problems.append(
             Warning(

@@ -31,7 +31,7 @@ from onboarding.eventbus.outbox import OutboundMessage, outbox_mark_published
 
 logger = logging.getLogger(__name__)
 
-MARK_COALESCE_SECONDS = 0.05
+MARK_COALESCE_SECONDS = 0.5
 
 
 class BackgroundPublisher:
