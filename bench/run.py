@@ -336,7 +336,14 @@ def scenario_latency(stack: Stack, rate: float, seconds: float, port: int) -> di
     stack.manage("outbox_relay")
     for context in CONTEXTS:
         stack.manage("consume", context)
-    time.sleep(2)  # let the consumers bind
+    # Warm-up, not measured: the first requests of each gunicorn worker open its database and
+    # NATS connections, and the consumers bind their durables.
+    warm = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    warmup = 40
+    for i in range(warmup):
+        http_register(warm, f"warm{i}")
+        time.sleep(1 / rate)
+    wait_for_counts(warmup, timeout=60, label="warm-up")
     total = int(rate * seconds)
     results: list[tuple[uuid.UUID, float]] = []
     errors = []
@@ -370,7 +377,7 @@ def scenario_latency(stack: Stack, rate: float, seconds: float, port: int) -> di
             if i % 25 == 0:
                 progress("latency", i, total, started)
     progress("latency", total, total, started)
-    wait_for_counts(len(results), timeout=120, label="defaults")
+    wait_for_counts(warmup + len(results), timeout=120, label="defaults")
     stack.stop()
 
     models = default_models()
@@ -384,6 +391,7 @@ def scenario_latency(stack: Stack, rate: float, seconds: float, port: int) -> di
     ]
     return {
         "rate_per_s": rate,
+        "warmup_registrations": warmup,
         "registrations": total,
         "errors": len(errors),
         "p50_ms": round(statistics.median(latencies), 1),

@@ -18,7 +18,8 @@ def check_eventbus_settings(app_configs, **kwargs):
     # period; JetStream only drops that copy if it arrives within the duplicate window.
     from onboarding.eventbus.publisher import MARK_COALESCE_SECONDS
 
-    if settings.OUTBOX_PUBLISH_ON_COMMIT and settings.OUTBOX_RELAY_GRACE < 4 * MARK_COALESCE_SECONDS:
+    marking = 4 * MARK_COALESCE_SECONDS
+    if settings.OUTBOX_PUBLISH_ON_COMMIT and settings.OUTBOX_RELAY_GRACE < marking:
         problems.append(
             Warning(
                 "OUTBOX_RELAY_GRACE is shorter than the time the on-commit path takes to mark "
