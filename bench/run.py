@@ -432,15 +432,16 @@ def closed_loop(port: int, requests: int, concurrency: int, prefix: str) -> floa
 def scenario_register(stack: Stack, requests: int, rounds: int, port: int) -> dict:
     rates = {"with_events": [], "without_events": []}
     for r in range(rounds):
-        for mode in ("with_events", "without_events"):
+        # ABBA order, so that drift over the run (caches, the disk, other load) cancels out.
+        modes = ("with_events", "without_events")
+        for mode in modes if r % 2 == 0 else modes[::-1]:
             reset_data()
             stack.gunicorn(port, ACCOUNTS_PUBLISH_EVENTS="true" if mode == "with_events"
                            else "false")
             closed_loop(port, min(200, requests), 4, f"warm{mode}{r}")  # warm up
             rate = closed_loop(port, requests, 4, f"reg{mode}{r}")
             rates[mode].append(rate)
-            progress("register", r * 2 + (mode == "without_events") + 1, rounds * 2,
-                     time.monotonic())
+            progress("register", sum(map(len, rates.values())), rounds * 2, time.monotonic())
             stack.stop()
     with_events = statistics.median(rates["with_events"])
     without = statistics.median(rates["without_events"])
@@ -448,6 +449,9 @@ def scenario_register(stack: Stack, requests: int, rounds: int, port: int) -> di
         "requests_per_round": requests,
         "concurrency": 4,
         "gunicorn_workers": 2,
+        "rounds": rounds,
+        "with_events_rounds": [round(x) for x in rates["with_events"]],
+        "without_events_rounds": [round(x) for x in rates["without_events"]],
         "with_events_req_per_s": round(with_events),
         "without_events_req_per_s": round(without),
         "event_cost_fraction": round(1 - with_events / without, 3),
@@ -513,7 +517,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=50.0, help="latency: registrations/s")
     parser.add_argument("--seconds", type=float, default=20.0, help="latency: duration")
     parser.add_argument("--requests", type=int, default=1000, help="register: per round")
-    parser.add_argument("--rounds", type=int, default=3, help="register: rounds (median)")
+    parser.add_argument("--rounds", type=int, default=4, help="register: rounds (median)")
     parser.add_argument("--relay-rows", type=int, default=20_000)
     parser.add_argument("--only", default="drain,latency,register,relay")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results"))
