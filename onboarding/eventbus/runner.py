@@ -308,9 +308,10 @@ class ConsumerRunner:
     async def _handle_together(self, spec: ConsumerSpec, unsettled: list, executor) -> None:
         """Settle what it can of ``unsettled`` in one transaction; leave the rest in the list.
 
-        Messages that cannot be parsed (or keep killing the consumer) are dead-lettered on their
-        own first. If the transaction fails for any other reason than an outage, the batch is
-        left to the one-message-at-a-time path, which isolates the culprit.
+        Messages that cannot be parsed (or keep killing the consumer) are left out, for the
+        one-message path to dead-letter right after. If the transaction fails for any other
+        reason than an outage, the batch is left to the one-message-at-a-time path, which
+        isolates the culprit.
         """
         ready: list[tuple[object, Incoming]] = []
         settled: set[int] = set()
