@@ -133,11 +133,36 @@ class RunningConsumers:
             raise self.error
 
 
+class RunningRelay:
+    """The outbox relay on a thread of this process, as ``manage.py outbox_relay`` runs it."""
+
+    def __init__(self):
+        from onboarding.eventbus.relay import OutboxRelay
+
+        self.relay = OutboxRelay()
+        self.thread = threading.Thread(
+            target=lambda: asyncio.run(self.relay.run()), name="test-relay", daemon=True
+        )
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self, timeout: float = 15.0):
+        self.relay.stopper.stop()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "relay did not stop"
+
+
 @pytest.fixture
 def start_consumers(jetstream):
+    """Start consumers on a thread; the first call also starts the relay, as a deployment runs
+    it (with ``OUTBOX_FAST_PATH=notify`` — PostgreSQL — it is the one that publishes)."""
     started = []
 
     def start(names=None, batch=None, per_message=None):
+        if not started:
+            started.append(RunningRelay().start())
         running = RunningConsumers(
             names or settings.BOUNDED_CONTEXTS, batch=batch, per_message=per_message
         ).start()
@@ -145,7 +170,7 @@ def start_consumers(jetstream):
         return running
 
     yield start
-    for running in started:
+    for running in reversed(started):
         if running.thread.is_alive():
             running.stop()
 

@@ -180,6 +180,12 @@ ACCOUNTS_PUBLISH_EVENTS = env.bool("ACCOUNTS_PUBLISH_EVENTS", default=True)
 # Publish right after commit from a background thread (the fast path). The relay publishes
 # whatever that path did not get out; with this off, the relay alone publishes.
 OUTBOX_PUBLISH_ON_COMMIT = env.bool("OUTBOX_PUBLISH_ON_COMMIT", default=True)
+# How the on-commit hook gets the event out at once:
+#   notify  — PostgreSQL: NOTIFY the relay, which LISTENs and publishes at once. The web
+#             process does no NATS work at all (the cheapest for the request).
+#   publish — a publisher thread in the web process publishes it (any database).
+#   auto    — notify when the outbox database is PostgreSQL, else publish.
+OUTBOX_FAST_PATH = env.str("OUTBOX_FAST_PATH", default="auto")
 # The relay leaves rows younger than this to the on-commit path, or every event would go out
 # twice (JetStream would drop the copy, but the work doubles).
 OUTBOX_RELAY_GRACE = env.float("OUTBOX_RELAY_GRACE", default=5.0)  # seconds

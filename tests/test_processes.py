@@ -51,6 +51,7 @@ def test_relay_and_consumer_processes_deliver_and_stop_cleanly(manage, settings)
 
 def test_consume_one_app_only_processes_that_app(manage):
     players = manage("consume", "players")
+    manage("outbox_relay")  # the publisher of the notify fast path (PostgreSQL)
     user_register(username="solo", email="solo@example.com", password="x")
     wait_until(lambda: counts()["players"] == 1, timeout=30)
     code, output = players.stop()

@@ -1,24 +1,28 @@
 """The transactional outbox: the producer side of every event.
 
 ``outbox_publish_on_commit`` is the only way code publishes an event. It writes the event in the
-caller's transaction; after the commit a background thread publishes it at once (the fast
-path), and the relay (``manage.py outbox_relay``) publishes whatever is still unpublished after
-a grace period — after a crash, or while NATS was down. A rolled-back transaction publishes
+caller's transaction; the commit then gets it out at once (the fast path, ``OUTBOX_FAST_PATH``):
+on PostgreSQL a ``NOTIFY`` wakes the relay, which publishes it; elsewhere a background thread of
+the web process publishes it. The relay (``manage.py outbox_relay``) also publishes whatever is
+still unpublished — after a crash, or while NATS was down. A rolled-back transaction publishes
 nothing, and a row is marked published only once JetStream has acknowledged it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import uuid
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connections, transaction
 from django.utils import timezone
 
 from onboarding.contracts import event_headers
 from onboarding.eventbus.models import OutboxEvent
+
+logger = logging.getLogger(__name__)
 
 # The outbox lives with the producer's data (accounts), in the default database.
 OUTBOX_DATABASE = "default"
@@ -55,12 +59,42 @@ def outbox_publish_on_commit(*, event) -> OutboxEvent:
         payload=event.to_json().decode(),
         headers=event_headers(event, event_id=event_id),
     )
-    if settings.OUTBOX_PUBLISH_ON_COMMIT:
+    mode = fast_path()
+    if mode == "notify":
+        transaction.on_commit(outbox_notify_relay, using=OUTBOX_DATABASE)
+    elif mode == "publish":
         from onboarding.eventbus.publisher import get_publisher
 
         message = OutboundMessage.from_row(row)
         transaction.on_commit(lambda: get_publisher().submit([message]), using=OUTBOX_DATABASE)
     return row
+
+
+NOTIFY_CHANNEL = "onboarding_outbox"
+
+
+def fast_path() -> str | None:
+    """How committed events leave at once: "notify", "publish", or None (relay polling only)."""
+    if not settings.OUTBOX_PUBLISH_ON_COMMIT:
+        return None
+    mode = settings.OUTBOX_FAST_PATH
+    if mode == "auto":
+        vendor = connections[OUTBOX_DATABASE].vendor
+        return "notify" if vendor == "postgresql" else "publish"
+    return mode
+
+
+def outbox_notify_relay() -> None:
+    """Wake the relay (PostgreSQL ``NOTIFY``); never fails the request that committed.
+
+    A lost notification costs only latency: the relay also polls.
+    """
+    try:
+        with connections[OUTBOX_DATABASE].cursor() as cursor:
+            cursor.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+    except Exception:
+        logger.warning("could not notify the relay; it will find the event when it polls",
+                       exc_info=True)
 
 
 def outbox_unpublished(*, older_than: float, limit: int) -> list[OutboundMessage]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from django.conf import settings
@@ -23,7 +24,10 @@ from django.db import close_old_connections, connections
 from onboarding.eventbus.connection import close, connect
 from onboarding.eventbus.lifecycle import Backoff, Stopper
 from onboarding.eventbus.outbox import (
+    NOTIFY_CHANNEL,
+    OUTBOX_DATABASE,
     OutboundMessage,
+    fast_path,
     outbox_mark_published,
     outbox_record_failure,
     outbox_unpublished,
@@ -40,7 +44,12 @@ class OutboxRelay:
         batch: int | None = None,
         poll_interval: float | None = None,
     ) -> None:
-        self.grace = settings.OUTBOX_RELAY_GRACE if grace is None else grace
+        # Woken by NOTIFY, the relay is the fast path itself: nobody else publishes fresh rows,
+        # so it need not leave them a grace period.
+        self.notify = fast_path() == "notify"
+        if grace is None:
+            grace = 0.0 if self.notify else settings.OUTBOX_RELAY_GRACE
+        self.grace = grace
         self.batch = batch or settings.OUTBOX_RELAY_BATCH
         self.poll_interval = poll_interval or settings.OUTBOX_RELAY_POLL_INTERVAL
         self.stopper = Stopper()
@@ -48,6 +57,8 @@ class OutboxRelay:
         self._db = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay-db")
         self._nc = None
         self._js = None
+        self._listener = None  # psycopg connection LISTENing for commits (notify mode)
+        self._listen = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay-listen")
         self.published = 0
 
     async def _orm(self, fn, /, **kwargs):
@@ -84,12 +95,55 @@ class OutboxRelay:
                 if count < self.batch:
                     if once:
                         break
-                    await self.stopper.sleep(self.poll_interval)
+                    await self._idle()
         finally:
             await close(self._nc)
             self._db.submit(connections.close_all).result()
             self._db.shutdown()
+            self._listen.submit(self._listen_close).result()
+            self._listen.shutdown()
         return self.published
+
+    async def _idle(self) -> None:
+        """Wait for the next commit's NOTIFY (notify mode) or the poll interval, or a stop."""
+        if not self.notify:
+            await self.stopper.sleep(self.poll_interval)
+            return
+        waiting = asyncio.get_running_loop().run_in_executor(
+            self._listen, self._listen_wait, self.poll_interval
+        )
+        await self.stopper.wait_for(waiting)
+
+    def _listen_wait(self, timeout: float) -> bool:
+        """Block until a NOTIFY arrives (True) or ``timeout`` passes; reconnects as needed."""
+        try:
+            if self._listener is None:
+                config = settings.DATABASES[OUTBOX_DATABASE]
+                import psycopg
+
+                self._listener = psycopg.connect(
+                    dbname=config["NAME"], user=config.get("USER") or None,
+                    password=config.get("PASSWORD") or None,
+                    host=config.get("HOST") or None, port=config.get("PORT") or None,
+                    autocommit=True, connect_timeout=5,
+                )
+                self._listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            for _ in self._listener.notifies(timeout=timeout, stop_after=1):
+                return True
+            return False
+        except Exception as exc:
+            logger.warning("relay: LISTEN failed (%s); polling meanwhile", exc)
+            self._listen_close()
+            time.sleep(timeout)
+            return False
+
+    def _listen_close(self) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.close()
+            except Exception:
+                pass
+            self._listener = None
 
     async def flush_batch(self) -> int:
         """Publish one batch of due rows; return how many were published."""

@@ -238,6 +238,7 @@ def test_a_handler_failing_k_times_is_retried_with_growing_delays(manage, tmp_pa
 
 
 def test_replay_after_the_fix_reaches_only_that_consumer(manage, tmp_path):
+    manage("outbox_relay", **PROCESS_ENV)
     broken = manage("consume", "--all", faults=True, FAULT_FAIL_ALWAYS="buildings")
     user = user_register(username="replayed", email="replayed@example.com", password="x")
     wait_until(lambda: DeadLetter.objects.filter(consumer="buildings").exists(), timeout=30)
@@ -282,6 +283,7 @@ def test_sigterm_finishes_the_message_in_hand_and_hands_back_the_rest(manage, se
     from django.core.management import call_command
 
     call_command("setup_jetstream", stdout=open(os.devnull, "w"))
+    manage("outbox_relay", **PROCESS_ENV)
     consumer = manage("consume", "players", "--batch", "20", "--per-message", faults=True,
                       FAULT_SLOW="players:0.5")
     for i in range(20):
@@ -305,6 +307,7 @@ def test_a_slow_handler_keeps_its_message(manage, settings):
     from django.core.management import call_command
 
     call_command("setup_jetstream", stdout=open(os.devnull, "w"))
+    manage("outbox_relay", **PROCESS_ENV)
     consumer = manage("consume", "players", faults=True, FAULT_SLOW="players:5",
                       CONSUMER_ACK_WAIT="2")
     user_register(username="slowpoke", email="slowpoke@example.com", password="x")
