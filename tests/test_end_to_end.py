@@ -168,3 +168,19 @@ def test_outbox_requires_a_transaction():
 
     with pytest.raises(RuntimeError, match="inside transaction.atomic"):
         outbox_publish_on_commit(event=sample_event())
+
+
+def test_notify_fast_path_wakes_the_relay_only_when_the_registration_commits():
+    """PostgreSQL: the NOTIFY rides on the registration's own transaction."""
+    from onboarding.eventbus.outbox import NOTIFY_CHANNEL, fast_path, outbox_listen
+
+    if fast_path() != "notify":
+        pytest.skip("the NOTIFY fast path is PostgreSQL's")
+    with outbox_listen() as listener:
+        with pytest.raises(RuntimeError), transaction.atomic():
+            user_register(username="ghost", email="ghost@example.com", password="x")
+            raise RuntimeError("rolled back")
+        assert list(listener.notifies(timeout=0.5)) == []
+        user_register(username="real", email="real@example.com", password="x")
+        woken = list(listener.notifies(timeout=5, stop_after=1))
+        assert [n.channel for n in woken] == [NOTIFY_CHANNEL]

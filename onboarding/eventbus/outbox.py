@@ -11,7 +11,6 @@ nothing, and a row is marked published only once JetStream has acknowledged it.
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import uuid
 from dataclasses import dataclass
 
@@ -21,8 +20,6 @@ from django.utils import timezone
 
 from onboarding.contracts import event_headers
 from onboarding.eventbus.models import OutboxEvent
-
-logger = logging.getLogger(__name__)
 
 # The outbox lives with the producer's data (accounts), in the default database.
 OUTBOX_DATABASE = "default"
@@ -61,7 +58,7 @@ def outbox_publish_on_commit(*, event) -> OutboxEvent:
     )
     mode = fast_path()
     if mode == "notify":
-        transaction.on_commit(outbox_notify_relay, using=OUTBOX_DATABASE)
+        outbox_notify_relay()
     elif mode == "publish":
         from onboarding.eventbus.publisher import get_publisher
 
@@ -85,16 +82,31 @@ def fast_path() -> str | None:
 
 
 def outbox_notify_relay() -> None:
-    """Wake the relay (PostgreSQL ``NOTIFY``); never fails the request that committed.
+    """Wake the relay when the current transaction commits (PostgreSQL ``NOTIFY``).
 
-    A lost notification costs only latency: the relay also polls.
+    Sent inside the transaction, not from ``on_commit``: PostgreSQL delivers it only if the
+    transaction commits, and it rides on that commit. From ``on_commit`` it would be a second
+    round trip and a second transaction, whose commit (a NOTIFY takes a transaction id) waits for
+    its own WAL flush. Identical notifications in one transaction are folded into one.
     """
-    try:
-        with connections[OUTBOX_DATABASE].cursor() as cursor:
-            cursor.execute(f"NOTIFY {NOTIFY_CHANNEL}")
-    except Exception:
-        logger.warning("could not notify the relay; it will find the event when it polls",
-                       exc_info=True)
+    with connections[OUTBOX_DATABASE].cursor() as cursor:
+        cursor.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+
+
+def outbox_listen():
+    """A new autocommit psycopg connection to the outbox database, LISTENing for commits.
+
+    Opened beside Django's connection (which is shared with the ORM and not meant to wait for
+    notifications), with the same connection parameters: timeouts, keepalives.
+    """
+    import psycopg
+
+    params = connections[OUTBOX_DATABASE].get_connection_params()
+    for django_only in ("cursor_factory", "context"):
+        params.pop(django_only, None)
+    listener = psycopg.connect(**params, autocommit=True)
+    listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+    return listener
 
 
 def outbox_unpublished(*, older_than: float, limit: int) -> list[OutboundMessage]:

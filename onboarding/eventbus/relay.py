@@ -24,10 +24,9 @@ from django.db import close_old_connections, connections
 from onboarding.eventbus.connection import close, connect
 from onboarding.eventbus.lifecycle import Backoff, Stopper
 from onboarding.eventbus.outbox import (
-    NOTIFY_CHANNEL,
-    OUTBOX_DATABASE,
     OutboundMessage,
     fast_path,
+    outbox_listen,
     outbox_mark_published,
     outbox_record_failure,
     outbox_unpublished,
@@ -80,6 +79,9 @@ class OutboxRelay:
         # One JetStream context for the run: each new one subscribes its own PubAck inbox.
         self._js = self._nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
         backoff = Backoff(initial=0.5, maximum=10.0)
+        if self.notify and not once:
+            # LISTEN before the first flush, so that no commit falls between the two unheard.
+            await asyncio.get_running_loop().run_in_executor(self._listen, self._listen_wait, 0)
         try:
             while not self.stopper.stopped:
                 try:
@@ -118,19 +120,16 @@ class OutboxRelay:
         """Block until a NOTIFY arrives (True) or ``timeout`` passes; reconnects as needed."""
         try:
             if self._listener is None:
-                config = settings.DATABASES[OUTBOX_DATABASE]
-                import psycopg
-
-                self._listener = psycopg.connect(
-                    dbname=config["NAME"], user=config.get("USER") or None,
-                    password=config.get("PASSWORD") or None,
-                    host=config.get("HOST") or None, port=config.get("PORT") or None,
-                    autocommit=True, connect_timeout=5,
-                )
-                self._listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                self._listener = outbox_listen()
+            woken = False
             for _ in self._listener.notifies(timeout=timeout, stop_after=1):
-                return True
-            return False
+                woken = True
+            if woken:
+                # Swallow the commits that arrived meanwhile: the next flush reads all their rows
+                # at once, and each left queued would only wake a flush that finds nothing.
+                for _ in self._listener.notifies(timeout=0):
+                    pass
+            return woken
         except Exception as exc:
             logger.warning("relay: LISTEN failed (%s); polling meanwhile", exc)
             self._listen_close()
