@@ -23,8 +23,7 @@ def check_eventbus_settings(app_configs, **kwargs):
         problems.append(
             Error("OUTBOX_FAST_PATH must be auto, notify or publish.", id="eventbus.E003")
         )
-    fast = settings.OUTBOX_PUBLISH_ON_COMMIT and settings.OUTBOX_FAST_PATH != "notify"
-    if fast and settings.OUTBOX_RELAY_GRACE < marking:
+    if settings.OUTBOX_PUBLISH_ON_COMMIT and settings.OUTBOX_RELAY_GRACE < marking:
         problems.append(
             Warning(
                 "OUTBOX_RELAY_GRACE is shorter than the time the on-commit path takes to mark "

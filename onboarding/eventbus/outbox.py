@@ -11,6 +11,7 @@ nothing, and a row is marked published only once JetStream has acknowledged it.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 from dataclasses import dataclass
 
@@ -40,6 +41,17 @@ class OutboundMessage:
             row_id=row.pk, subject=row.subject, payload=row.payload.encode(), headers=row.headers
         )
 
+    @classmethod
+    def from_notification(cls, body: str) -> OutboundMessage | None:
+        """The message a NOTIFY carried, or None if it carried none (too large, say)."""
+        if not body:
+            return None
+        data = json.loads(body)
+        return cls(
+            row_id=data["id"], subject=data["subject"], payload=data["payload"].encode(),
+            headers=data["headers"],
+        )
+
 
 def outbox_publish_on_commit(*, event) -> OutboxEvent:
     """Record ``event`` in the current transaction; publish it once that transaction commits.
@@ -50,7 +62,7 @@ def outbox_publish_on_commit(*, event) -> OutboxEvent:
     if not transaction.get_connection(OUTBOX_DATABASE).in_atomic_block:
         raise RuntimeError("outbox_publish_on_commit() must run inside transaction.atomic()")
     event_id = uuid.uuid4()
-    row = OutboxEvent.objects.using(OUTBOX_DATABASE).create(
+    row = OutboxEvent(
         event_id=event_id,
         subject=event.subject,
         payload=event.to_json().decode(),
@@ -58,8 +70,10 @@ def outbox_publish_on_commit(*, event) -> OutboxEvent:
     )
     mode = fast_path()
     if mode == "notify":
-        outbox_notify_relay()
-    elif mode == "publish":
+        _insert_and_notify(row)
+        return row
+    row.save(using=OUTBOX_DATABASE, force_insert=True)
+    if mode == "publish":
         from onboarding.eventbus.publisher import get_publisher
 
         message = OutboundMessage.from_row(row)
@@ -81,16 +95,52 @@ def fast_path() -> str | None:
     return mode
 
 
-def outbox_notify_relay() -> None:
-    """Wake the relay when the current transaction commits (PostgreSQL ``NOTIFY``).
+# PostgreSQL refuses a NOTIFY payload of 8000 bytes or more (default build).
+NOTIFY_PAYLOAD_LIMIT = 7900
 
-    Sent inside the transaction, not from ``on_commit``: PostgreSQL delivers it only if the
-    transaction commits, and it rides on that commit. From ``on_commit`` it would be a second
-    round trip and a second transaction, whose commit (a NOTIFY takes a transaction id) waits for
-    its own WAL flush. Identical notifications in one transaction are folded into one.
+
+def _insert_and_notify(row: OutboxEvent) -> None:
+    """Insert ``row`` and hand it to the relay when the transaction commits: one round trip.
+
+    PostgreSQL's ``NOTIFY`` is delivered only if the transaction commits, and rides on that
+    commit; sent from ``on_commit`` it would be a second round trip and a second transaction,
+    whose commit (a NOTIFY takes a transaction id) waits for its own WAL flush. The notification
+    carries the whole message, so the relay publishes it without reading the row back; one too
+    large for a notification goes out empty, and the relay reads the outbox instead.
     """
+    meta = OutboxEvent._meta
+    column = {f.name: connections[OUTBOX_DATABASE].ops.quote_name(f.column) for f in meta.fields}
+    row.created_at = timezone.now()
+    headers = json.dumps(row.headers)
+    sql = f"""
+        WITH inserted AS (
+            INSERT INTO {connections[OUTBOX_DATABASE].ops.quote_name(meta.db_table)}
+                ({column["event_id"]}, {column["subject"]}, {column["payload"]},
+                 {column["headers"]}, {column["created_at"]}, {column["attempts"]},
+                 {column["last_error"]})
+            VALUES (%(event_id)s, %(subject)s, %(payload)s, %(headers)s::jsonb, %(created_at)s,
+                    0, '')
+            RETURNING {column["id"]} AS id
+        ), message AS (
+            SELECT id, json_build_object(
+                'id', id, 'subject', %(subject)s::text, 'payload', %(payload)s::text,
+                'headers', %(headers)s::jsonb
+            )::text AS body FROM inserted
+        )
+        SELECT id, pg_notify(
+            %(channel)s, CASE WHEN octet_length(body) < %(limit)s THEN body ELSE '' END
+        ) FROM message
+    """
+    params = {
+        "event_id": row.event_id, "subject": row.subject, "payload": row.payload,
+        "headers": headers, "created_at": row.created_at, "channel": NOTIFY_CHANNEL,
+        "limit": NOTIFY_PAYLOAD_LIMIT,
+    }
     with connections[OUTBOX_DATABASE].cursor() as cursor:
-        cursor.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+        cursor.execute(sql, params)
+        row.pk = cursor.fetchone()[0]
+    row._state.adding = False
+    row._state.db = OUTBOX_DATABASE
 
 
 def outbox_listen():

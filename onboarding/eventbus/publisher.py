@@ -47,6 +47,7 @@ class BackgroundPublisher:
         self._pending: list[OutboundMessage] = []
         self._pending_lock = threading.Lock()
         self._wakeup_scheduled = False
+        self._in_flight: set[asyncio.Task] = set()
         self._js = None
 
     # -- called from request threads -------------------------------------------------------
@@ -99,6 +100,7 @@ class BackgroundPublisher:
             self._connected = asyncio.Event()
             self._pending, self._pending_lock = [], threading.Lock()
             self._wakeup_scheduled = False
+            self._in_flight = set()
             self._loop = asyncio.new_event_loop()
             threading.Thread(target=self._run_loop, name="outbox-publisher", daemon=True).start()
             self._marker = threading.Thread(
@@ -134,7 +136,9 @@ class BackgroundPublisher:
             messages, self._pending = self._pending, []
             self._wakeup_scheduled = False
         if messages:
-            self._loop.create_task(self._publish(messages))
+            task = self._loop.create_task(self._publish(messages))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
 
     async def _publish(self, messages: list[OutboundMessage]) -> None:
         if self._nc is None:
@@ -167,6 +171,11 @@ class BackgroundPublisher:
             self._marks.put(acked)
 
     async def _shutdown(self) -> None:
+        # Publish what was handed over and wait for the PubAcks in flight, so that their rows
+        # are marked now rather than republished by the relay later.
+        self._drain_pending()
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=settings.NATS_REQUEST_TIMEOUT)
         if self._nc is not None:
             await close(self._nc)
 

@@ -1,21 +1,28 @@
-"""The outbox relay: publishes every outbox row the fast path did not.
+"""The outbox relay: ``manage.py outbox_relay``.
 
-Runs as ``manage.py outbox_relay``. It scans unpublished rows older than the grace period (the
-fast path usually publishes within milliseconds; the grace keeps the relay from publishing each
-event a second time), publishes them pipelined (``publish_async``) in id order with their
-original ``Nats-Msg-Id``, and marks them published only after their PubAck. A failure leaves rows
-unpublished and the relay backs off and tries again, for ever: an event in the outbox is never
-given up on.
+It scans unpublished rows older than the grace period (``OUTBOX_RELAY_GRACE``: the fast path
+publishes within milliseconds and marks within a second; the grace keeps the relay from
+publishing each event a second time), publishes them pipelined (``publish_async``) in id order
+with their original ``Nats-Msg-Id``, and marks them published only after their PubAck. A failure
+leaves rows unpublished and the relay backs off and tries again, for ever: an event in the outbox
+is never given up on.
+
+On PostgreSQL (``OUTBOX_FAST_PATH=notify``) it is also the fast path: each registration's
+transaction sends a ``NOTIFY`` carrying its message, and a thread of the relay LISTENs and hands
+the messages to a ``BackgroundPublisher`` as they commit. The web process does no NATS work.
+Notifications sent while the relay was down or disconnected are lost to it, not the events: the
+scan publishes them after the grace period.
 
 Several relays may run at once (say, one per web host): they may publish a row twice, which
-JetStream deduplicates within the stream's duplicate window.
+JetStream deduplicates within the stream's duplicate window. On PostgreSQL every listening relay
+publishes every committed event, so one relay per outbox database is the economical setup.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from django.conf import settings
@@ -43,12 +50,8 @@ class OutboxRelay:
         batch: int | None = None,
         poll_interval: float | None = None,
     ) -> None:
-        # Woken by NOTIFY, the relay is the fast path itself: nobody else publishes fresh rows,
-        # so it need not leave them a grace period.
         self.notify = fast_path() == "notify"
-        if grace is None:
-            grace = 0.0 if self.notify else settings.OUTBOX_RELAY_GRACE
-        self.grace = grace
+        self.grace = settings.OUTBOX_RELAY_GRACE if grace is None else grace
         self.batch = batch or settings.OUTBOX_RELAY_BATCH
         self.poll_interval = poll_interval or settings.OUTBOX_RELAY_POLL_INTERVAL
         self.stopper = Stopper()
@@ -56,8 +59,12 @@ class OutboxRelay:
         self._db = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay-db")
         self._nc = None
         self._js = None
-        self._listener = None  # psycopg connection LISTENing for commits (notify mode)
-        self._listen = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay-listen")
+        # Notify mode: a thread LISTENs and hands each committed message to a publisher.
+        self._listener: threading.Thread | None = None
+        self._stop_listening = threading.Event()
+        self._publisher = None
+        self._scan_now: asyncio.Event | None = None
+        self.listening = threading.Event()  # set once LISTEN first succeeded (or failed)
         self.published = 0
 
     async def _orm(self, fn, /, **kwargs):
@@ -80,12 +87,14 @@ class OutboxRelay:
         self._js = self._nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
         backoff = Backoff(initial=0.5, maximum=10.0)
         if self.notify and not once:
-            # LISTEN before the first flush, so that no commit falls between the two unheard.
-            await asyncio.get_running_loop().run_in_executor(self._listen, self._listen_wait, 0)
+            await self._start_listening()
         try:
+            # Listening, the relay first publishes whatever is waiting, however fresh: commits
+            # notified before it listened are lost to it, and nobody else publishes them.
+            grace = 0.0 if self._listener is not None else self.grace
             while not self.stopper.stopped:
                 try:
-                    count = await self.flush_batch()
+                    count = await self.flush_batch(grace=grace)
                 except Exception as exc:
                     if once:
                         raise  # a one-shot flush reports failure instead of waiting for ever
@@ -97,59 +106,105 @@ class OutboxRelay:
                 if count < self.batch:
                     if once:
                         break
-                    await self._idle()
+                    # A notification without its message (too large) asks for a scan at once.
+                    grace = 0.0 if await self._idle() else self.grace
         finally:
+            await self._stop_listening_and_publishing()
             await close(self._nc)
             self._db.submit(connections.close_all).result()
             self._db.shutdown()
-            self._listen.submit(self._listen_close).result()
-            self._listen.shutdown()
         return self.published
 
-    async def _idle(self) -> None:
-        """Wait for the next commit's NOTIFY (notify mode) or the poll interval, or a stop."""
-        if not self.notify:
+    async def _idle(self) -> bool:
+        """Sleep the poll interval, or until a stop or a request to scan now (True)."""
+        if self._scan_now is None:
             await self.stopper.sleep(self.poll_interval)
-            return
-        waiting = asyncio.get_running_loop().run_in_executor(
-            self._listen, self._listen_wait, self.poll_interval
-        )
-        await self.stopper.wait_for(waiting)
-
-    def _listen_wait(self, timeout: float) -> bool:
-        """Block until a NOTIFY arrives (True) or ``timeout`` passes; reconnects as needed."""
-        try:
-            if self._listener is None:
-                self._listener = outbox_listen()
-            woken = False
-            for _ in self._listener.notifies(timeout=timeout, stop_after=1):
-                woken = True
-            if woken:
-                # Swallow the commits that arrived meanwhile: the next flush reads all their rows
-                # at once, and each left queued would only wake a flush that finds nothing.
-                for _ in self._listener.notifies(timeout=0):
-                    pass
-            return woken
-        except Exception as exc:
-            logger.warning("relay: LISTEN failed (%s); polling meanwhile", exc)
-            self._listen_close()
-            time.sleep(timeout)
             return False
+        waiting = asyncio.ensure_future(self._scan_now.wait())
+        try:
+            await asyncio.wait_for(self.stopper.wait_for(waiting), self.poll_interval)
+        except TimeoutError:
+            pass
+        woken = self._scan_now.is_set()
+        self._scan_now.clear()
+        return woken
 
-    def _listen_close(self) -> None:
-        if self._listener is not None:
+    # -- notify mode (PostgreSQL): the fast path ---------------------------------------------
+
+    async def _start_listening(self) -> None:
+        from onboarding.eventbus.publisher import BackgroundPublisher
+
+        # The same publisher as a web process's on-commit path: one wake-up per burst,
+        # publish_async pipelined, rows marked after their PubAcks in one UPDATE every 0.5 s
+        # (well inside the grace period after which the scan would republish them).
+        self._publisher = BackgroundPublisher()
+        self._scan_now = asyncio.Event()
+        self._listener = threading.Thread(
+            target=self._listen, args=(asyncio.get_running_loop(),),
+            name="outbox-relay-listen", daemon=True,
+        )
+        self._listener.start()
+        # LISTEN before the first scan, so that no commit falls between the two unheard.
+        await asyncio.get_running_loop().run_in_executor(None, self.listening.wait, 10)
+
+    def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
+        connection = None
+        while not self._stop_listening.is_set():
             try:
-                self._listener.close()
+                if connection is None:
+                    connection = outbox_listen()
+                    logger.info("relay: listening for commits")
+                    if self.listening.is_set():  # a reconnection: scan what was missed meanwhile
+                        loop.call_soon_threadsafe(self._scan_now.set)
+                self.listening.set()
+                # Returns every half second, to notice a stop.
+                for notification in connection.notifies(timeout=0.5):
+                    self._on_notification(loop, notification.payload)
+            except Exception as exc:
+                # Commits notified meanwhile are not lost: the scan on reconnection (or after the
+                # grace period) publishes them.
+                logger.warning("relay: LISTEN failed (%s); scanning the outbox meanwhile", exc)
+                self._close_quietly(connection)
+                connection = None
+                self.listening.set()
+                self._stop_listening.wait(1.0)
+        self._close_quietly(connection)
+
+    def _on_notification(self, loop: asyncio.AbstractEventLoop, body: str) -> None:
+        try:
+            message = OutboundMessage.from_notification(body)
+        except (ValueError, KeyError, TypeError):
+            logger.warning("relay: unreadable notification %.200r; scanning instead", body)
+            message = None
+        if message is None:
+            loop.call_soon_threadsafe(self._scan_now.set)
+        else:
+            self._publisher.submit([message])
+
+    @staticmethod
+    def _close_quietly(connection) -> None:
+        if connection is not None:
+            try:
+                connection.close()
             except Exception:
                 pass
-            self._listener = None
 
-    async def flush_batch(self) -> int:
+    async def _stop_listening_and_publishing(self) -> None:
+        if self._listener is None:
+            return
+        self._stop_listening.set()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._listener.join, 5)
+        # Waits for the PubAcks in flight and marks what was acknowledged.
+        await loop.run_in_executor(None, self._publisher.close)
+
+    async def flush_batch(self, grace: float | None = None) -> int:
         """Publish one batch of due rows; return how many were published."""
         if not self._nc.is_connected:
             raise ConnectionError("not connected to NATS")
         messages: list[OutboundMessage] = await self._orm(
-            outbox_unpublished, older_than=self.grace, limit=self.batch
+            outbox_unpublished, older_than=self.grace if grace is None else grace,
+            limit=self.batch,
         )
         if not messages:
             return 0

@@ -1,0 +1,93 @@
+"""PostgreSQL's fast path: the registration's NOTIFY carries the event to a LISTENing relay.
+
+The relay runs with a long grace period here, so that an event published within seconds can only
+have come through the path under test, not through the scan's safety net.
+"""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from django.db import connections
+
+from accounts.services import user_register
+from conftest import RunningRelay, run_async, wait_until
+from onboarding.eventbus import outbox
+from onboarding.eventbus.models import OutboxEvent
+
+pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
+
+
+@pytest.fixture
+def relay(settings, jetstream):
+    if outbox.fast_path() != "notify":
+        pytest.skip("the NOTIFY fast path is PostgreSQL's")
+    settings.OUTBOX_RELAY_GRACE = 60.0
+    running = RunningRelay().start()
+    assert running.relay.listening.wait(10), "the relay never listened"
+    yield running
+    running.stop()
+
+
+def unpublished() -> int:
+    return OutboxEvent.objects.filter(published_at__isnull=True).count()
+
+
+async def stream_messages(js):
+    from django.conf import settings
+
+    return (await js.stream_info(settings.NATS_STREAM)).state.messages
+
+
+def register_silently(settings, name: str) -> None:
+    """Write a registration and its outbox row without any notification."""
+    settings.OUTBOX_PUBLISH_ON_COMMIT = False
+    try:
+        user_register(username=name, email=f"{name}@example.com", password="x")
+    finally:
+        settings.OUTBOX_PUBLISH_ON_COMMIT = True
+
+
+def test_the_relay_publishes_what_the_notification_carries(relay, monkeypatch):
+    # With the scan blinded, the notification is the only way the event can leave.
+    monkeypatch.setattr("onboarding.eventbus.relay.outbox_unpublished", lambda **kw: [])
+    for i in range(5):
+        user_register(username=f"fast{i}", email=f"fast{i}@example.com", password="x")
+    wait_until(lambda: run_async(stream_messages) == 5, timeout=10, message="published")
+    wait_until(lambda: unpublished() == 0, timeout=10, message="marked published")
+
+
+@pytest.mark.parametrize("body", ["", "not json", '{"id": 1}'], ids=["empty", "garbage", "partial"])
+def test_a_notification_without_a_readable_message_makes_the_relay_scan_at_once(
+    relay, settings, body
+):
+    register_silently(settings, "quiet")
+    assert unpublished() == 1
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT pg_notify(%s, %s)", [outbox.NOTIFY_CHANNEL, body])
+    wait_until(lambda: unpublished() == 0, timeout=10, message="published by a scan")
+    assert run_async(stream_messages) == 1
+
+
+def test_an_event_too_large_for_a_notification_is_read_from_the_outbox(relay, monkeypatch):
+    monkeypatch.setattr(outbox, "NOTIFY_PAYLOAD_LIMIT", 10)
+    user_register(username="large", email="large@example.com", password="x")
+    wait_until(lambda: unpublished() == 0, timeout=10, message="published by a scan")
+    assert run_async(stream_messages) == 1
+
+
+def test_a_relay_that_lost_its_listening_connection_catches_up_on_reconnecting(relay, settings):
+    register_silently(settings, "missed")  # as if notified while the relay was not listening
+    params = connections["default"].get_connection_params()
+    for django_only in ("cursor_factory", "context"):
+        params.pop(django_only, None)
+    with psycopg.connect(**params, autocommit=True) as admin:
+        killed = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE query = %s AND datname = current_database() AND pid <> pg_backend_pid()",
+            [f"LISTEN {outbox.NOTIFY_CHANNEL}"],
+        ).fetchone()[0]
+    assert killed >= 1
+    wait_until(lambda: unpublished() == 0, timeout=15, message="published after reconnecting")
+    user_register(username="after", email="after@example.com", password="x")
+    wait_until(lambda: run_async(stream_messages) == 2, timeout=10, message="fast path again")
