@@ -23,6 +23,19 @@ def check_eventbus_settings(app_configs, **kwargs):
         problems.append(
             Error("OUTBOX_FAST_PATH must be auto, notify or publish.", id="eventbus.E003")
         )
+    if settings.OUTBOX_FAST_PATH == "notify":
+        from django.db import connections
+
+        from onboarding.eventbus.outbox import OUTBOX_DATABASE
+
+        if connections[OUTBOX_DATABASE].vendor != "postgresql":
+            problems.append(
+                Error(
+                    "OUTBOX_FAST_PATH=notify needs PostgreSQL (LISTEN/NOTIFY) for the outbox "
+                    "database; use auto or publish.",
+                    id="eventbus.E004",
+                )
+            )
     if settings.OUTBOX_PUBLISH_ON_COMMIT and settings.OUTBOX_RELAY_GRACE < marking:
         problems.append(
             Warning(

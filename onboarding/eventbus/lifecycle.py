@@ -63,12 +63,23 @@ class Stopper:
         except TimeoutError:
             pass
 
-    async def wait_for(self, future: asyncio.Future) -> bool:
-        """Wait for ``future`` unless a stop comes first (then cancel it); True if it finished."""
+    async def wait_for(self, future: asyncio.Future, timeout: float | None = None) -> bool:
+        """Wait for ``future`` unless a stop (or the timeout) comes first; True if it finished.
+
+        Whatever did not finish is cancelled, also when this wait is itself cancelled: a waiter
+        left behind on every idle period would pile up for the life of the process.
+        """
         stop = asyncio.ensure_future(self._event.wait())
-        done, _ = await asyncio.wait({future, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if future in done:
+        try:
+            done, _ = await asyncio.wait(
+                {future, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        except BaseException:
+            future.cancel()
+            raise
+        finally:
             stop.cancel()
+        if future in done:
             return True
         future.cancel()
         return False

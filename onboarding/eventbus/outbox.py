@@ -47,10 +47,16 @@ class OutboundMessage:
         if not body:
             return None
         data = json.loads(body)
-        return cls(
-            row_id=data["id"], subject=data["subject"], payload=data["payload"].encode(),
-            headers=data["headers"],
+        row_id, subject, payload, headers = (
+            data["id"], data["subject"], data["payload"], data["headers"]
         )
+        if not (
+            isinstance(row_id, int) and isinstance(subject, str) and isinstance(payload, str)
+            and isinstance(headers, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())
+        ):
+            raise ValueError("not an outbox message")
+        return cls(row_id=row_id, subject=subject, payload=payload.encode(), headers=headers)
 
 
 def outbox_publish_on_commit(*, event) -> OutboxEvent:

@@ -49,11 +49,15 @@ class BackgroundPublisher:
         self._wakeup_scheduled = False
         self._in_flight: set[asyncio.Task] = set()
         self._js = None
+        self._closed = False
 
     # -- called from request threads -------------------------------------------------------
 
     def submit(self, messages: list[OutboundMessage]) -> None:
         """Schedule ``messages`` for publishing and return at once."""
+        if self._closed:
+            logger.info("publisher closed; %d event(s) left to the relay", len(messages))
+            return
         try:
             self._ensure_started()
             nc = self._nc
@@ -72,7 +76,8 @@ class BackgroundPublisher:
             logger.exception("could not schedule publish; the relay will publish")
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the thread and close the connection (atexit, tests)."""
+        """Stop the thread and close the connection (atexit, tests); later submits are no-ops."""
+        self._closed = True
         with self._lock:
             if self._pid != os.getpid() or self._loop is None:
                 return

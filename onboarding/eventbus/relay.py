@@ -65,6 +65,7 @@ class OutboxRelay:
         self._publisher = None
         self._scan_now: asyncio.Event | None = None
         self.listening = threading.Event()  # set once LISTEN first succeeded (or failed)
+        self.scanned = threading.Event()  # set once the first scan is over
         self.published = 0
 
     async def _orm(self, fn, /, **kwargs):
@@ -86,9 +87,9 @@ class OutboxRelay:
         # One JetStream context for the run: each new one subscribes its own PubAck inbox.
         self._js = self._nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
         backoff = Backoff(initial=0.5, maximum=10.0)
-        if self.notify and not once:
-            await self._start_listening()
         try:
+            if self.notify and not once:
+                await self._start_listening()
             # Listening, the relay first publishes whatever is waiting, however fresh: commits
             # notified before it listened are lost to it, and nobody else publishes them.
             grace = 0.0 if self._listener is not None else self.grace
@@ -98,11 +99,13 @@ class OutboxRelay:
                 except Exception as exc:
                     if once:
                         raise  # a one-shot flush reports failure instead of waiting for ever
+                    self.scanned.set()
                     delay = backoff.next()
                     logger.warning("relay batch failed, retrying in %.1fs: %s", delay, exc)
                     await self.stopper.sleep(delay)
                     continue
                 backoff.reset()
+                self.scanned.set()
                 if count < self.batch:
                     if once:
                         break
@@ -120,11 +123,9 @@ class OutboxRelay:
         if self._scan_now is None:
             await self.stopper.sleep(self.poll_interval)
             return False
-        waiting = asyncio.ensure_future(self._scan_now.wait())
-        try:
-            await asyncio.wait_for(self.stopper.wait_for(waiting), self.poll_interval)
-        except TimeoutError:
-            pass
+        await self.stopper.wait_for(
+            asyncio.ensure_future(self._scan_now.wait()), timeout=self.poll_interval
+        )
         woken = self._scan_now.is_set()
         self._scan_now.clear()
         return woken
@@ -173,7 +174,7 @@ class OutboxRelay:
     def _on_notification(self, loop: asyncio.AbstractEventLoop, body: str) -> None:
         try:
             message = OutboundMessage.from_notification(body)
-        except (ValueError, KeyError, TypeError):
+        except Exception:
             logger.warning("relay: unreadable notification %.200r; scanning instead", body)
             message = None
         if message is None:
