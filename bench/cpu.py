@@ -1,15 +1,20 @@
-"""Where the CPU of a registration goes, process by process (the profile behind docs/benchmarks.md).
+"""Where the CPU goes, process by process (the profiles behind docs/benchmarks.md).
 
-Runs the register endpoint the way ``bench/run.py``'s register scenario does (gunicorn, 2 sync
-workers; 4 clients in a closed loop; the relay running; MD5 hasher) with events on and off, and
-reads each process's CPU time from ``/proc/<pid>/stat`` around the measured requests: gunicorn,
-the relay, nats-server, every PostgreSQL backend, and the load generator itself. Prints CPU
-milliseconds per registration, by process, and the request rate.
+Reads each process's CPU time from ``/proc/<pid>/stat`` around the measured work and prints CPU
+milliseconds per registration (or per event), by process:
 
-    DATABASE_URL=postgres://... .venv/bin/python bench/cpu.py --engine postgres
+- ``--scenario register`` (default): the register endpoint as ``bench/run.py``'s register
+  scenario runs it (gunicorn, 2 sync workers; 4 clients in a closed loop; the relay running;
+  MD5 hasher), with events on and off: gunicorn, the relay, nats-server, every PostgreSQL
+  process, and the load generator (this process).
+- ``--scenario drain``: the four consumers draining a published backlog (their start-up not
+  counted; "load generator" is this process publishing the backlog and polling the counts),
+  then the bulk_create ceiling of the same rows in this process.
 
-Linux only (``/proc``). Bounded: ``--requests`` per round (at most 5,000), ``--rounds`` (at
-most 6).
+    DATABASE_URL=postgres://... .venv/bin/python bench/cpu.py --engine postgres [--scenario drain]
+
+Linux only (``/proc``). Bounded: ``--requests`` per round (at most 5,000), ``--events`` (at most
+100,000), ``--rounds`` (at most 6).
 """
 
 from __future__ import annotations
@@ -57,69 +62,109 @@ def snapshot(groups: dict[str, list[int]]) -> dict[str, float]:
     return taken
 
 
+def profile_register(env, workdir, nats, engine, requests, rounds) -> list:
+    from onboarding.eventbus.natsserver import free_port
+
+    port = free_port()
+    rows = []
+    for r in range(rounds):
+        modes = ("with_events", "without_events")
+        for mode in modes if r % 2 == 0 else modes[::-1]:
+            bench.reset_data()
+            bench.reset_jetstream()
+            with bench.Stack(env, workdir) as stack:
+                relay = stack.manage("outbox_relay")
+                web = stack.gunicorn(
+                    port, ACCOUNTS_PUBLISH_EVENTS="true" if mode == "with_events" else "false"
+                )
+                bench.closed_loop(port, 200, 4, f"warm{mode}{r}")
+                groups = {
+                    "gunicorn": [web.pid, *children(web.pid)],
+                    "relay": [relay.pid],
+                    "nats-server": [nats.process.pid],
+                }
+                if engine == "postgres":
+                    groups["postgres"] = postgres_pids()
+                before = snapshot(groups)
+                rate = bench.closed_loop(port, requests, 4, f"reg{mode}{r}")
+                time.sleep(1)  # let the relay and the publisher finish the tail
+                if engine == "postgres":
+                    groups["postgres"] = postgres_pids()  # and new backends
+                after = snapshot(groups)
+                per = {k: (after[k] - before.get(k, 0)) / requests for k in after}
+                rows.append((mode, f"{rate:.0f} req/s", per))
+    return rows
+
+
+def profile_drain(env, workdir, nats, engine, events, batch, rounds) -> list:
+    rows = []
+    for _ in range(rounds):
+        bench.reset_data()
+        bench.reset_jetstream()
+        with bench.Stack(env, workdir) as stack:
+            consumers = [
+                stack.manage("consume", context, "--batch", str(batch))
+                for context in bench.CONTEXTS
+            ]
+            time.sleep(5)  # started and bound: their start-up is not counted
+            groups = {"consumers": [p.pid for p in consumers], "nats-server": [nats.process.pid]}
+            if engine == "postgres":
+                groups["postgres"] = postgres_pids()
+            before = snapshot(groups)
+            started = time.monotonic()
+            bench.publish_backlog(events)
+            bench.wait_for_counts(events, timeout=600, label="drain")
+            elapsed = time.monotonic() - started
+            if engine == "postgres":
+                groups["postgres"] = postgres_pids()
+            after = snapshot(groups)
+        per = {k: (after[k] - before.get(k, 0)) / events for k in after}
+        rows.append(("drain (4 consumers)", f"{events / elapsed:.0f} ev/s", per))
+
+        bench.reset_data()
+        groups = {"consumers": [], "nats-server": [nats.process.pid]}
+        if engine == "postgres":
+            groups["postgres"] = postgres_pids()
+        before = snapshot(groups)
+        rate = bench.ceiling_rate(events, batch)
+        after = snapshot(groups)
+        per = {k: (after[k] - before.get(k, 0)) / events for k in after}
+        rows.append(("ceiling (bulk_create)", f"{rate:.0f} ev/s", per))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", choices=["sqlite", "postgres"], default="sqlite")
-    parser.add_argument("--requests", type=int, default=1500)
+    parser.add_argument("--scenario", choices=["register", "drain"], default="register")
+    parser.add_argument("--requests", type=int, default=1500, help="register: per round")
+    parser.add_argument("--events", type=int, default=20_000, help="drain: backlog")
+    parser.add_argument("--batch", type=int, default=100, help="drain: consumer batch")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     args.requests = min(args.requests, 5000)
+    args.events = min(args.events, 100_000)
     args.rounds = min(args.rounds, 6)
 
-    from onboarding.eventbus.natsserver import NatsServer, free_port
+    from onboarding.eventbus.natsserver import NatsServer
 
     with tempfile.TemporaryDirectory(prefix="onboarding-cpu-") as tmp:
         workdir = Path(tmp)
         nats = NatsServer(workdir / "nats", name="onboarding-cpu").start(
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        env = {
-            **os.environ,
-            **bench.bench_databases(args.engine, workdir),
-            "NATS_URL": nats.url,
-            "DJANGO_SETTINGS_MODULE": "onboarding.settings",
-            "DJANGO_PASSWORD_HASHERS": bench.FAST_HASHER,
-            "REGISTER_THROTTLE_RATE": "",
-            "LOG_LEVEL": "WARNING",
-            "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
-        }
-        os.environ.update(env)
-        import django
-
-        django.setup()
-        from django.core.management import call_command
-
-        call_command("migrate_all", verbosity=0, stdout=open(os.devnull, "w"))
-        port = free_port()
-        rows = []
         try:
-            for r in range(args.rounds):
-                modes = ("with_events", "without_events")
-                for mode in modes if r % 2 == 0 else modes[::-1]:
-                    bench.reset_data()
-                    bench.reset_jetstream()
-                    with bench.Stack(env, workdir) as stack:
-                        relay = stack.manage("outbox_relay")
-                        web = stack.gunicorn(
-                            port,
-                            ACCOUNTS_PUBLISH_EVENTS="true" if mode == "with_events" else "false",
-                        )
-                        bench.closed_loop(port, 200, 4, f"warm{mode}{r}")
-                        groups = {
-                            "gunicorn": [web.pid, *children(web.pid)],
-                            "relay": [relay.pid],
-                            "nats-server": [nats.process.pid],
-                        }
-                        if args.engine == "postgres":
-                            groups["postgres"] = postgres_pids()
-                        before = snapshot(groups)
-                        rate = bench.closed_loop(port, args.requests, 4, f"reg{mode}{r}")
-                        time.sleep(1)  # let the relay and the publisher finish the tail
-                        if args.engine == "postgres":
-                            groups["postgres"] = postgres_pids()  # and new backends
-                        after = snapshot(groups)
-                        per = {k: (after[k] - before.get(k, 0)) / args.requests for k in after}
-                        rows.append((mode, rate, per))
+            env = bench.setup_django(args.engine, workdir, nats.url)
+            if args.scenario == "register":
+                rows = profile_register(
+                    env, workdir, nats, args.engine, args.requests, args.rounds
+                )
+                unit = f"registration; {args.requests} requests per round, 4 clients"
+            else:
+                rows = profile_drain(
+                    env, workdir, nats, args.engine, args.events, args.batch, args.rounds
+                )
+                unit = f"event; {args.events:,} events, batch {args.batch}"
         finally:
             from django.db import connections
 
@@ -127,13 +172,12 @@ def main() -> None:
             nats.stop()
 
     names = list(rows[0][2])
-    print(f"### CPU ms per registration ({args.engine}; {args.requests} requests per round, "
-          "4 clients)\n")
-    print("| mode | req/s | " + " | ".join(names) + " | total |")
+    print(f"### CPU ms per {unit} ({args.engine})\n")
+    print("| mode | rate | " + " | ".join(names) + " | total |")
     print("| --- | --- | " + " | ".join("---" for _ in names) + " | --- |")
     for mode, rate, per in sorted(rows, key=lambda row: row[0]):
         cells = " | ".join(f"{per[n]:.2f}" for n in names)
-        print(f"| {mode} | {rate:.0f} | {cells} | {sum(per.values()):.2f} |")
+        print(f"| {mode} | {rate} | {cells} | {sum(per.values()):.2f} |")
 
 
 if __name__ == "__main__":

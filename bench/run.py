@@ -106,6 +106,29 @@ def bench_databases(engine: str, workdir: Path) -> dict[str, str]:
     return urls
 
 
+def setup_django(engine: str, workdir: Path, nats_url: str) -> dict:
+    """Point this process (and the environment of what it starts) at the bench databases and
+    nats-server, set Django up and migrate; return that environment."""
+    env = {
+        **os.environ,
+        **bench_databases(engine, workdir),
+        "NATS_URL": nats_url,
+        "DJANGO_SETTINGS_MODULE": "onboarding.settings",
+        "DJANGO_PASSWORD_HASHERS": FAST_HASHER,
+        "REGISTER_THROTTLE_RATE": "",
+        "LOG_LEVEL": "WARNING",
+        "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+    }
+    os.environ.update(env)
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate_all", verbosity=0, stdout=open(os.devnull, "w"))
+    return env
+
+
 def recreate_postgres_database(url: str) -> None:
     import psycopg
 
@@ -258,11 +281,9 @@ def created_span(model, user_ids=None) -> tuple[dt.datetime, dt.datetime]:
 # -- scenarios ----------------------------------------------------------------------------------
 
 
-def scenario_drain(stack: Stack, events: int, batch: int) -> dict:
+def publish_backlog(events: int) -> float:
+    """Publish ``events`` user.registered events, pipelined; return events/s."""
     import asyncio
-
-    from django.conf import settings
-    from django.db import transaction
 
     from onboarding.contracts import UserRegistered, event_headers
     from onboarding.eventbus.connection import close, connect_within
@@ -285,26 +306,19 @@ def scenario_drain(stack: Stack, events: int, batch: int) -> dict:
         await close(nc)
         return events / elapsed
 
-    publish_rate = asyncio.run(publish())
-    for context in CONTEXTS:
-        stack.manage("consume", context, "--batch", str(batch))
-    wait_for_counts(events, timeout=600, label="drain")
-    stack.stop()
+    return asyncio.run(publish())
 
-    models = default_models()
-    spans = {name: created_span(model) for name, model in models.items()}
-    per_consumer = {
-        name: events / max((last - first).total_seconds(), 1e-6)
-        for name, (first, last) in spans.items()
-    }
-    first = min(f for f, _ in spans.values())
-    last = max(lst for _, lst in spans.values())
-    all_four = events / max((last - first).total_seconds(), 1e-6)
 
-    # The ceiling: the same rows, bulk_create in batches of the same size, one process, no NATS.
+def ceiling_rate(events: int, batch: int) -> float:
+    """The same default rows, bulk_create in batches of ``batch``, one process, no NATS."""
+    from django.conf import settings
+    from django.db import transaction
+
     from buildings.defaults import STARTER_BUILDINGS
     from characters.defaults import DEFAULT_CHARACTER_NAME
     from progression.defaults import STARTER_SKILLS, STARTER_WEAPONS
+
+    models = default_models()
 
     users = [(uuid.uuid4(), f"ceil{i}") for i in range(events)]
     builders = {
@@ -324,7 +338,27 @@ def scenario_drain(stack: Stack, events: int, batch: int) -> dict:
             rows = [row for u, n in users[i:i + batch] for row in build(u, n)]
             with transaction.atomic(using=alias):
                 model.objects.using(alias).bulk_create(rows)
-    ceiling = events / (time.monotonic() - started)
+    return events / (time.monotonic() - started)
+
+
+def scenario_drain(stack: Stack, events: int, batch: int) -> dict:
+    publish_rate = publish_backlog(events)
+    for context in CONTEXTS:
+        stack.manage("consume", context, "--batch", str(batch))
+    wait_for_counts(events, timeout=600, label="drain")
+    stack.stop()
+
+    models = default_models()
+    spans = {name: created_span(model) for name, model in models.items()}
+    per_consumer = {
+        name: events / max((last - first).total_seconds(), 1e-6)
+        for name, (first, last) in spans.items()
+    }
+    first = min(f for f, _ in spans.values())
+    last = max(lst for _, lst in spans.values())
+    all_four = events / max((last - first).total_seconds(), 1e-6)
+
+    ceiling = ceiling_rate(events, batch)
     return {
         "events": events,
         "batch": batch,
@@ -583,23 +617,7 @@ def main() -> None:
         nats = NatsServer(workdir / "nats", name="onboarding-bench").start(
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        env = {
-            **os.environ,
-            **bench_databases(args.engine, workdir),
-            "NATS_URL": nats.url,
-            "DJANGO_SETTINGS_MODULE": "onboarding.settings",
-            "DJANGO_PASSWORD_HASHERS": FAST_HASHER,
-            "REGISTER_THROTTLE_RATE": "",
-            "LOG_LEVEL": "WARNING",
-            "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
-        }
-        os.environ.update(env)
-        import django
-
-        django.setup()
-        from django.core.management import call_command
-
-        call_command("migrate_all", verbosity=0, stdout=open(os.devnull, "w"))
+        env = setup_django(args.engine, workdir, nats.url)
         results = {"engine": args.engine, "machine": machine(), "hasher": FAST_HASHER,
                    "runs": args.runs}
         port = free_port()
