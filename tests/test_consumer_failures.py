@@ -195,3 +195,25 @@ def test_a_failing_event_does_not_fail_its_batch_mates(start_consumers, monkeypa
     letter = DeadLetter.objects.get(consumer="characters")
     assert letter.user_id == str(bad.user_id) and letter.error_type == "ValueError"
     assert counts()["characters"] == 9
+
+
+@pytest.mark.parametrize("returning", [True, False], ids=["insert-returning", "select-then-insert"])
+def test_the_inbox_applies_each_event_once_within_and_across_batches(monkeypatch, returning):
+    from onboarding.contracts import UserRegistered
+    from onboarding.eventbus import runner
+
+    monkeypatch.setattr(runner, "_returning_supported", lambda connection: returning)
+    spec = get_consumers()["players"]
+    events = [sample_event(username=f"inbox{i}") for i in range(3)]
+
+    def item(event, event_id):
+        return runner.Incoming(event, event_id, UserRegistered.subject, 1)
+
+    first = runner.process_events(
+        spec, [item(events[0], "e0"), item(events[1], "e1"), item(events[0], "e0")]
+    )
+    assert first == [True, True, False]
+    second = runner.process_events(spec, [item(events[1], "e1"), item(events[2], "e2")])
+    assert second == [False, True]
+    assert counts()["players"] == 3
+    assert runner.inbox_claim(spec.database, spec.name, []) == set()
