@@ -217,3 +217,18 @@ def test_the_inbox_applies_each_event_once_within_and_across_batches(monkeypatch
     assert second == [False, True]
     assert counts()["players"] == 3
     assert runner.inbox_claim(spec.database, spec.name, []) == set()
+
+
+def test_the_inbox_claims_a_batch_larger_than_one_statement(monkeypatch):
+    from onboarding.contracts import UserRegistered
+    from onboarding.eventbus import runner
+
+    monkeypatch.setattr(runner, "INBOX_CHUNK", 3)
+    spec = get_consumers()["players"]
+    items = [
+        runner.Incoming(sample_event(username=f"chunk{i}"), f"c{i}", UserRegistered.subject, i)
+        for i in range(8)
+    ]
+    assert runner.process_events(spec, items[:2]) == [True, True]
+    assert runner.process_events(spec, items) == [False, False] + [True] * 6
+    assert counts()["players"] == 8

@@ -137,6 +137,9 @@ def process_events(spec: ConsumerSpec, items: list[Incoming]) -> list[bool]:
     return applied
 
 
+INBOX_CHUNK = 500  # rows per inbox statement: 2,500 parameters
+
+
 def inbox_claim(alias: str, consumer: str, items: list[Incoming]) -> set[str]:
     """Record ``items`` (distinct event ids) in the inbox; return the ids it did not hold yet.
 
@@ -164,19 +167,25 @@ def inbox_claim(alias: str, consumer: str, items: list[Incoming]) -> set[str]:
     column = {f.name: quote(f.column) for f in meta.fields}
     names = ("consumer", "event_id", "subject", "stream_seq", "processed_at")
     now = connection.ops.adapt_datetimefield_value(timezone.now())
-    params = []
-    for item in items:
-        params += [consumer, item.event_id, item.subject, item.stream_seq, now]
     row = "(" + ", ".join(["%s"] * len(names)) + ")"
-    sql = (
-        f"INSERT INTO {quote(meta.db_table)} ({', '.join(column[n] for n in names)}) "
-        f"VALUES {', '.join([row] * len(items))} "
-        f"ON CONFLICT ({column['consumer']}, {column['event_id']}) DO NOTHING "
-        f"RETURNING {column['event_id']}"
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return {event_id for (event_id,) in cursor.fetchall()}
+    claimed = set()
+    # Chunks keep any configured batch within every engine's limit on query parameters.
+    for start in range(0, len(items), INBOX_CHUNK):
+        chunk = items[start : start + INBOX_CHUNK]
+        params = []
+        for item in chunk:
+            params += [consumer, item.event_id, item.subject, item.stream_seq, now]
+        sql = (
+            f"INSERT INTO {quote(meta.db_table)} ({', '.join(column[n] for n in names)}) "
+            f"VALUES {', '.join([row] * len(chunk))} "
+            f"ON CONFLICT ({column['consumer']}, {column['event_id']}) DO NOTHING "
+            f"RETURNING {column['event_id']}"
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            claimed.update(event_id for (event_id,) in cursor.fetchall())
+    return claimed
+
 
 
 def _returning_supported(connection) -> bool:
