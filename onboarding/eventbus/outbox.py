@@ -114,13 +114,14 @@ def _insert_and_notify(row: OutboxEvent) -> None:
     carries the whole message, so the relay publishes it without reading the row back; one too
     large for a notification goes out empty, and the relay reads the outbox instead.
     """
-    meta = OutboxEvent._meta
-    column = {f.name: connections[OUTBOX_DATABASE].ops.quote_name(f.column) for f in meta.fields}
+    connection = connections[OUTBOX_DATABASE]
+    meta, quote = OutboxEvent._meta, connection.ops.quote_name
+    column = {f.name: quote(f.column) for f in meta.fields}
     row.created_at = timezone.now()
     headers = json.dumps(row.headers)
     sql = f"""
         WITH inserted AS (
-            INSERT INTO {connections[OUTBOX_DATABASE].ops.quote_name(meta.db_table)}
+            INSERT INTO {quote(meta.db_table)}
                 ({column["event_id"]}, {column["subject"]}, {column["payload"]},
                  {column["headers"]}, {column["created_at"]}, {column["attempts"]},
                  {column["last_error"]})
@@ -142,7 +143,7 @@ def _insert_and_notify(row: OutboxEvent) -> None:
         "headers": headers, "created_at": row.created_at, "channel": NOTIFY_CHANNEL,
         "limit": NOTIFY_PAYLOAD_LIMIT,
     }
-    with connections[OUTBOX_DATABASE].cursor() as cursor:
+    with connection.cursor() as cursor:
         cursor.execute(sql, params)
         row.pk = cursor.fetchone()[0]
     row._state.adding = False

@@ -5,8 +5,8 @@ each consumer it binds the app's durable pull consumer, fetches batches and, per
 
 1. parses it against the contract — a message that fails is a *permanent* failure: it is stored
    as a dead letter and terminated, never retried, and the consumer carries on;
-2. in one transaction on the context's own database, checks the inbox, runs the handler and
-   records the event in the inbox — a redelivered event is skipped, never applied twice;
+2. in one transaction on the context's own database, claims the event in the inbox, then runs
+   the handler — a redelivered event is found claimed and skipped, never applied twice;
 3. acks only after that transaction committed.
 
 Failures are told apart, because they call for different answers:
@@ -118,14 +118,13 @@ def process_events(spec: ConsumerSpec, items: list[Incoming]) -> list[bool]:
     """
     alias = spec.database
     with transaction.atomic(using=alias):
-        first = {}
-        for item in items:
-            first.setdefault(item.event_id, item)
-        claimed = inbox_claim(alias, spec.name, list(first.values()))
+        distinct = {item.event_id: item for item in reversed(items)}  # the first of each id
+        unclaimed = inbox_claim(alias, spec.name, list(distinct.values()))
         applied = []
         by_subject: dict[str, list] = defaultdict(list)
         for item in items:
-            is_new = item.event_id in claimed and first[item.event_id] is item
+            is_new = item.event_id in unclaimed
+            unclaimed.discard(item.event_id)  # a repeat within the batch is not new
             applied.append(is_new)
             if is_new:
                 by_subject[item.subject].append(item.event)
@@ -145,47 +144,54 @@ def inbox_claim(alias: str, consumer: str, items: list[Incoming]) -> set[str]:
 
     One statement, ``INSERT ... ON CONFLICT DO NOTHING RETURNING``, instead of a read and then a
     write: half the round trips of a batch's bookkeeping. A concurrent delivery of the same event
-    waits on the unique index until this transaction ends, then finds the row and skips it.
+    waits on the unique index until this transaction ends, then finds the row and skips it
+    (under READ COMMITTED, Django's default). Rows are claimed in event-id order, so two
+    overlapping deliveries lock them in the same order and cannot deadlock. Chunks keep any
+    configured batch within every engine's limit on query parameters.
     """
-    if not items:
-        return set()
     connection = connections[alias]
-    if not _returning_supported(connection):  # SQLite before 3.35
-        inbox = ProcessedEvent.objects.using(alias)
-        seen = set(
-            inbox.filter(consumer=consumer, event_id__in=[i.event_id for i in items])
-            .values_list("event_id", flat=True)
-        )
-        fresh = [i for i in items if i.event_id not in seen]
-        inbox.bulk_create(
-            ProcessedEvent(consumer=consumer, event_id=i.event_id, subject=i.subject,
-                           stream_seq=i.stream_seq)
-            for i in fresh
-        )
-        return {i.event_id for i in fresh}
+    claim = _claim_returning if _returning_supported(connection) else _claim_read_then_write
+    items = sorted(items, key=lambda item: item.event_id)
+    claimed = set()
+    for start in range(0, len(items), INBOX_CHUNK):
+        claimed |= claim(connection, alias, consumer, items[start : start + INBOX_CHUNK])
+    return claimed
+
+
+def _claim_returning(connection, alias: str, consumer: str, items: list[Incoming]) -> set[str]:
     meta, quote = ProcessedEvent._meta, connection.ops.quote_name
     column = {f.name: quote(f.column) for f in meta.fields}
     names = ("consumer", "event_id", "subject", "stream_seq", "processed_at")
     now = connection.ops.adapt_datetimefield_value(timezone.now())
     row = "(" + ", ".join(["%s"] * len(names)) + ")"
-    claimed = set()
-    # Chunks keep any configured batch within every engine's limit on query parameters.
-    for start in range(0, len(items), INBOX_CHUNK):
-        chunk = items[start : start + INBOX_CHUNK]
-        params = []
-        for item in chunk:
-            params += [consumer, item.event_id, item.subject, item.stream_seq, now]
-        sql = (
-            f"INSERT INTO {quote(meta.db_table)} ({', '.join(column[n] for n in names)}) "
-            f"VALUES {', '.join([row] * len(chunk))} "
-            f"ON CONFLICT ({column['consumer']}, {column['event_id']}) DO NOTHING "
-            f"RETURNING {column['event_id']}"
-        )
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            claimed.update(event_id for (event_id,) in cursor.fetchall())
-    return claimed
+    params = []
+    for item in items:
+        params += [consumer, item.event_id, item.subject, item.stream_seq, now]
+    sql = (
+        f"INSERT INTO {quote(meta.db_table)} ({', '.join(column[n] for n in names)}) "
+        f"VALUES {', '.join([row] * len(items))} "
+        f"ON CONFLICT ({column['consumer']}, {column['event_id']}) DO NOTHING "
+        f"RETURNING {column['event_id']}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return {event_id for (event_id,) in cursor.fetchall()}
 
+
+def _claim_read_then_write(connection, alias: str, consumer: str, items: list[Incoming]):
+    """SQLite before 3.35 has no RETURNING: read which ids the inbox holds, then insert the rest."""
+    inbox = ProcessedEvent.objects.using(alias)
+    seen = set(
+        inbox.filter(consumer=consumer, event_id__in=[i.event_id for i in items])
+        .values_list("event_id", flat=True)
+    )
+    fresh = [i for i in items if i.event_id not in seen]
+    inbox.bulk_create(
+        ProcessedEvent(consumer=consumer, event_id=i.event_id, subject=i.subject,
+                       stream_seq=i.stream_seq)
+        for i in fresh
+    )
+    return {i.event_id for i in fresh}
 
 
 def _returning_supported(connection) -> bool:
