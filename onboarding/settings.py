@@ -80,7 +80,9 @@ TEMPLATES = [
 BOUNDED_CONTEXTS = ("players", "characters", "progression", "buildings")
 
 _sqlite_dir = VAR_DIR / "db"
-_test_dir = VAR_DIR / "test-db"
+# SQLite test databases are files (consumer processes must see them); a second test run on the
+# same checkout at the same time needs its own folder.
+_test_dir = Path(env.str("TEST_SQLITE_DIR", default=str(VAR_DIR / "test-db")))
 _default_url = env.str("DATABASE_URL", default="")
 _default = db_layout.prepare(
     env.db_url_config(_default_url or f"sqlite:///{_sqlite_dir / 'accounts.sqlite3'}"),
@@ -144,7 +146,20 @@ REST_FRAMEWORK = {
 
 # --- NATS JetStream --------------------------------------------------------------------------
 
+# One server or several (comma-separated, a cluster). Credentials may be in the URL
+# (nats://user:password@host:4222, or a token: nats://token@host:4222); each process reads its
+# own environment, so each role of a deployment can be its own NATS user (docs/deploy.md).
 NATS_URL = env.str("NATS_URL", default="nats://127.0.0.1:4222")
+NATS_CREDS = env.str("NATS_CREDS", default="")  # a credentials file (JWT + nkey seed)
+NATS_NKEY_SEED = env.str("NATS_NKEY_SEED", default="")  # an nkey seed, or a file holding one
+# TLS: the CA of the servers' certificates; this client's certificate and key where the servers
+# verify clients. TLS is on when any is set, a URL is tls://, or the server requires it.
+NATS_TLS_CA = env.str("NATS_TLS_CA", default="")
+NATS_TLS_CERT = env.str("NATS_TLS_CERT", default="")
+NATS_TLS_KEY = env.str("NATS_TLS_KEY", default="")
+# Replies (PubAcks, pulled messages) come back under this prefix; on a secured server each role
+# gets its own, which only that role may subscribe to (deploy/nats/auth.conf).
+NATS_INBOX_PREFIX = env.str("NATS_INBOX_PREFIX", default="_INBOX")
 # The stream that carries user.* events. Limits retention keeps history for max_age, so a
 # consumer that was down catches up and a new consumer can replay from the start.
 NATS_STREAM = env.str("NATS_STREAM", default="USERS")
@@ -210,7 +225,18 @@ LOGGING = {
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {
+        # asyncio warns on every close of a TLS connection to NATS (a nats-py quirk); noise.
+        "tls_eof_noise": {
+            "()": "django.utils.log.CallbackFilter",
+            "callback": lambda record: "eof_received()" not in record.getMessage(),
+        },
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler", "formatter": "plain", "filters": ["tls_eof_noise"],
+        },
+    },
     "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
         name: {"level": LOG_LEVEL}

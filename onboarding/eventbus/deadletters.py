@@ -147,10 +147,9 @@ def dead_letter_as_dict(letter: DeadLetter) -> dict:
 
 
 async def _publish_replays(letters: list[DeadLetter], replayed: list[int]) -> None:
-    from onboarding.eventbus.connection import close, connect_within
+    from onboarding.eventbus.connection import session
 
-    nc = await connect_within("deadletters-replay", settings.NATS_REQUEST_TIMEOUT * 2)
-    try:
+    async with session("deadletters-replay", timeout=settings.NATS_REQUEST_TIMEOUT * 2) as nc:
         js = nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
         for letter in letters:
             headers = {k: v for k, v in (letter.headers or {}).items() if k != MSG_ID_HEADER}
@@ -164,8 +163,6 @@ async def _publish_replays(letters: list[DeadLetter], replayed: list[int]) -> No
                 headers=headers,
             )
             replayed.append(letter.id)  # acknowledged by JetStream
-    finally:
-        await close(nc)
 
 
 def dead_letters_replay(*, letters: list[DeadLetter]) -> int:

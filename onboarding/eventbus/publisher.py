@@ -26,12 +26,13 @@ import time
 from django.conf import settings
 from django.db import close_old_connections, connections
 
-from onboarding.eventbus.connection import close, connect
+from onboarding.eventbus.connection import NatsAccessError, close, connect
 from onboarding.eventbus.outbox import OutboundMessage, outbox_mark_published
 
 logger = logging.getLogger(__name__)
 
 MARK_COALESCE_SECONDS = 0.5
+REFUSED_RETRY_SECONDS = 30
 
 
 class BackgroundPublisher:
@@ -123,10 +124,17 @@ class BackgroundPublisher:
         loop.run_forever()
 
     async def _connect(self) -> None:
-        # connect() itself retries for ever; this loop only outlives unexpected errors.
+        # connect() itself retries for ever while NATS is unreachable; this loop outlives a
+        # refusal (wrong credentials: logged by connect, events left to the relay meanwhile)
+        # and unexpected errors. A web process is never stopped for its publisher's sake.
         while self._nc is None:
             try:
                 nc = await connect(f"outbox-publisher:{os.getpid()}")
+            except NatsAccessError as exc:
+                logger.error("%s; events are left to the relay, retrying in %ds",
+                             exc, REFUSED_RETRY_SECONDS)
+                await asyncio.sleep(REFUSED_RETRY_SECONDS)
+                continue
             except Exception:
                 logger.exception("publisher could not connect; retrying")
                 await asyncio.sleep(1)

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from django.conf import settings
 from django.db import close_old_connections, connections
 
-from onboarding.eventbus.connection import close, connect
+from onboarding.eventbus.connection import NatsAccessError, close, connect
 from onboarding.eventbus.lifecycle import Backoff, Stopper
 from onboarding.eventbus.outbox import (
     OutboundMessage,
@@ -67,6 +67,7 @@ class OutboxRelay:
         self.listening = threading.Event()  # set once LISTEN first succeeded (or failed)
         self.scanned = threading.Event()  # set once the first scan is over
         self.published = 0
+        self.refused: NatsAccessError | None = None
 
     async def _orm(self, fn, /, **kwargs):
         def call():
@@ -80,10 +81,10 @@ class OutboxRelay:
         self.stopper.bind()
         if install_signal_handlers:
             self.stopper.install_signal_handlers()
-        connecting = asyncio.ensure_future(connect("outbox-relay"))
+        connecting = asyncio.ensure_future(connect("outbox-relay", on_refused=self._refused))
         if not await self.stopper.wait_for(connecting):
             return self.published
-        self._nc = connecting.result()
+        self._nc = connecting.result()  # raises NatsAccessError if NATS refused us
         # One JetStream context for the run: each new one subscribes its own PubAck inbox.
         self._js = self._nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
         backoff = Backoff(initial=0.5, maximum=10.0)
@@ -97,8 +98,8 @@ class OutboxRelay:
                 try:
                     count = await self.flush_batch(grace=grace)
                 except Exception as exc:
-                    if once:
-                        raise  # a one-shot flush reports failure instead of waiting for ever
+                    if once:  # a one-shot flush reports failure instead of waiting for ever
+                        raise (self.refused or exc) from None
                     self.scanned.set()
                     delay = backoff.next()
                     logger.warning("relay batch failed, retrying in %.1fs: %s", delay, exc)
@@ -116,7 +117,14 @@ class OutboxRelay:
             await close(self._nc)
             self._db.submit(connections.close_all).result()
             self._db.shutdown()
+        if self.refused is not None:
+            raise self.refused
         return self.published
+
+    def _refused(self, error: NatsAccessError) -> None:
+        """NATS denied something (a permission, credentials): stop rather than spin for ever."""
+        self.refused = error
+        self.stopper.stop()
 
     async def _idle(self) -> bool:
         """Sleep the poll interval, or until a stop or a request to scan now (True)."""

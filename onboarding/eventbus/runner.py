@@ -48,7 +48,7 @@ from django.db import (
 from django.utils import timezone
 
 from onboarding.contracts import EVENT_ID_HEADER, MSG_ID_HEADER, ContractError, parse_event
-from onboarding.eventbus.connection import close, connect
+from onboarding.eventbus.connection import NatsAccessError, close, connect
 from onboarding.eventbus.deadletters import (
     dead_letter_resolve,
     dead_letter_store,
@@ -229,6 +229,7 @@ class ConsumerRunner:
         self.processed = {spec.name: 0 for spec in specs}
         self.outages = {spec.name: 0 for spec in specs}
         self._ack_wait: dict[str, float] = {}
+        self.refused: NatsAccessError | None = None
 
     def stop(self) -> None:
         self.stopper.stop()
@@ -238,10 +239,10 @@ class ConsumerRunner:
         if install_signal_handlers:
             self.stopper.install_signal_handlers()
         names = ",".join(spec.name for spec in self.specs)
-        connecting = asyncio.ensure_future(connect(f"consume:{names}"))
+        connecting = asyncio.ensure_future(connect(f"consume:{names}", on_refused=self._refused))
         if not await self.stopper.wait_for(connecting):
             return
-        nc = connecting.result()
+        nc = connecting.result()  # raises NatsAccessError if NATS refused us
         logger.info("consumers started: %s", names)
         subscriptions: list = []
         try:
@@ -249,6 +250,13 @@ class ConsumerRunner:
         finally:
             await close(nc, *subscriptions)
             logger.info("consumers stopped: %s", names)
+        if self.refused is not None:
+            raise self.refused
+
+    def _refused(self, error: NatsAccessError) -> None:
+        """NATS denied something (a permission, credentials): stop rather than spin for ever."""
+        self.refused = error
+        self.stopper.stop()
 
     # -- fetching ----------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from django.conf import settings
 from django.db.models import Count
 from django.utils import timezone
 
+from onboarding.eventbus.connection import NatsAccessError, display_url
 from onboarding.eventbus.deadletters import dead_letters_open
 from onboarding.eventbus.outbox import outbox_backlog
 from onboarding.eventbus.registry import get_consumers
@@ -16,10 +17,9 @@ from onboarding.eventbus.registry import get_consumers
 async def _consumer_stats(names: list[str]) -> dict:
     from nats.js.errors import NotFoundError
 
-    from onboarding.eventbus.connection import close, connect_within
+    from onboarding.eventbus.connection import session
 
-    nc = await connect_within("onboarding-status", settings.NATS_REQUEST_TIMEOUT * 2)
-    try:
+    async with session("onboarding-status", timeout=settings.NATS_REQUEST_TIMEOUT * 2) as nc:
         js = nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
         stats = {}
         for name in names:
@@ -35,8 +35,6 @@ async def _consumer_stats(names: list[str]) -> dict:
                 "waiting": info.num_waiting,
             }
         return stats
-    finally:
-        await close(nc)
 
 
 def onboarding_status(*, max_outbox_age: float, max_pending: int | None) -> dict:
@@ -45,9 +43,12 @@ def onboarding_status(*, max_outbox_age: float, max_pending: int | None) -> dict
     problems: list[str] = []
     try:
         stats = asyncio.run(_consumer_stats(names))
+    except NatsAccessError as exc:
+        stats = dict.fromkeys(names)
+        problems.append(str(exc))
     except Exception as exc:
         stats = dict.fromkeys(names)
-        problems.append(f"NATS unreachable at {settings.NATS_URL}: {type(exc).__name__}: {exc}")
+        problems.append(f"NATS unreachable at {display_url()}: {type(exc).__name__}: {exc}")
     dead = dict(
         dead_letters_open().values("consumer").annotate(n=Count("id")).values_list("consumer", "n")
     )

@@ -2,6 +2,7 @@ import asyncio
 
 from django.core.management.base import BaseCommand, CommandError
 
+from onboarding.eventbus.connection import NatsAccessError
 from onboarding.eventbus.registry import get_consumers
 from onboarding.eventbus.runner import ConsumerRunner
 
@@ -38,4 +39,7 @@ class Command(BaseCommand):
         runner = ConsumerRunner(
             [consumers[name] for name in names], batch=batch, per_message=per_message or None
         )
-        asyncio.run(runner.run(install_signal_handlers=True))
+        try:
+            asyncio.run(runner.run(install_signal_handlers=True))
+        except NatsAccessError as exc:
+            raise CommandError(str(exc))

@@ -2,6 +2,7 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
+from onboarding.eventbus.connection import NatsAccessError
 from onboarding.eventbus.deadletters import (
     dead_letter_as_dict,
     dead_letters_open,
@@ -78,6 +79,8 @@ class Command(BaseCommand):
                 )
         try:
             count = dead_letters_replay(letters=list(letters))
+        except NatsAccessError as exc:
+            raise CommandError(str(exc))
         except Exception as exc:
             raise CommandError(f"replay failed: {type(exc).__name__}: {exc}")
         self.stdout.write(f"replayed {count} dead letter(s) to {consumer}")

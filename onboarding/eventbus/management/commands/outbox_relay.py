@@ -2,6 +2,7 @@ import asyncio
 
 from django.core.management.base import BaseCommand, CommandError
 
+from onboarding.eventbus.connection import NatsAccessError
 from onboarding.eventbus.relay import OutboxRelay
 
 
@@ -21,6 +22,8 @@ class Command(BaseCommand):
         relay = OutboxRelay(grace=grace, batch=batch)
         try:
             published = asyncio.run(relay.run(once=once, install_signal_handlers=True))
+        except NatsAccessError as exc:
+            raise CommandError(str(exc))
         except Exception as exc:  # only with --once; the service mode retries for ever
             raise CommandError(f"relay failed after {relay.published} event(s): {exc}")
         if once:

@@ -3,7 +3,7 @@ import asyncio
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from onboarding.eventbus.connection import close, connect_within
+from onboarding.eventbus.connection import NatsAccessError, display_url, session
 from onboarding.eventbus.provisioning import ensure_consumer, ensure_stream
 from onboarding.eventbus.registry import get_consumers
 
@@ -24,19 +24,16 @@ class Command(BaseCommand):
         try:
             changes = asyncio.run(self._provision(wait))
         except TimeoutError:
-            raise CommandError(f"no NATS server answered at {settings.NATS_URL} within {wait}s")
-        except RuntimeError as exc:
+            raise CommandError(f"no NATS server answered at {display_url()} within {wait}s")
+        except (NatsAccessError, RuntimeError) as exc:
             raise CommandError(str(exc))
         for change in changes:
             self.stdout.write(str(change))
 
     async def _provision(self, wait):
-        nc = await connect_within("setup_jetstream", wait)
-        try:
+        async with session("setup_jetstream", timeout=wait) as nc:
             js = nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
             changes = [await ensure_stream(js)]
             for spec in get_consumers().values():
                 changes.append(await ensure_consumer(js, spec))
             return changes
-        finally:
-            await close(nc)
