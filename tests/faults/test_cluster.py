@@ -1,0 +1,106 @@
+"""The production NATS shape: a 3-node JetStream cluster, secured, losing its stream leader.
+
+Three ``nats-server``s from ``deploy/nats/cluster-node.conf`` as it is (authorization and TLS
+included) on 127.0.0.1, the stream provisioned with three replicas, the relay and the four
+consumers each on its own NATS user with all three servers in ``NATS_URL``. A burst of
+registrations runs while the stream leader is SIGKILLed, and the node comes back later: every
+registration must get all four defaults exactly once, and the test prints how long publishing
+and consuming stalled around the kill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from conftest import wait_until
+from onboarding.eventbus.connection import session
+from onboarding.eventbus.models import OutboxEvent
+from onboarding.eventbus.natsserver import SecuredNats
+from onboarding.eventbus.registry import get_consumers
+from tests.faults.test_faults import Burst, assert_exactly, report
+from tests.flow import complete_count, counts
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True, databases="__all__")]
+
+
+def stream_leader(cluster: SecuredNats, settings) -> str:
+    """The name of the server that leads the stream now (asked as the monitoring role)."""
+    for name, value in cluster.env_for("monitor").items():
+        setattr(settings, name, value)
+
+    async def ask():
+        async with session("test-monitor", timeout=10) as nc:
+            info = await nc.jetstream(timeout=5).stream_info(settings.NATS_STREAM)
+            return info.cluster.leader
+
+    return asyncio.run(ask())
+
+
+def longest_gap(times: list) -> float:
+    times = sorted(t for t in times if t is not None)
+    gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:], strict=False)]
+    return max(gaps, default=0.0)
+
+
+def test_killing_the_stream_leader_mid_burst_loses_and_duplicates_nothing(
+    manage, tmp_path, settings
+):
+    from buildings.models import Building
+    from characters.models import Character
+    from players.models import Player
+    from progression.models import MetaProgression
+
+    cluster = SecuredNats(tmp_path / "cluster", nodes=3).start()
+    try:
+        replicas = {"NATS_STREAM_REPLICAS": "3"}
+
+        def provisioned():  # the cluster elects its meta leader within a second or so
+            process = manage("setup_jetstream", "--wait", "10",
+                             **cluster.env_for("provision"), **replicas)
+            return process.wait(30) == 0
+
+        wait_until(provisioned, timeout=30, interval=1, message="stream provisioned (R3)")
+        relay = manage("outbox_relay", **cluster.env_for("relay"), OUTBOX_RELAY_GRACE="0.5")
+        consumers = [manage("consume", name, **cluster.env_for(name)) for name in get_consumers()]
+
+        # This test process registers; only the relay publishes (the in-process publisher is
+        # the suite's, not a role of this cluster).
+        settings.OUTBOX_PUBLISH_ON_COMMIT = False
+        n = 300
+        burst = Burst(n, 0.04, "cluster").start()
+        wait_until(lambda: burst.done >= n // 3, timeout=60, message="a third of the burst")
+        leader = stream_leader(cluster, settings)
+        killed = cluster.server_named(leader)
+        killed.kill()
+        killed_at = time.monotonic()
+        wait_until(lambda: burst.done >= 2 * n // 3, timeout=60, message="two thirds")
+        cluster.start_server(killed)  # the node comes back with its store as it was
+        restarted_after = time.monotonic() - killed_at
+        burst.join()
+        wait_until(lambda: counts() == complete_count(n), timeout=120, message="all defaults")
+        wait_until(lambda: not OutboxEvent.objects.filter(published_at__isnull=True).exists(),
+                   timeout=30, message="every outbox row marked published")
+        for process in (relay, *consumers):
+            assert process.poll() is None, process.output()
+            code, output = process.stop()
+            assert code == 0, output
+        assert_exactly(n)
+        new_leader = stream_leader(cluster, settings)
+        publish_stall = longest_gap(list(OutboxEvent.objects.values_list("published_at",
+                                                                           flat=True)))
+        consume_stall = max(
+            longest_gap(list(model.objects.values_list("created_at", flat=True)))
+            for model in (Player, Character, MetaProgression, Building)
+        )
+        report(
+            "cluster leader kill", engine=settings.DATABASES["default"]["ENGINE"].split(".")[-1],
+            registrations=n, killed=leader, new_leader=new_leader,
+            restarted_after_s=f"{restarted_after:.1f}",
+            publish_stall_s=f"{publish_stall:.1f}", consume_stall_s=f"{consume_stall:.1f}",
+            lost=0, duplicated=0, dead_letters=0,
+        )
+    finally:
+        cluster.stop()
