@@ -226,7 +226,8 @@ class ConsumerRunner:
             not settings.CONSUMER_BATCH_TRANSACTIONS if per_message is None else per_message
         )
         self.stopper = Stopper()
-        self.processed = {spec.name: 0 for spec in specs}
+        self.processed = {spec.name: 0 for spec in specs}  # settled messages, duplicates too
+        self.duplicates = {spec.name: 0 for spec in specs}  # of which already in the inbox
         self.outages = {spec.name: 0 for spec in specs}
         self._ack_wait: dict[str, float] = {}
         self.refused: NatsAccessError | None = None
@@ -249,7 +250,7 @@ class ConsumerRunner:
             await asyncio.gather(*(self._consume(nc, spec, subscriptions) for spec in self.specs))
         finally:
             await close(nc, *subscriptions)
-            logger.info("consumers stopped: %s", names)
+            logger.info("consumers stopped: %s", self.totals())
         if self.refused is not None:
             raise self.refused
 
@@ -257,6 +258,14 @@ class ConsumerRunner:
         """NATS denied something (a permission, credentials): stop rather than spin for ever."""
         self.refused = error
         self.stopper.stop()
+
+    def totals(self) -> str:
+        """Per consumer, what this process applied and skipped: replicas' work adds up."""
+        return ", ".join(
+            f"{name} (processed {count - self.duplicates[name]}, "
+            f"{self.duplicates[name]} duplicate(s) skipped)"
+            for name, count in self.processed.items()
+        )
 
     # -- fetching ----------------------------------------------------------------------------
 
@@ -414,6 +423,7 @@ class ConsumerRunner:
             settled.add(id(msg))
         unsettled[:] = [msg for msg in unsettled if id(msg) not in settled]
         self.processed[spec.name] += len(ready)
+        self.duplicates[spec.name] += len(applied) - sum(applied)
         replays = [dict(msg.headers or {}) for msg, item in ready if msg.subject != item.subject]
         for headers in replays:
             with contextlib.suppress(Exception):
@@ -472,6 +482,7 @@ class ConsumerRunner:
             break
         await msg.ack()  # only now: the transaction has committed
         self.processed[spec.name] += 1
+        self.duplicates[spec.name] += not applied
         if msg.subject != subject:  # a replay: its dead letter is resolved
             with contextlib.suppress(Exception):
                 await self._orm(executor, dead_letter_resolve, consumer=spec.name,
