@@ -206,6 +206,10 @@ OUTBOX_FAST_PATH = env.str("OUTBOX_FAST_PATH", default="auto")
 OUTBOX_RELAY_GRACE = env.float("OUTBOX_RELAY_GRACE", default=5.0)  # seconds
 OUTBOX_RELAY_BATCH = env.int("OUTBOX_RELAY_BATCH", default=500)
 OUTBOX_RELAY_POLL_INTERVAL = env.float("OUTBOX_RELAY_POLL_INTERVAL", default=1.0)  # seconds
+# One relay per outbox database is active (it holds the database's relay lock); any other waits
+# as a standby and retries the lock this often, so it takes over this soon after the active
+# relay dies.
+OUTBOX_RELAY_STANDBY_POLL = env.float("OUTBOX_RELAY_STANDBY_POLL", default=1.0)  # seconds
 
 # --- I18N, static --------------------------------------------------------------------------
 

@@ -150,18 +150,23 @@ def _insert_and_notify(row: OutboxEvent) -> None:
     row._state.db = OUTBOX_DATABASE
 
 
-def outbox_listen():
-    """A new autocommit psycopg connection to the outbox database, LISTENing for commits.
+def outbox_connection():
+    """A new autocommit psycopg connection to the outbox database (PostgreSQL), Django's aside.
 
-    Opened beside Django's connection (which is shared with the ORM and not meant to wait for
-    notifications), with the same connection parameters: timeouts, keepalives.
+    For what must not share Django's connection, which the ORM uses and may close: waiting for
+    notifications, holding the relay's session lock. Same parameters: timeouts, keepalives.
     """
     import psycopg
 
     params = connections[OUTBOX_DATABASE].get_connection_params()
     for django_only in ("cursor_factory", "context"):
         params.pop(django_only, None)
-    listener = psycopg.connect(**params, autocommit=True)
+    return psycopg.connect(**params, autocommit=True)
+
+
+def outbox_listen():
+    """A new connection to the outbox database, LISTENing for commits."""
+    listener = outbox_connection()
     listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
     return listener
 

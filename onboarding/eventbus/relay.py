@@ -13,9 +13,12 @@ the messages to a ``BackgroundPublisher`` as they commit. The web process does n
 Notifications sent while the relay was down or disconnected are lost to it, not the events: the
 scan publishes them after the grace period.
 
-Several relays may run at once (say, one per web host): they may publish a row twice, which
-JetStream deduplicates within the stream's duplicate window. On PostgreSQL every listening relay
-publishes every committed event, so one relay per outbox database is the economical setup.
+One relay per outbox database is active: it holds the database's relay lock
+(``leadership.py``) before it listens or scans, and checks it before each batch. Any other relay
+on that database waits as a hot standby, retrying the lock every ``OUTBOX_RELAY_STANDBY_POLL``
+seconds, and starts afresh when it gets it: when the active one died, or lost its database
+session and stepped down. ``--once`` does not wait: when another relay is active, that one
+publishes the backlog, and the one-shot flush does nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from django.conf import settings
 from django.db import close_old_connections, connections
 
 from onboarding.eventbus.connection import NatsAccessError, close, connect
+from onboarding.eventbus.leadership import relay_lock
 from onboarding.eventbus.lifecycle import Backoff, Stopper
 from onboarding.eventbus.outbox import (
     OutboundMessage,
@@ -55,6 +59,8 @@ class OutboxRelay:
         self.batch = batch or settings.OUTBOX_RELAY_BATCH
         self.poll_interval = poll_interval or settings.OUTBOX_RELAY_POLL_INTERVAL
         self.stopper = Stopper()
+        self._lock = relay_lock()
+        self.skipped = False  # with once: another relay was active, so this one did nothing
         # One thread for the ORM, so the relay keeps one database connection.
         self._db = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay-db")
         self._nc = None
@@ -89,12 +95,11 @@ class OutboxRelay:
         self._js = self._nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
         backoff = Backoff(initial=0.5, maximum=10.0)
         try:
-            if self.notify and not once:
-                await self._start_listening()
-            # Listening, the relay first publishes whatever is waiting, however fresh: commits
-            # notified before it listened are lost to it, and nobody else publishes them.
-            grace = 0.0 if self._listener is not None else self.grace
-            while not self.stopper.stopped:
+            grace = await self._lead(once=once)
+            while grace is not None and not self.stopper.stopped:
+                if not await self._orm(self._lock.held):  # another relay may be active now
+                    grace = await self._lead(once=once)
+                    continue
                 try:
                     count = await self.flush_batch(grace=grace)
                 except Exception as exc:
@@ -115,6 +120,7 @@ class OutboxRelay:
         finally:
             await self._stop_listening_and_publishing()
             await close(self._nc)
+            self._db.submit(self._lock.release).result()
             self._db.submit(connections.close_all).result()
             self._db.shutdown()
         if self.refused is not None:
@@ -125,6 +131,46 @@ class OutboxRelay:
         """NATS denied something (a permission, credentials): stop rather than spin for ever."""
         self.refused = error
         self.stopper.stop()
+
+    async def _lead(self, *, once: bool) -> float | None:
+        """Wait as a standby until this relay holds the outbox lock, then start afresh.
+
+        Returns the grace period of the first scan, or None when stopped first or, with
+        ``once``, when another relay is active (it publishes the backlog; a one-shot flush does
+        not wait for it to die).
+        """
+        await self._stop_listening_and_publishing()  # what a lost lock leaves running
+        backoff = Backoff(initial=settings.OUTBOX_RELAY_STANDBY_POLL, maximum=10.0)
+        standby = False
+        while not self.stopper.stopped:
+            try:
+                acquired = await self._orm(self._lock.acquire)
+            except Exception as exc:
+                if once:
+                    raise
+                delay = backoff.next()
+                logger.warning("relay: could not try the outbox lock, retrying in %.1fs: %s",
+                               delay, exc)
+                await self.stopper.sleep(delay)
+                continue
+            if acquired:
+                logger.info("relay: active (took the outbox lock)")
+                if self.notify and not once:
+                    await self._start_listening()
+                # Listening, the relay first publishes whatever is waiting, however fresh:
+                # commits notified before it listened are lost to it, and nobody else publishes
+                # them.
+                return 0.0 if self._listener is not None else self.grace
+            if once:
+                logger.info("relay: another relay holds the outbox lock and publishes the backlog")
+                self.skipped = True
+                return None
+            if not standby:
+                logger.info("relay: standby, another relay holds the outbox lock")
+                standby = True
+            backoff.reset()
+            await self.stopper.sleep(settings.OUTBOX_RELAY_STANDBY_POLL)
+        return None
 
     async def _idle(self) -> bool:
         """Sleep the poll interval, or until a stop or a request to scan now (True)."""
@@ -148,6 +194,9 @@ class OutboxRelay:
         # (well inside the grace period after which the scan would republish them).
         self._publisher = BackgroundPublisher()
         self._scan_now = asyncio.Event()
+        # A fresh start (also after stepping down): a thread of an earlier term keeps its event.
+        self._stop_listening = threading.Event()
+        self.listening.clear()
         self._listener = threading.Thread(
             target=self._listen, args=(asyncio.get_running_loop(),),
             name="outbox-relay-listen", daemon=True,
@@ -157,8 +206,8 @@ class OutboxRelay:
         await asyncio.get_running_loop().run_in_executor(None, self.listening.wait, 10)
 
     def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
-        connection = None
-        while not self._stop_listening.is_set():
+        stop, connection = self._stop_listening, None
+        while not stop.is_set():
             try:
                 if connection is None:
                     connection = outbox_listen()
@@ -176,7 +225,7 @@ class OutboxRelay:
                 self._close_quietly(connection)
                 connection = None
                 self.listening.set()
-                self._stop_listening.wait(1.0)
+                stop.wait(1.0)
         self._close_quietly(connection)
 
     def _on_notification(self, loop: asyncio.AbstractEventLoop, body: str) -> None:
@@ -206,6 +255,7 @@ class OutboxRelay:
         await loop.run_in_executor(None, self._listener.join, 5)
         # Waits for the PubAcks in flight and marks what was acknowledged.
         await loop.run_in_executor(None, self._publisher.close)
+        self._listener = self._publisher = None
 
     async def flush_batch(self, grace: float | None = None) -> int:
         """Publish one batch of due rows; return how many were published."""

@@ -9,7 +9,9 @@ from onboarding.eventbus.relay import OutboxRelay
 class Command(BaseCommand):
     help = (
         "Publish outbox events the on-commit path did not (after a crash, while NATS was "
-        "down). Runs until SIGTERM/SIGINT.\n"
+        "down). Runs until SIGTERM/SIGINT. One relay per outbox database is active; another "
+        "waits as a standby and takes over when it dies. --once does nothing (exit 0) while "
+        "another relay is active, which publishes the backlog itself.\n"
         "Example: manage.py outbox_relay   (or: manage.py outbox_relay --once --grace 0)"
     )
 
@@ -26,5 +28,7 @@ class Command(BaseCommand):
             raise CommandError(str(exc))
         except Exception as exc:  # only with --once; the service mode retries for ever
             raise CommandError(f"relay failed after {relay.published} event(s): {exc}")
-        if once:
+        if relay.skipped:
+            self.stdout.write("another relay is active and publishes the backlog: nothing done")
+        elif once:
             self.stdout.write(f"published {published} event(s)")
