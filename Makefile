@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv migrate run test test-slow test-all test-postgres bench superuser lint clean
+.PHONY: venv migrate run test test-slow test-all test-postgres bench rehearsal superuser lint clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,3 +57,10 @@ lint: venv
 
 clean:
 	rm -rf var/
+
+## The production shape under fire (docs/deploy.md): a secured 3-node NATS cluster, gunicorn,
+## a relay and its standby, two replicas of each consumer, five databases (PostgreSQL when
+## DATABASE_URL is set); kills the stream leader, a replica of each consumer and the active
+## relay mid-burst; exits 1 if anything is lost or duplicated. Flags: REHEARSAL_ARGS=...
+rehearsal: venv
+	$(BIN)/python deploy/rehearsal.py $(REHEARSAL_ARGS)
