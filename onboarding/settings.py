@@ -121,8 +121,11 @@ PASSWORD_HASHERS = env.list(
 )
 
 # --- Cache ---------------------------------------------------------------------------------
-# Throttle counters live here. The default is per process; several web processes need a
-# shared cache (e.g. CACHE_URL=redis://127.0.0.1:6379/1) to enforce one limit between them.
+# The API's throttle counters live here. The default (locmem) is private to each process: right
+# for runserver, wrong under gunicorn's several workers, where each would enforce its own limit.
+# Deployments share one: CACHE_URL=dbcache://onboarding_cache (a table in the default database,
+# created by `manage.py migrate_all`) or redis://... (needs the redis package). `manage.py check
+# --deploy` warns about a per-process cache (accounts.W001).
 CACHES = {"default": env.cache_url("CACHE_URL", default="locmemcache://")}
 
 # --- API -----------------------------------------------------------------------------------

@@ -111,3 +111,26 @@ def test_migrate_all_migrates_every_database():
     call_command("migrate_all", stdout=out)
     for alias in settings.DATABASES:
         assert f"Database {alias!r}" in out.getvalue()
+
+
+def test_migrate_all_creates_the_database_cache_table(settings):
+    """With CACHE_URL=dbcache://..., a deployment's migrate_all is all the cache needs; again
+    is harmless."""
+    import io
+
+    from django.core.management import call_command
+    from django.db import connection
+
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+            "LOCATION": "test_migrate_all_cache",
+        }
+    }
+    try:
+        for _ in range(2):
+            call_command("migrate_all", stdout=io.StringIO())
+            assert "test_migrate_all_cache" in connection.introspection.table_names()
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TABLE IF EXISTS test_migrate_all_cache")

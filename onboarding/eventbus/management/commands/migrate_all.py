@@ -7,7 +7,8 @@ from django.db import connections, router
 
 class Command(BaseCommand):
     help = (
-        "Apply migrations to every database: accounts' (default) and each bounded context's.\n"
+        "Apply migrations to every database: accounts' (default) and each bounded context's, "
+        "and create the table of a database cache (CACHE_URL=dbcache://...).\n"
         "Example: manage.py migrate_all"
     )
 
@@ -21,6 +22,13 @@ class Command(BaseCommand):
                 "migrate", database=alias, interactive=False, verbosity=verbosity,
                 stdout=self.stdout, stderr=self.stderr,
             )
+        # A database cache (the throttles' counters shared by several web workers) needs its
+        # table; the router keeps it in default. Does nothing for other cache backends, and
+        # leaves an existing table alone, so a deployment can run this every time.
+        call_command(
+            "createcachetable", database="default", verbosity=verbosity,
+            stdout=self.stdout, stderr=self.stderr,
+        )
         missing = missing_tables()
         if missing:
             raise CommandError(
