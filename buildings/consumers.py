@@ -1,5 +1,6 @@
 """What the Building Service consumes (run with ``manage.py consume buildings``)."""
 
+from buildings.selectors import buildings_defaults
 from buildings.services import buildings_create_defaults
 from onboarding.contracts import UserRegistered
 from onboarding.eventbus.registry import Subscription
@@ -10,3 +11,5 @@ def on_users_registered(events: list[UserRegistered]) -> None:
 
 
 SUBSCRIPTIONS = [Subscription(UserRegistered, on_users_registered)]
+# Which of a user's defaults exist: the per-user story, readiness and reconciliation.
+DEFAULTS = buildings_defaults

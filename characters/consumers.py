@@ -1,5 +1,6 @@
 """What the Character Service consumes (run with ``manage.py consume characters``)."""
 
+from characters.selectors import characters_defaults
 from characters.services import characters_create_defaults
 from onboarding.contracts import UserRegistered
 from onboarding.eventbus.registry import Subscription
@@ -10,3 +11,5 @@ def on_users_registered(events: list[UserRegistered]) -> None:
 
 
 SUBSCRIPTIONS = [Subscription(UserRegistered, on_users_registered)]
+# Which of a user's defaults exist: the per-user story, readiness and reconciliation.
+DEFAULTS = characters_defaults

@@ -2,6 +2,7 @@
 
 from onboarding.contracts import UserRegistered
 from onboarding.eventbus.registry import Subscription
+from players.selectors import players_defaults
 from players.services import players_create_defaults
 
 
@@ -10,3 +11,5 @@ def on_users_registered(events: list[UserRegistered]) -> None:
 
 
 SUBSCRIPTIONS = [Subscription(UserRegistered, on_users_registered)]
+# Which of a user's defaults exist: the per-user story, readiness and reconciliation.
+DEFAULTS = players_defaults

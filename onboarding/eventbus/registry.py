@@ -1,9 +1,11 @@
 """Which consumers exist: each context app declares its own in ``<app>/consumers.py``.
 
 A context's ``consumers.py`` lists ``SUBSCRIPTIONS``: which contract events it handles and the
-handler (a one-line call into one of its services) for each. This module discovers them, the
-way ``django.contrib.admin`` discovers ``admin.py``. A consumer is named after its app label;
-that name is also its JetStream durable and its key in the inbox and dead letters.
+handler (a one-line call into one of its services) for each; and ``DEFAULTS``: a selector that
+says which of a user's defaults exist (for the per-user story, readiness and reconciliation).
+This module discovers them, the way ``django.contrib.admin`` discovers ``admin.py``. A consumer
+is named after its app label; that name is also its JetStream durable and its key in the inbox
+and dead letters.
 """
 
 from __future__ import annotations
@@ -32,9 +34,24 @@ class Subscription:
 
 
 @dataclass(frozen=True)
+class UserDefaults:
+    """What one context holds for one user: the records that exist, and whether they are all
+    the defaults a new user gets there."""
+
+    records: tuple
+    complete: bool
+
+
+# ``DEFAULTS(user_ids=[...])`` → ``{user_id: UserDefaults}``, with an entry only for users that
+# have at least one record; runs on the context's own database (its models are routed there).
+DefaultsSelector = Callable[..., dict]
+
+
+@dataclass(frozen=True)
 class ConsumerSpec:
     name: str
     subscriptions: tuple[Subscription, ...]
+    defaults: DefaultsSelector | None = None
 
     @property
     def durable(self) -> str:
@@ -65,5 +82,7 @@ def get_consumers() -> dict[str, ConsumerSpec]:
         module = import_module(f"{app_config.name}.consumers")
         subscriptions = tuple(getattr(module, "SUBSCRIPTIONS", ()))
         if subscriptions:
-            found[app_config.label] = ConsumerSpec(app_config.label, subscriptions)
+            found[app_config.label] = ConsumerSpec(
+                app_config.label, subscriptions, getattr(module, "DEFAULTS", None)
+            )
     return found
