@@ -49,6 +49,22 @@ def test_relay_and_consumer_processes_deliver_and_stop_cleanly(manage, settings)
     assert "relay published" in output
 
 
+@pytest.mark.parametrize("command", [("consume", "players"), ("outbox_relay",)])
+def test_repeated_sigterms_do_not_cut_a_clean_exit_short(command, manage):
+    """A supervisor may signal twice (honcho: the terminal's SIGINT, then SIGTERM)."""
+    import signal
+    import time
+
+    process = manage(*command)
+    started = "consumers started" if command[0] == "consume" else "relay: active"
+    process.wait_for_output(started)
+    deadline = time.monotonic() + 15
+    while process.poll() is None and time.monotonic() < deadline:
+        process.popen.send_signal(signal.SIGTERM)
+        time.sleep(0.002)
+    assert process.wait(5) == 0, process.output()
+
+
 def test_consume_one_app_only_processes_that_app(manage):
     players = manage("consume", "players")
     manage("outbox_relay")  # the publisher of the notify fast path (PostgreSQL)

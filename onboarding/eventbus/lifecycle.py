@@ -6,6 +6,21 @@ import asyncio
 import signal
 
 
+def run_until_stopped(main) -> object:
+    """``asyncio.run(main)`` for a long-running command that stops on SIGTERM/SIGINT.
+
+    Once the loop is closed asyncio puts the default handlers back, and a second signal (a
+    supervisor that repeats SIGTERM; honcho sends SIGTERM after the terminal's SIGINT) would
+    kill the process in the middle of its clean exit, with status -15. The stop is already under
+    way then: later signals are ignored (SIGKILL still ends it).
+    """
+    try:
+        return asyncio.run(main)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+
+
 class Backoff:
     """Exponential delays for retrying a failing dependency: initial, 2x, 4x, ... up to max."""
 

@@ -1,8 +1,7 @@
-import asyncio
-
 from django.core.management.base import BaseCommand, CommandError
 
 from onboarding.eventbus.connection import NatsAccessError
+from onboarding.eventbus.lifecycle import run_until_stopped
 from onboarding.eventbus.registry import get_consumers
 from onboarding.eventbus.runner import ConsumerRunner
 
@@ -40,6 +39,6 @@ class Command(BaseCommand):
             [consumers[name] for name in names], batch=batch, per_message=per_message or None
         )
         try:
-            asyncio.run(runner.run(install_signal_handlers=True))
+            run_until_stopped(runner.run(install_signal_handlers=True))
         except NatsAccessError as exc:
             raise CommandError(str(exc))
