@@ -221,9 +221,11 @@ class Watch:
                         self.completions.append(now)
             time.sleep(POLL_SECONDS)
 
-    def longest_stall(self, since: float) -> float:
-        """The longest time in which users were waiting and none of them completed."""
-        marks = sorted([since, *self.completions])
+    def longest_stall(self, since: float, until: float) -> float:
+        """The longest time in which users were waiting and none of them completed (until the
+        last completion, or the end of the wait when some never completed)."""
+        end = until if self.pending else max(self.completions, default=since)
+        marks = sorted([since, *self.completions, end])
         gaps = [b - a for a, b in zip(marks, marks[1:], strict=False)]
         return max(gaps, default=0.0)
 
@@ -250,21 +252,6 @@ def register(port: int, username: str, watch: Watch) -> None:
         watch.registered(payload["userId"], arrived)
 
 
-def stream_leader(nats) -> str:
-    import asyncio
-
-    from django.conf import settings
-
-    from onboarding.eventbus.connection import session
-
-    async def ask():
-        async with session("rehearsal", timeout=10) as nc:
-            info = await nc.jetstream(timeout=5).stream_info(settings.NATS_STREAM)
-            return info.cluster.leader
-
-    return asyncio.run(ask())
-
-
 def active_relay(relays: list[Process]) -> Process | None:
     for relay in relays:
         if relay.alive() and re.search(r"relay: active", relay.output()):
@@ -275,6 +262,25 @@ def active_relay(relays: list[Process]) -> Process | None:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
+
+
+APPLIED = re.compile(
+    r"consumer (\w+): (?:processed (\d+) event\(s\) in one transaction|(processed) seq=)"
+)
+
+
+def applied_per_consumer(processes: list[Process]) -> dict[str, int]:
+    """Events each consumer applied, summed over its replicas' logs (the killed ones too).
+
+    The database cannot show an event applied twice (the services are idempotent by their
+    constraints); the logs can: more applications than registrations is a duplicate delivery
+    that got past the inbox.
+    """
+    applied: dict[str, int] = {}
+    for process in processes:
+        for name, count, single in APPLIED.findall(process.output()):
+            applied[name] = applied.get(name, 0) + (1 if single else int(count))
+    return applied
 
 
 def check_exactly_once(user_ids: list[str]) -> tuple[int, int, int]:
@@ -322,21 +328,24 @@ def main() -> int:
     parser.add_argument("--real-hasher", action="store_true",
                         help="the settings' password hasher instead of a fast one")
     args = parser.parse_args()
-    n = min(args.registrations, 5000)
+    n = max(20, min(args.registrations, 5000))  # enough for four distinct kill points
     workdir = args.workdir or ROOT / "var" / "rehearsal" / time.strftime("%Y%m%d-%H%M%S")
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "db").mkdir(exist_ok=True)
     log(f"rehearsal in {workdir}")
 
-    from onboarding.eventbus.natsserver import SecuredNats
+    from onboarding.eventbus.natsserver import SecuredNats, free_port
 
     nats = SecuredNats(workdir / "nats", nodes=3, name="rehearsal").start()
     stack = None
     try:
         engine = "postgresql" if os.environ.get("DATABASE_URL", "").startswith("postgres") \
             else "sqlite"
+        # Nothing of the developer's own NATS or database settings leaks into the shape.
+        inherited = {k: v for k, v in os.environ.items()
+                     if not k.startswith("NATS_") and not k.endswith("DATABASE_URL")}
         base_env = {
-            **os.environ,
+            **inherited,
             **databases(workdir),
             "DJANGO_SETTINGS_MODULE": "onboarding.settings",
             "DJANGO_DEBUG": "false",
@@ -360,7 +369,7 @@ def main() -> int:
         wait_for(lambda: _provisioned(stack), 60, "setup_jetstream on the cluster", interval=1)
         log("migrated; stream provisioned with 3 replicas")
 
-        port = _free_port()
+        port = free_port()
         stack.gunicorn(port, args.workers)
         relays = [stack.manage("relay-1", "relay", "outbox_relay")]
         wait_for(lambda: active_relay(relays), 30, "the first relay to be active")
@@ -392,7 +401,7 @@ def main() -> int:
                 if i in plan:
                     at = time.monotonic() - started
                     if plan[i] == "kill the NATS stream leader":
-                        leader = stream_leader(nats)
+                        leader = nats.stream_leader()
                         killed_node = nats.server_named(leader)
                         killed_node.kill()
                         events.append(f"{at:.1f}s: SIGKILL NATS stream leader {leader}")
@@ -419,6 +428,7 @@ def main() -> int:
                      interval=0.5)
         except SystemExit as exc:
             log(str(exc))  # the report says how many are missing
+        settled_at = time.monotonic()
         watch.stop.set()
         poller.join(5)
         from django.db import connections
@@ -428,9 +438,12 @@ def main() -> int:
 
         from onboarding.eventbus.models import DeadLetter, OutboxEvent
 
-        user_ids = list(watch.latencies)
+        user_ids = list(watch.created_at)  # every 201, completed or not
         complete, missing, twice = check_exactly_once(user_ids)
         created = watch.statuses.get(201, 0)
+        applied = applied_per_consumer([p for ps in consumers.values() for p in ps])
+        applied_twice = {name: count - created for name, count in applied.items()
+                         if count > created}
         latencies_ms = [s * 1000 for s in watch.latencies.values()]
         # Before the first kill: the shape's everyday latency, with every process on 2 cores.
         steady_ms = [s * 1000 for user_id, s in watch.latencies.items()
@@ -441,8 +454,10 @@ def main() -> int:
             "created_201": created,
             "other_statuses": {str(k): v for k, v in watch.statuses.items() if k != 201},
             "users_with_all_four_defaults": complete,
-            "lost": created - complete,
+            "lost": missing,
             "duplicated": twice,
+            "applied_per_consumer": applied,
+            "applied_more_than_once": applied_twice,
             "dead_letters": DeadLetter.objects.filter(resolved_at__isnull=True).count(),
             "outbox_unpublished": OutboxEvent.objects.filter(published_at__isnull=True).count(),
             "p50_ms": round(statistics.median(latencies_ms), 1) if latencies_ms else None,
@@ -453,7 +468,7 @@ def main() -> int:
                 "p50_ms": round(statistics.median(steady_ms), 1) if steady_ms else None,
                 "p99_ms": round(percentile(steady_ms, 0.99), 1),
             },
-            "longest_stall_s": round(watch.longest_stall(started), 2),
+            "longest_stall_s": round(watch.longest_stall(started, settled_at), 2),
             "burst_seconds": round(burst_seconds, 1),
             "rate_per_s": args.rate,
             "events": events,
@@ -467,7 +482,9 @@ def main() -> int:
     report["unclean_exits"] = bad_exits
     (workdir / "report.json").write_text(json.dumps(report, indent=2))
     print(markdown(report))
-    failed = (report["lost"] or report["duplicated"] or report["other_statuses"]
+    failed = (report["lost"] or report["duplicated"] or report["applied_more_than_once"]
+              or report["users_with_all_four_defaults"] != report["created_201"]
+              or report["other_statuses"]
               or report["dead_letters"] or bad_exits or not report["standby_took_over"])
     if watch.errors:
         print("first errors:\n  " + "\n  ".join(watch.errors[:5]))
@@ -478,15 +495,13 @@ def main() -> int:
 
 def _provisioned(stack: Stack) -> bool:
     process = stack.manage("setup_jetstream", "provision", "setup_jetstream", "--wait", "10")
-    code = process.popen.wait(60)
+    try:
+        code = process.popen.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        code = -1
     stack.processes.remove(process)
     return code == 0
-
-
-def _free_port() -> int:
-    from onboarding.eventbus.natsserver import free_port
-
-    return free_port()
 
 
 def _answers(port: int) -> bool:
@@ -505,7 +520,10 @@ def markdown(report: dict) -> str:
         ("other responses", report["other_statuses"] or "none"),
         ("users with all four defaults", report["users_with_all_four_defaults"]),
         ("lost", report["lost"]),
-        ("duplicated", report["duplicated"]),
+        ("duplicated (users with a default twice)", report["duplicated"]),
+        ("events applied per consumer (over all replicas)",
+         ", ".join(f"{k} {v}" for k, v in sorted(report["applied_per_consumer"].items()))),
+        ("events applied more than once", report["applied_more_than_once"] or "none"),
         ("dead letters", report["dead_letters"]),
         ("201 → all four defaults p50 / p99 / max",
          f"{report['p50_ms']} / {report['p99_ms']} / {report['max_ms']} ms"),

@@ -163,6 +163,8 @@ NATS_TLS_KEY = env.str("NATS_TLS_KEY", default="")
 # Replies (PubAcks, pulled messages) come back under this prefix; on a secured server each role
 # gets its own, which only that role may subscribe to (deploy/nats/auth.conf).
 NATS_INBOX_PREFIX = env.str("NATS_INBOX_PREFIX", default="_INBOX")
+# Error reports (DEBUG pages, mails) hide NATS_URL too: it may carry a password.
+DEFAULT_EXCEPTION_REPORTER_FILTER = "onboarding.reporting.ReporterFilter"
 # The stream that carries user.* events. Limits retention keeps history for max_age, so a
 # consumer that was down catches up and a new consumer can replay from the start.
 NATS_STREAM = env.str("NATS_STREAM", default="USERS")

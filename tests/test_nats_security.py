@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 import urllib.request
 
@@ -200,6 +201,22 @@ def test_replay_and_monitor_roles(provisioned, as_role):
     assert "msg.next" in refusal(lambda js: fetch_from("players", js)).lower()
 
 
+def test_provisioning_may_create_and_update_but_not_destroy_or_read(provisioned, as_role):
+    as_role("provision")
+    call_command("setup_jetstream", stdout=open("/dev/null", "w"))  # again: updates, idempotent
+    assert allowed(lambda js: js.stream_info(STREAM)).config.name == STREAM
+    for attempt, subject in [
+        (lambda js: js.delete_stream(STREAM), "stream.delete"),
+        (lambda js: js.purge_stream(STREAM), "stream.purge"),
+        (lambda js: js.get_msg(STREAM, 1), "stream.msg.get"),
+        (lambda js: js.delete_consumer(STREAM, "players"), "consumer.delete"),
+        (lambda js: fetch_from("players", js), "msg.next"),
+        (lambda js: js.publish("user.registered", b"{}"), "user.registered"),
+    ]:
+        message = refusal(attempt)
+        assert "permissions violation" in message and subject in message.lower(), message
+
+
 def test_replies_of_one_role_are_closed_to_another(provisioned, as_role):
     """With the shared _INBOX prefix, a user could read another's replies (pulled events)."""
     as_role("relay", NATS_INBOX_PREFIX="_INBOX_players")
@@ -213,6 +230,25 @@ def test_an_anonymous_client_is_refused(secured, as_role):
     with pytest.raises(NatsAccessError, match="authorization violation"):
         asyncio.run(connect("anonymous"))
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize(("error", "refused"), [
+    (Exception("nats: 'Authorization Violation'"), True),
+    (Exception("nats: permissions violation for publish to \"user.registered\""), True),
+    (Exception("nats: 'User Authentication Expired'"), True),
+    (Exception("nats: 'User Authentication Revoked'"), True),
+    (Exception("nats: 'Account Authentication Expired'"), True),
+    (Exception("nats: 'Authentication Timeout'"), False),  # a slow handshake on a busy host
+    (Exception("nats: 'maximum account active connections exceeded'"), False),
+    (ConnectionRefusedError(111, "Connect call failed"), False),
+    (ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), False),
+    (ssl.SSLCertVerificationError(1, "certificate verify failed"), True),
+    (None, False),
+])
+def test_only_refusals_end_a_process_transient_errors_are_retried(error, refused):
+    from onboarding.eventbus.connection import _refusal
+
+    assert (_refusal(error) is not None) == refused
 
 
 # -- failures a person understands, from real commands ---------------------------------------
@@ -248,7 +284,7 @@ def test_onboarding_status_reports_the_refusal_as_unhealthy(secured, manage):
 
 
 def test_a_permission_refused_at_run_time_ends_a_long_running_command(
-    secured, provisioned, manage, settings
+    manage, secured, provisioned, settings  # manage first: it resets the suite's own stream
 ):
     # A consumer started with another consumer's user: its own durable is refused to it.
     consumer = manage("consume", "players", **secured.env_for("characters"))

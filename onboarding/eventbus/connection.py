@@ -49,12 +49,18 @@ logger = logging.getLogger(__name__)
 _REPEAT_SECONDS = 30.0
 
 # What the server says when it refuses a client (lower-cased): these never heal by retrying.
+# Exact phrases: "authentication timeout" (a slow handshake on a busy host) or "maximum account
+# active connections exceeded" are transient, and must not end a process.
 _REFUSALS = (
     "authorization violation",
-    "authentication",  # "authentication expired", "user authentication revoked", ...
     "permissions violation",
-    "account",  # "account authentication expired", ...
+    "user authentication expired",
+    "user authentication revoked",
+    "account authentication expired",
 )
+# OpenSSL's reasons for a certificate the other side will not accept (an unknown CA, a missing
+# or bad client certificate); an EOF or a reset during the handshake is transient.
+_TLS_REFUSALS = ("CERTIFICATE", "UNKNOWN_CA")
 
 
 class NatsAccessError(Exception):
@@ -83,10 +89,10 @@ def server_urls() -> list[str]:
     return completed
 
 
-def display_url(url: str | None = None) -> str:
-    """A NATS URL fit for logs and error messages: the user stays, a password or token goes."""
+def display_url() -> str:
+    """``NATS_URL`` fit for logs and error messages: the user stays, a password or token goes."""
     shown = []
-    for one in ([url] if url else server_urls()):
+    for one in server_urls():
         parts = urlsplit(one)
         userinfo, _, host = parts.netloc.rpartition("@")
         if userinfo:
@@ -168,10 +174,13 @@ def _without_userinfo(url: str) -> str:
 # -- connecting ------------------------------------------------------------------------------
 
 
-def _refusal(exc: BaseException) -> str | None:
+def _refusal(exc: BaseException | None) -> str | None:
     """Why the server (or TLS) refused us, or None for errors that retrying may heal."""
-    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+    if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS failed: {getattr(exc, 'verify_message', None) or exc}"
+    if isinstance(exc, ssl.SSLError):
+        reason = (getattr(exc, "reason", None) or "").upper()
+        return f"TLS failed: {exc}" if any(r in reason for r in _TLS_REFUSALS) else None
     text = str(exc).lower()
     if isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in text:
         return "authorization violation (wrong or missing user, password, token, nkey or creds)"
@@ -207,10 +216,18 @@ def _callbacks(name: str, state: dict, refuse: Callable[[str], None]) -> dict:
         last_logged.clear()
         logger.info("nats %s: reconnected", name)
 
+    async def closed_cb() -> None:
+        # Reconnecting for ever, the client only closes by itself on a server error it deems
+        # final (an expired JWT, say), without telling error_cb: the process can do nothing more.
+        if not state["closing"]:
+            last = state["nc"].last_error if state.get("nc") else None
+            refuse(_refusal(last) or f"the connection was closed: {last}")
+
     return {
         "error_cb": error_cb,
         "disconnected_cb": disconnected_cb,
         "reconnected_cb": reconnected_cb,
+        "closed_cb": closed_cb,
     }
 
 
@@ -242,6 +259,7 @@ async def connect(
             logger.error("%s", error)
 
     nc = NATS()
+    state["nc"] = nc
     connecting = asyncio.ensure_future(
         nc.connect(
             name=name,
@@ -299,10 +317,14 @@ async def session(name: str, *, timeout: float):
     nc = await connect_within(name, timeout, on_refused=lambda error: task.cancel())
     try:
         yield nc
-    except asyncio.CancelledError:
+    except BaseException:
+        # Our cancel, or what became of it: a request's own wait_for turns a cancel that meets
+        # its timeout into TimeoutError.
         error = nc._onboarding_state["refused"]
         if error is None:
             raise
+        if task.cancelling():
+            task.uncancel()  # the cancel was ours: an enclosing timeout must not see it
         raise error from None
     finally:
         await close(nc)

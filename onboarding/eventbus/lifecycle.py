@@ -47,6 +47,7 @@ class Stopper:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
         self._requested = False
+        self.error: BaseException | None = None
 
     def bind(self) -> None:
         """Attach to the running loop (call first thing inside it)."""
@@ -71,6 +72,12 @@ class Stopper:
                 self._loop.call_soon_threadsafe(self._event.set)
             except RuntimeError:
                 pass  # the loop already finished
+
+    def fail(self, error: BaseException) -> None:
+        """Stop because of ``error``, which the loop's owner raises once stopped (NATS refused
+        us, say: a process that retried for ever would look alive while doing nothing)."""
+        self.error = error
+        self.stop()
 
     async def sleep(self, seconds: float) -> None:
         try:

@@ -254,10 +254,6 @@ class SecuredNats:
                      "NATS_ROUTES": f"[{routes}]"},
             ))
 
-    @property
-    def roles(self) -> list[str]:
-        return list(self.passwords)
-
     def start(self) -> SecuredNats:
         for server in self.servers:
             self.start_server(server)
@@ -289,3 +285,25 @@ class SecuredNats:
 
     def server_named(self, name: str) -> NatsServer:
         return next(server for server in self.servers if server.name == name)
+
+    def stream_leader(self, stream: str = "USERS") -> str:
+        """The name of the server that leads ``stream`` now, asked as the monitoring role."""
+        import asyncio
+        import ssl
+
+        import nats
+
+        async def ask() -> str:
+            running = [s for s in self.servers if s.process and s.process.poll() is None]
+            nc = await nats.connect(
+                servers=[f"nats://127.0.0.1:{s.port}" for s in running],
+                user="monitor", password=self.passwords["monitor"],
+                tls=ssl.create_default_context(cafile=str(self.certs["ca"])),
+                inbox_prefix="_INBOX_monitor", connect_timeout=2, max_reconnect_attempts=2,
+            )
+            try:
+                return (await nc.jetstream(timeout=5).stream_info(stream)).cluster.leader
+            finally:
+                await nc.close()
+
+        return asyncio.run(ask())

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from django.conf import settings
 from django.db import close_old_connections, connections
 
-from onboarding.eventbus.connection import NatsAccessError, close, connect
+from onboarding.eventbus.connection import close, connect
 from onboarding.eventbus.leadership import relay_lock
 from onboarding.eventbus.lifecycle import Backoff, Stopper
 from onboarding.eventbus.outbox import (
@@ -73,7 +73,6 @@ class OutboxRelay:
         self.listening = threading.Event()  # set once LISTEN first succeeded (or failed)
         self.scanned = threading.Event()  # set once the first scan is over
         self.published = 0
-        self.refused: NatsAccessError | None = None
 
     async def _orm(self, fn, /, **kwargs):
         def call():
@@ -87,7 +86,7 @@ class OutboxRelay:
         self.stopper.bind()
         if install_signal_handlers:
             self.stopper.install_signal_handlers()
-        connecting = asyncio.ensure_future(connect("outbox-relay", on_refused=self._refused))
+        connecting = asyncio.ensure_future(connect("outbox-relay", on_refused=self.stopper.fail))
         if not await self.stopper.wait_for(connecting):
             return self.published
         self._nc = connecting.result()  # raises NatsAccessError if NATS refused us
@@ -104,7 +103,7 @@ class OutboxRelay:
                     count = await self.flush_batch(grace=grace)
                 except Exception as exc:
                     if once:  # a one-shot flush reports failure instead of waiting for ever
-                        raise (self.refused or exc) from None
+                        raise (self.stopper.error or exc) from None
                     self.scanned.set()
                     delay = backoff.next()
                     logger.warning("relay batch failed, retrying in %.1fs: %s", delay, exc)
@@ -123,14 +122,9 @@ class OutboxRelay:
             self._db.submit(self._lock.release).result()
             self._db.submit(connections.close_all).result()
             self._db.shutdown()
-        if self.refused is not None:
-            raise self.refused
+        if self.stopper.error is not None:
+            raise self.stopper.error
         return self.published
-
-    def _refused(self, error: NatsAccessError) -> None:
-        """NATS denied something (a permission, credentials): stop rather than spin for ever."""
-        self.refused = error
-        self.stopper.stop()
 
     async def _lead(self, *, once: bool) -> float | None:
         """Wait as a standby until this relay holds the outbox lock, then start afresh.

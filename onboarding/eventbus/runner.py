@@ -48,7 +48,7 @@ from django.db import (
 from django.utils import timezone
 
 from onboarding.contracts import EVENT_ID_HEADER, MSG_ID_HEADER, ContractError, parse_event
-from onboarding.eventbus.connection import NatsAccessError, close, connect
+from onboarding.eventbus.connection import close, connect
 from onboarding.eventbus.deadletters import (
     dead_letter_resolve,
     dead_letter_store,
@@ -230,7 +230,6 @@ class ConsumerRunner:
         self.duplicates = {spec.name: 0 for spec in specs}  # of which already in the inbox
         self.outages = {spec.name: 0 for spec in specs}
         self._ack_wait: dict[str, float] = {}
-        self.refused: NatsAccessError | None = None
 
     def stop(self) -> None:
         self.stopper.stop()
@@ -240,7 +239,9 @@ class ConsumerRunner:
         if install_signal_handlers:
             self.stopper.install_signal_handlers()
         names = ",".join(spec.name for spec in self.specs)
-        connecting = asyncio.ensure_future(connect(f"consume:{names}", on_refused=self._refused))
+        connecting = asyncio.ensure_future(
+            connect(f"consume:{names}", on_refused=self.stopper.fail)
+        )
         if not await self.stopper.wait_for(connecting):
             return
         nc = connecting.result()  # raises NatsAccessError if NATS refused us
@@ -251,13 +252,8 @@ class ConsumerRunner:
         finally:
             await close(nc, *subscriptions)
             logger.info("consumers stopped: %s", self.totals())
-        if self.refused is not None:
-            raise self.refused
-
-    def _refused(self, error: NatsAccessError) -> None:
-        """NATS denied something (a permission, credentials): stop rather than spin for ever."""
-        self.refused = error
-        self.stopper.stop()
+        if self.stopper.error is not None:
+            raise self.stopper.error
 
     def totals(self) -> str:
         """Per consumer, what this process applied and skipped: replicas' work adds up."""

@@ -10,13 +10,11 @@ and consuming stalled around the kill.
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import pytest
 
 from conftest import wait_until
-from onboarding.eventbus.connection import session
 from onboarding.eventbus.models import OutboxEvent
 from onboarding.eventbus.natsserver import SecuredNats
 from onboarding.eventbus.registry import get_consumers
@@ -24,19 +22,6 @@ from tests.faults.test_faults import Burst, assert_exactly, report
 from tests.flow import complete_count, counts
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True, databases="__all__")]
-
-
-def stream_leader(cluster: SecuredNats, settings) -> str:
-    """The name of the server that leads the stream now (asked as the monitoring role)."""
-    for name, value in cluster.env_for("monitor").items():
-        setattr(settings, name, value)
-
-    async def ask():
-        async with session("test-monitor", timeout=10) as nc:
-            info = await nc.jetstream(timeout=5).stream_info(settings.NATS_STREAM)
-            return info.cluster.leader
-
-    return asyncio.run(ask())
 
 
 def longest_gap(times: list) -> float:
@@ -72,7 +57,7 @@ def test_killing_the_stream_leader_mid_burst_loses_and_duplicates_nothing(
         n = 300
         burst = Burst(n, 0.04, "cluster").start()
         wait_until(lambda: burst.done >= n // 3, timeout=60, message="a third of the burst")
-        leader = stream_leader(cluster, settings)
+        leader = cluster.stream_leader(settings.NATS_STREAM)
         killed = cluster.server_named(leader)
         killed.kill()
         killed_at = time.monotonic()
@@ -88,7 +73,7 @@ def test_killing_the_stream_leader_mid_burst_loses_and_duplicates_nothing(
             code, output = process.stop()
             assert code == 0, output
         assert_exactly(n)
-        new_leader = stream_leader(cluster, settings)
+        new_leader = cluster.stream_leader(settings.NATS_STREAM)
         publish_stall = longest_gap(list(OutboxEvent.objects.values_list("published_at",
                                                                            flat=True)))
         consume_stall = max(
