@@ -6,21 +6,6 @@ import asyncio
 import signal
 
 
-def run_until_stopped(main) -> object:
-    """``asyncio.run(main)`` for a long-running command that stops on SIGTERM/SIGINT.
-
-    Once the loop is closed asyncio puts the default handlers back, and a second signal (a
-    supervisor that repeats SIGTERM; honcho sends SIGTERM after the terminal's SIGINT) would
-    kill the process in the middle of its clean exit, with status -15. The stop is already under
-    way then: later signals are ignored (SIGKILL still ends it).
-    """
-    try:
-        return asyncio.run(main)
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_IGN)
-
-
 class Backoff:
     """Exponential delays for retrying a failing dependency: initial, 2x, 4x, ... up to max."""
 
@@ -57,8 +42,22 @@ class Stopper:
             self._event.set()
 
     def install_signal_handlers(self) -> None:
+        """SIGTERM or SIGINT stops; once stopping, further ones are ignored.
+
+        A repeated signal (a supervisor that repeats SIGTERM; honcho sends SIGTERM after the
+        terminal's SIGINT) must not kill the process in the middle of its clean exit: asyncio
+        puts the default handlers back when its loop closes, and so does the interpreter for
+        Python handlers as it exits, but it leaves an ignored signal ignored. SIGKILL still
+        ends a stop that hangs.
+        """
+
+        def on_signal(*_):
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
+            self.stop()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            self._loop.add_signal_handler(sig, self.stop)
+            signal.signal(sig, on_signal)
 
     @property
     def stopped(self) -> bool:

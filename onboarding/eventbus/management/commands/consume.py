@@ -1,7 +1,8 @@
+import asyncio
+
 from django.core.management.base import BaseCommand, CommandError
 
 from onboarding.eventbus.connection import NatsAccessError
-from onboarding.eventbus.lifecycle import run_until_stopped
 from onboarding.eventbus.registry import get_consumers
 from onboarding.eventbus.runner import ConsumerRunner
 
@@ -39,6 +40,6 @@ class Command(BaseCommand):
             [consumers[name] for name in names], batch=batch, per_message=per_message or None
         )
         try:
-            run_until_stopped(runner.run(install_signal_handlers=True))
+            asyncio.run(runner.run(install_signal_handlers=True))
         except NatsAccessError as exc:
             raise CommandError(str(exc))

@@ -1,7 +1,8 @@
+import asyncio
+
 from django.core.management.base import BaseCommand, CommandError
 
 from onboarding.eventbus.connection import NatsAccessError
-from onboarding.eventbus.lifecycle import run_until_stopped
 from onboarding.eventbus.relay import OutboxRelay
 
 
@@ -22,7 +23,7 @@ class Command(BaseCommand):
     def handle(self, *args, once, grace, batch, **options):
         relay = OutboxRelay(grace=grace, batch=batch)
         try:
-            published = run_until_stopped(relay.run(once=once, install_signal_handlers=True))
+            published = asyncio.run(relay.run(once=once, install_signal_handlers=True))
         except NatsAccessError as exc:
             raise CommandError(str(exc))
         except Exception as exc:  # only with --once; the service mode retries for ever
