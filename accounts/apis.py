@@ -1,17 +1,36 @@
-"""The Auth Service's HTTP API: thin views over accounts.services."""
+"""The Auth Service's HTTP API: thin views over accounts.services and accounts.selectors.
+
+Errors are raised, never built here: onboarding.exceptions gives every one the documented shape
+(``{"<field>": ["<problem>", ...]}``), and each view's ``extend_schema`` lists what it answers.
+"""
 
 from django.contrib.auth import password_validation
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.core.validators import MaxLengthValidator
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers, status
-from rest_framework.authtoken.views import ObtainAuthToken
+from rest_framework.exceptions import NotFound, PermissionDenied
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
 from accounts.models import User
-from accounts.services import RegistrationConflict, user_register
+from accounts.selectors import UserOnboarding, user_onboarding_get
+from accounts.services import (
+    RegistrationConflict,
+    user_authenticate,
+    user_register,
+    user_token_get_or_create,
+)
 from onboarding.contracts import UserRegistered
+from onboarding.openapi import RETRY_AFTER, error_response, error_serializer
+
+# The errors several endpoints share; each body is {"detail": ["<problem>"]}.
+TOO_LARGE = error_response("The body is larger than DATA_UPLOAD_MAX_MEMORY_SIZE.")
+UNSUPPORTED = error_response("The body is not application/json.")
+THROTTLED = error_response("Too many requests from this address; see Retry-After.")
+UNAUTHENTICATED = error_response("No valid `Authorization: Token <token>` header.")
 
 # Hashing a huge password costs seconds: refuse it before it gets there.
 PASSWORD_MAX_LENGTH = 1024
@@ -25,11 +44,36 @@ class StrictCharField(serializers.CharField):
     def to_internal_value(self, data):
         if not isinstance(data, str):
             self.fail("not_a_string")
+        # One message per problem: a value that is too long fails on its length alone, before
+        # the validators (a username's format, an email's pattern) complain about the same
+        # value again — and before they scan a megabyte of it.
+        length = len(data.strip() if self.trim_whitespace else data)
+        if self.max_length is not None and length > self.max_length:
+            self.fail("max_length", max_length=self.max_length)
         return super().to_internal_value(data)
 
 
 class StrictEmailField(StrictCharField, serializers.EmailField):
     pass
+
+
+# The model's validators, less its length check: StrictCharField checks the length itself.
+USERNAME_VALIDATORS = [
+    v for v in User._meta.get_field("username").validators
+    if not isinstance(v, MaxLengthValidator)
+]
+
+
+class UserOutputSerializer(serializers.Serializer):
+    """The four public fields of a user (documentation of ``user_representation``)."""
+
+    userId = serializers.UUIDField()
+    username = serializers.CharField()
+    email = serializers.EmailField()
+    registrationTimestamp = serializers.DateTimeField(help_text="UTC, ISO 8601, ending in Z")
+
+    class Meta:
+        ref_name = "User"
 
 
 def user_representation(user: User) -> dict:
@@ -53,12 +97,15 @@ class UserRegisterApi(APIView):
     class InputSerializer(serializers.Serializer):
         username = StrictCharField(
             max_length=User._meta.get_field("username").max_length,
-            validators=User._meta.get_field("username").validators,
+            validators=USERNAME_VALIDATORS,
         )
         email = StrictEmailField(max_length=User._meta.get_field("email").max_length)
         password = StrictCharField(
             max_length=PASSWORD_MAX_LENGTH, trim_whitespace=False, style={"input_type": "password"}
         )
+
+        class Meta:
+            ref_name = "Register"
 
         def validate(self, attrs):
             candidate = User(username=attrs["username"], email=attrs["email"])
@@ -68,27 +115,156 @@ class UserRegisterApi(APIView):
                 raise serializers.ValidationError({"password": list(exc.messages)})
             return attrs
 
+    @extend_schema(
+        operation_id="auth_register", tags=["auth"],
+        request=InputSerializer,
+        responses={
+            201: OpenApiResponse(UserOutputSerializer, description="Registered."),
+            400: error_response(
+                "Bad input, under the field it is about; a username or email already taken "
+                "(compared case-insensitively) included. A body that is not a JSON object: "
+                "under detail.",
+                error_serializer("RegisterError", "username", "email", "password"),
+            ),
+            413: TOO_LARGE,
+            415: UNSUPPORTED,
+            429: THROTTLED,
+        },
+        parameters=[RETRY_AFTER],
+    )
     def post(self, request):
         serializer = self.InputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         try:
             user = user_register(**serializer.validated_data)
         except RegistrationConflict as exc:
-            return Response({exc.field: [exc.message]}, status=status.HTTP_400_BAD_REQUEST)
+            raise serializers.ValidationError({exc.field: [exc.message]})
         return Response(user_representation(user), status=status.HTTP_201_CREATED)
 
 
-class TokenObtainApi(ObtainAuthToken):
-    """POST /api/auth/token — exchange username and password for an API token."""
+class TokenObtainApi(APIView):
+    """POST /api/auth/token — exchange username and password for an API token.
+
+    The username matches as at registration: NFKC-normalised, case-insensitive ("SAM" logs in
+    the user registered as "sam").
+    """
 
     authentication_classes = []
     permission_classes = [AllowAny]
     throttle_classes = [ScopedRateThrottle]
     throttle_scope = "token"
 
+    class InputSerializer(serializers.Serializer):
+        username = StrictCharField(max_length=User._meta.get_field("username").max_length)
+        password = StrictCharField(
+            max_length=PASSWORD_MAX_LENGTH, trim_whitespace=False, style={"input_type": "password"}
+        )
+
+        class Meta:
+            ref_name = "TokenObtain"
+
+    class OutputSerializer(serializers.Serializer):
+        token = serializers.CharField(help_text="Send as `Authorization: Token <token>`.")
+
+        class Meta:
+            ref_name = "Token"
+
+    @extend_schema(
+        operation_id="auth_token", tags=["auth"],
+        request=InputSerializer,
+        responses={
+            200: OpenApiResponse(OutputSerializer, description="The user's API token."),
+            400: error_response(
+                "A missing or malformed field, under its name; wrong credentials under detail.",
+                error_serializer("TokenError", "username", "password"),
+            ),
+            413: TOO_LARGE,
+            415: UNSUPPORTED,
+            429: THROTTLED,
+        },
+        parameters=[RETRY_AFTER],
+    )
+    def post(self, request):
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        user = user_authenticate(**serializer.validated_data, request=request)
+        if user is None:
+            # Not about one field: which of the two was wrong is not for the client to learn.
+            raise serializers.ValidationError("Unable to log in with provided credentials.")
+        token = user_token_get_or_create(user=user)
+        return Response(self.OutputSerializer({"token": token}).data)
+
 
 class MeApi(APIView):
     """GET /api/auth/me — who the token (``Authorization: Token <key>``) belongs to."""
 
+    @extend_schema(
+        operation_id="auth_me", tags=["auth"],
+        responses={200: UserOutputSerializer, 401: UNAUTHENTICATED},
+    )
     def get(self, request):
         return Response(user_representation(request.user))
+
+
+class OnboardingOutputSerializer(serializers.Serializer):
+    """Per service, whether the user's defaults are all there; ``complete`` once every one is."""
+
+    class ServiceSerializer(serializers.Serializer):
+        ready = serializers.BooleanField(help_text="All of this service's defaults exist.")
+
+        class Meta:
+            ref_name = "OnboardingService"
+
+    userId = serializers.UUIDField(source="user_id")
+    complete = serializers.BooleanField(help_text="Every service is ready.")
+    services = serializers.DictField(
+        child=ServiceSerializer(), help_text="Keyed by service name (players, buildings, ...)."
+    )
+
+    class Meta:
+        ref_name = "Onboarding"
+
+    def to_representation(self, instance: UserOnboarding):
+        return {
+            "userId": str(instance.user_id),
+            "complete": instance.complete,
+            "services": {name: {"ready": ready} for name, ready in instance.services.items()},
+        }
+
+
+class MeOnboardingApi(APIView):
+    """GET /api/auth/me/onboarding — has every service set the token's user up yet?
+
+    The game client polls it after registering: the services create their defaults on their
+    own, a moment after the 201.
+    """
+
+    @extend_schema(
+        operation_id="auth_me_onboarding", tags=["onboarding"],
+        responses={200: OnboardingOutputSerializer, 401: UNAUTHENTICATED},
+    )
+    def get(self, request):
+        onboarding = user_onboarding_get(user_id=request.user.id)
+        return Response(OnboardingOutputSerializer(onboarding).data)
+
+
+class UserOnboardingApi(APIView):
+    """GET /api/users/{userId}/onboarding — any user's onboarding, for staff (or the user)."""
+
+    @extend_schema(
+        operation_id="users_onboarding", tags=["onboarding"],
+        responses={
+            200: OnboardingOutputSerializer,
+            401: UNAUTHENTICATED,
+            403: error_response("Not staff, and not the user's own id."),
+            404: error_response("No user with this id."),
+        },
+    )
+    def get(self, request, userId):  # the path parameter's name, as documented
+        # Before the lookup: whether an id exists is not for other users to learn.
+        if not (request.user.is_staff or request.user.id == userId):
+            raise PermissionDenied("Only staff may read another user's onboarding.")
+        onboarding = user_onboarding_get(user_id=userId)
+        if onboarding is None:
+            raise NotFound("No user with this id.")
+        return Response(OnboardingOutputSerializer(onboarding).data)

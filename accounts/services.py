@@ -1,14 +1,16 @@
-"""Auth Service business logic: registration."""
+"""Auth Service business logic: registration and login."""
 
 from __future__ import annotations
 
 import logging
 
 from django.conf import settings
+from django.contrib.auth import authenticate
 from django.contrib.auth.hashers import make_password
 from django.db import IntegrityError, transaction
 from django.db.models import Value
 from django.db.models.functions import Lower
+from rest_framework.authtoken.models import Token
 
 from accounts.models import User
 from onboarding.contracts import UserRegistered
@@ -92,3 +94,28 @@ def user_register(*, username: str, email: str, password: str) -> User:
         raise _conflict(taken) from None
     logger.info("user registered user_id=%s", user.id)
     return user
+
+
+def user_authenticate(*, username: str, password: str, request=None) -> User | None:
+    """The active user with these credentials, or None; usernames match as at registration.
+
+    Registration stores usernames NFKC-normalised and unique case-insensitively, so "SAM" and
+    "ｓａｍ" name the user registered as "sam": the lookup finds the stored spelling the same
+    way, then Django's ``authenticate`` checks the password (and ``is_active``, and sends
+    ``user_login_failed``). An unknown name still goes through ``authenticate``, which hashes
+    the password anyway: a failed login takes as long whether or not the user exists.
+    """
+    username = User.normalize_username(username)
+    stored = (
+        User.objects.annotate(username_ci=Lower("username"))
+        .filter(username_ci=Lower(Value(username)))
+        .values_list("username", flat=True)
+        .first()
+    )
+    return authenticate(request, username=stored or username, password=password)
+
+
+def user_token_get_or_create(*, user: User) -> str:
+    """The user's API token (one per user, created on first login)."""
+    token, _ = Token.objects.get_or_create(user=user)
+    return token.key

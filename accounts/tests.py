@@ -184,7 +184,7 @@ def test_token_with_a_wrong_password_is_a_400(client):
         content_type="application/json",
     )
     assert response.status_code == 400
-    assert "non_field_errors" in response.json()
+    assert response.json() == {"detail": ["Unable to log in with provided credentials."]}
 
 
 def test_user_id_is_a_uuid():

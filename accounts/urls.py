@@ -1,6 +1,12 @@
 from django.urls import path
 
-from accounts.apis import MeApi, TokenObtainApi, UserRegisterApi
+from accounts.apis import (
+    MeApi,
+    MeOnboardingApi,
+    TokenObtainApi,
+    UserOnboardingApi,
+    UserRegisterApi,
+)
 
 app_name = "accounts"
 
@@ -8,4 +14,10 @@ urlpatterns = [
     path("register", UserRegisterApi.as_view(), name="register"),
     path("token", TokenObtainApi.as_view(), name="token"),
     path("me", MeApi.as_view(), name="me"),
+    path("me/onboarding", MeOnboardingApi.as_view(), name="me-onboarding"),
+]
+
+# Mounted at /api/users/ (onboarding/urls.py): users by id, for staff.
+user_urlpatterns = [
+    path("<uuid:userId>/onboarding", UserOnboardingApi.as_view(), name="user-onboarding"),
 ]

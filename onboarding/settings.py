@@ -36,6 +36,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "rest_framework.authtoken",
+    "drf_spectacular",  # the OpenAPI schema (/api/schema/)
+    "drf_spectacular_sidecar",  # Swagger UI's files, served from here: no CDN (/api/docs/)
     "onboarding.eventbus",
     # Bounded contexts. They share nothing but the event contract (onboarding.contracts).
     "accounts",
@@ -137,6 +139,11 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # Every error is {"<field>": ["<problem>", ...]}; problems that are not about one field
+    # (404, 401, 429, a body that is not a JSON object, ...) go under "detail", as a list too.
+    "EXCEPTION_HANDLER": "onboarding.exceptions.api_exception_handler",
+    "NON_FIELD_ERRORS_KEY": "detail",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     # Throttles key on the client address. 0: REMOTE_ADDR, never a client-supplied
     # X-Forwarded-For; behind N trusted proxies set it to N.
     "NUM_PROXIES": env.int("DJANGO_NUM_PROXIES", default=0),
@@ -145,6 +152,27 @@ REST_FRAMEWORK = {
         "register": env.str("REGISTER_THROTTLE_RATE", default="60/minute") or None,
         "token": env.str("TOKEN_THROTTLE_RATE", default="60/minute") or None,
     },
+}
+
+# --- API schema (drf-spectacular) -----------------------------------------------------------
+# /api/schema/ (OpenAPI 3) and /api/docs/ (Swagger UI from drf-spectacular-sidecar's files, so
+# the docs work on machines without internet access).
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Onboarding API",
+    "DESCRIPTION": (
+        "Registration, login and onboarding readiness for the game client, and the health "
+        "probes. Every error response has one shape: "
+        '`{"<field>": ["<problem>", ...]}`; problems that are not about one input field are '
+        'listed under `"detail"`.'
+    ),
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    # Request and response components apart: a write-only password never shows in a response.
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 # --- NATS JetStream --------------------------------------------------------------------------

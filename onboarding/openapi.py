@@ -1,0 +1,70 @@
+"""How the API's error responses are described in the OpenAPI schema.
+
+Every error is ``{"<field>": ["<problem>", ...]}`` (onboarding.exceptions). A serializer cannot
+say "an object of lists of strings, with these keys only", so :class:`ErrorSerializer` is a
+marker and :class:`ErrorSerializerExtension` writes its schema: each documented key a non-empty
+list of strings, no other key, at least one key. ``error_serializer("RegisterError", "username",
+...)`` documents an endpoint's 400 with its fields; ``Error`` is the ``{"detail": [...]}`` of
+every other error.
+"""
+
+from __future__ import annotations
+
+from drf_spectacular.extensions import OpenApiSerializerExtension
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
+from rest_framework import serializers
+
+from onboarding.exceptions import DETAIL
+
+PROBLEMS = {"type": "array", "items": {"type": "string"}, "minItems": 1}
+
+
+class ErrorSerializer(serializers.Serializer):
+    """Documentation only; ``keys`` are the fields an error may name."""
+
+    keys: tuple[str, ...] = (DETAIL,)
+    description = (
+        'Every error has this shape: {"<field>": ["<problem>", ...]}. Problems that are not '
+        f'about one field are listed under "{DETAIL}".'
+    )
+
+
+class ErrorSerializerExtension(OpenApiSerializerExtension):
+    target_class = ErrorSerializer
+    match_subclasses = True
+
+    def map_serializer(self, auto_schema, direction):
+        keys = self.target.keys
+        return {
+            "type": "object",
+            "description": self.target.description,
+            "properties": {key: PROBLEMS for key in keys},
+            "additionalProperties": False,
+            "minProperties": 1,
+        }
+
+
+def error_serializer(
+    name: str, *fields: str, detail: bool = True, description: str | None = None
+) -> type[ErrorSerializer]:
+    """A named error component whose keys are ``fields`` (and ``detail`` unless told not)."""
+    keys = tuple(dict.fromkeys((*fields, DETAIL) if detail else fields))
+    attrs = {"keys": keys, "__module__": __name__}
+    if description:
+        attrs["description"] = description
+    return type(f"{name}Serializer", (ErrorSerializer,), attrs)
+
+
+def error_response(description: str, serializer=None) -> OpenApiResponse:
+    """An error response of ``serializer`` (default: ``Error``) with what it means."""
+    return OpenApiResponse(response=serializer or Error, description=description)
+
+
+class Error(ErrorSerializer):
+    """``{"detail": ["<problem>", ...]}``: the component named ``Error`` in the schema."""
+
+# Documented on the endpoints that throttle: when the client may try again.
+RETRY_AFTER = OpenApiParameter(
+    "Retry-After", type=int, location=OpenApiParameter.HEADER, response=[429],
+    description="Seconds to wait before the next request.",
+)
