@@ -148,3 +148,21 @@ def assign(default: dict, contexts: dict[str, dict]) -> tuple[dict[str, dict], d
             databases[context] = config
         context_alias[context] = seen[key]
     return databases, context_alias
+
+
+def bounded_contexts_of(settings_module: str = "onboarding.settings") -> tuple[str, ...]:
+    """``BOUNDED_CONTEXTS`` of a settings module, read in a child process.
+
+    For scripts (bench, rehearsal) that must put each context's database URL in the environment
+    *before* they set Django up: importing the settings here would freeze them with the
+    environment as it is now.
+    """
+    import subprocess
+    import sys
+
+    code = "import importlib, sys; print(*importlib.import_module(sys.argv[1]).BOUNDED_CONTEXTS)"
+    result = subprocess.run(
+        [sys.executable, "-c", code, settings_module], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    return tuple(result.stdout.split())
