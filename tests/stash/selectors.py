@@ -3,11 +3,11 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from onboarding.eventbus.registry import UserDefaults
-from tests.inventory.models import Item
-from tests.inventory.services import STARTER_ITEMS
+from tests.stash.models import Item
+from tests.stash.services import STARTER_ITEMS
 
 
-def inventory_defaults(*, user_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, UserDefaults]:
+def stash_defaults(*, user_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, UserDefaults]:
     found = defaultdict(list)
     for item in Item.objects.filter(user_id__in=list(user_ids)):
         found[item.user_id].append(item)

@@ -1,12 +1,12 @@
 import uuid
 from collections.abc import Iterable
 
-from tests.inventory.models import Item
+from tests.stash.models import Item
 
 STARTER_ITEMS = {"medkit": 2}
 
 
-def inventory_create_defaults(*, user_ids: Iterable[uuid.UUID]) -> None:
+def stash_create_defaults(*, user_ids: Iterable[uuid.UUID]) -> None:
     """Give each user the starter items; idempotent (the unique constraint ignores repeats)."""
     Item.objects.bulk_create(
         [Item(user_id=user_id, kind=kind, quantity=quantity)

@@ -10,7 +10,7 @@ class Item(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["user_id", "kind"], name="inventory_item_once")
+            models.UniqueConstraint(fields=["user_id", "kind"], name="stash_item_once")
         ]
 
     def __str__(self):
