@@ -20,10 +20,14 @@ venv: $(STAMP)
 migrate: venv
 	$(BIN)/python manage.py migrate_all
 
-## Run everything: embedded nats-server (unless NATS_URL answers), web on :8000, relay,
-## four consumers. Ctrl-C stops it all.
+## Run everything: nats (this checkout's embedded nats-server unless NATS_URL is set), web on
+## :$(WEB_PORT), relay, one consumer per context app. Ctrl-C stops it all. The process list comes
+## from the registry (manage.py procfile > var/Procfile); leave some out with WITHOUT="a b".
+WEB_PORT ?= 8000
+WITHOUT ?=
 run: migrate
-	DJANGO_DEBUG=$${DJANGO_DEBUG:-true} $(BIN)/honcho start -f Procfile
+	@$(BIN)/python manage.py procfile --web-port $(WEB_PORT) --without $(WITHOUT) > var/Procfile
+	DJANGO_DEBUG=$${DJANGO_DEBUG:-true} $(BIN)/honcho -f var/Procfile start
 
 ## The test suite without the slow fault-injection tests (SQLite by default; PostgreSQL when
 ## DATABASE_URL points at one). A couple of minutes at most.

@@ -48,9 +48,12 @@ from urllib.parse import urlparse
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# The bounded contexts, each with its own database (settings.BOUNDED_CONTEXTS; the databases
-# must be in the environment before Django reads its settings).
-CONTEXTS = ("players", "characters", "progression", "buildings")
+from onboarding.databases import bounded_contexts_of  # noqa: E402
+
+# The bounded contexts, each with its own database (settings.BOUNDED_CONTEXTS, derived from
+# the installed apps; read in a child process because the databases must be in the environment
+# before Django reads its settings).
+CONTEXTS = bounded_contexts_of()
 FAST_HASHER = "django.contrib.auth.hashers.MD5PasswordHasher"
 POLL_SECONDS = 0.05
 

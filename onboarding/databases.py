@@ -10,9 +10,67 @@ the same database, and the router maps each app onto the alias that holds it.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 SQLITE_ENGINE = "django.db.backends.sqlite3"
+
+# The module in which a bounded context declares what it consumes (onboarding.eventbus.registry).
+CONSUMERS_MODULE = "consumers"
+
+
+def bounded_contexts(installed_apps: list[str]) -> tuple[str, ...]:
+    """The labels of the installed apps that ship a ``consumers`` module: the bounded contexts.
+
+    Settings need them before any app is loaded (each context gets a database from
+    ``<LABEL>_DATABASE_URL``), so this looks for the module's file without importing anything:
+    importing an app package at settings time may need the settings themselves. The label is the
+    last part of the entry, as Django's default. What this cannot see (an ``AppConfig`` path, a
+    custom label, a ``consumers.py`` without ``SUBSCRIPTIONS``) the system check
+    ``eventbus.E010``–``E012`` reports once the apps are loaded.
+    """
+    return tuple(
+        entry.rsplit(".", 1)[-1] for entry in installed_apps
+        if _has_module(entry, CONSUMERS_MODULE)
+    )
+
+
+def _has_module(package: str, name: str) -> bool:
+    top, *rest = package.split(".")
+    try:
+        spec = importlib.util.find_spec(top)  # locates a top-level package, imports nothing
+    except (ImportError, ValueError):
+        return False
+    for location in (spec and spec.submodule_search_locations) or ():
+        folder = Path(location).joinpath(*rest)
+        if (folder / f"{name}.py").is_file() or (folder / name / "__init__.py").is_file():
+            return True
+    return False
+
+
+def configure(
+    env, *, installed_apps: list[str], sqlite_dir: Path, test_dir: Path
+) -> tuple[tuple[str, ...], dict[str, dict], dict[str, str]]:
+    """(BOUNDED_CONTEXTS, DATABASES, CONTEXT_DATABASES) from the environment.
+
+    accounts, Django's own apps and the outbox live in ``DATABASE_URL``. Each context has its
+    own ``<LABEL>_DATABASE_URL``; unset, it follows ``DATABASE_URL`` when that is set, else gets
+    its own SQLite file in ``sqlite_dir``.
+    """
+    contexts = bounded_contexts(installed_apps)
+    default_url = env.str("DATABASE_URL", default="")
+    default = prepare(
+        env.db_url_config(default_url or f"sqlite:///{sqlite_dir / 'accounts.sqlite3'}"),
+        test_dir=test_dir,
+    )
+    configs = {}
+    for context in contexts:
+        url = env.str(f"{context.upper()}_DATABASE_URL", default="") or (
+            default_url or f"sqlite:///{sqlite_dir / f'{context}.sqlite3'}"
+        )
+        configs[context] = prepare(env.db_url_config(url), test_dir=test_dir)
+    databases, context_alias = assign(default, configs)
+    return contexts, databases, context_alias
 
 # WAL lets readers run beside the one writer; IMMEDIATE takes the write lock at BEGIN so two
 # writers queue on the busy timeout instead of failing with "database is locked" on upgrade.
@@ -90,3 +148,21 @@ def assign(default: dict, contexts: dict[str, dict]) -> tuple[dict[str, dict], d
             databases[context] = config
         context_alias[context] = seen[key]
     return databases, context_alias
+
+
+def bounded_contexts_of(settings_module: str = "onboarding.settings") -> tuple[str, ...]:
+    """``BOUNDED_CONTEXTS`` of a settings module, read in a child process.
+
+    For scripts (bench, rehearsal) that must put each context's database URL in the environment
+    *before* they set Django up: importing the settings here would freeze them with the
+    environment as it is now.
+    """
+    import subprocess
+    import sys
+
+    code = "import importlib, sys; print(*importlib.import_module(sys.argv[1]).BOUNDED_CONTEXTS)"
+    result = subprocess.run(
+        [sys.executable, "-c", code, settings_module], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    return tuple(result.stdout.split())

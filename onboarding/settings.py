@@ -3,9 +3,10 @@
 Everything that differs between machines comes from the environment (or a ``.env`` file next to
 ``manage.py``) through one ``environ.Env``; see ``.env.example`` for every variable. With nothing
 set, the project runs on embedded defaults: one SQLite file per bounded context under ``var/db``
-and NATS on 127.0.0.1:4222.
+and this checkout's own embedded NATS server (``make run`` starts it; see NATS_DEV_URL).
 """
 
+import zlib
 from pathlib import Path
 
 import environ
@@ -76,28 +77,18 @@ TEMPLATES = [
 ]
 
 # --- Databases -----------------------------------------------------------------------------
-# accounts (and Django's own apps, and the outbox) live in DATABASE_URL. Each context has its
-# own URL; unset, it follows DATABASE_URL when that is set, else gets its own SQLite file.
+# accounts (and Django's own apps, and the outbox) live in DATABASE_URL. The bounded contexts
+# are the installed apps with a consumers.py (adding a service is adding its app above); each
+# has its own <LABEL>_DATABASE_URL; unset, it follows DATABASE_URL when that is set, else gets
+# its own SQLite file. `manage.py check` fails on a context this cannot derive (eventbus.E010).
 
-BOUNDED_CONTEXTS = ("players", "characters", "progression", "buildings")
-
-_sqlite_dir = VAR_DIR / "db"
+SQLITE_DIR = VAR_DIR / "db"
 # SQLite test databases are files (consumer processes must see them); a second test run on the
 # same checkout at the same time needs its own folder.
-_test_dir = Path(env.str("TEST_SQLITE_DIR", default=str(VAR_DIR / "test-db")))
-_default_url = env.str("DATABASE_URL", default="")
-_default = db_layout.prepare(
-    env.db_url_config(_default_url or f"sqlite:///{_sqlite_dir / 'accounts.sqlite3'}"),
-    test_dir=_test_dir,
+SQLITE_TEST_DIR = Path(env.str("TEST_SQLITE_DIR", default=str(VAR_DIR / "test-db")))
+BOUNDED_CONTEXTS, DATABASES, CONTEXT_DATABASES = db_layout.configure(
+    env, installed_apps=INSTALLED_APPS, sqlite_dir=SQLITE_DIR, test_dir=SQLITE_TEST_DIR
 )
-_contexts = {}
-for _context in BOUNDED_CONTEXTS:
-    _url = env.str(f"{_context.upper()}_DATABASE_URL", default="") or (
-        _default_url or f"sqlite:///{_sqlite_dir / f'{_context}.sqlite3'}"
-    )
-    _contexts[_context] = db_layout.prepare(env.db_url_config(_url), test_dir=_test_dir)
-
-DATABASES, CONTEXT_DATABASES = db_layout.assign(_default, _contexts)
 DATABASE_ROUTERS = ["onboarding.routers.BoundedContextRouter"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -180,7 +171,11 @@ SPECTACULAR_SETTINGS = {
 # One server or several (comma-separated, a cluster). Credentials may be in the URL
 # (nats://user:password@host:4222, or a token: nats://token@host:4222); each process reads its
 # own environment, so each role of a deployment can be its own NATS user (docs/deploy.md).
-NATS_URL = env.str("NATS_URL", default="nats://127.0.0.1:4222")
+# Unset (development): this checkout's own embedded server, which `make run` starts (data in
+# var/nats), on a port derived from the checkout's path — never the machine's shared 4222, and
+# never another checkout's server (two checkouts would otherwise share durables and split events).
+NATS_DEV_URL = f"nats://127.0.0.1:{20000 + zlib.crc32(str(BASE_DIR).encode()) % 10000}"
+NATS_URL = env.str("NATS_URL", default="") or NATS_DEV_URL
 NATS_CREDS = env.str("NATS_CREDS", default="")  # a credentials file (JWT + nkey seed)
 NATS_NKEY_SEED = env.str("NATS_NKEY_SEED", default="")  # an nkey seed, or a file holding one
 # TLS: the CA of the servers' certificates; this client's certificate and key where the servers
@@ -277,6 +272,6 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
         name: {"level": LOG_LEVEL}
-        for name in ("onboarding", "accounts", "players", "characters", "progression", "buildings")
+        for name in ("onboarding", "accounts", *BOUNDED_CONTEXTS)
     },
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from django.conf import settings
+from django.core.management import call_command
 
 from accounts.services import user_register
 from conftest import wait_until
@@ -104,7 +105,7 @@ def test_dev_nats_starts_an_embedded_server_provisions_and_stops(manage, tmp_pat
     wait_until(lambda: has_durable(url, "buildings"), timeout=15, message="provisioned")
     code, output = process.stop()
     assert code == 0, output
-    assert "started nats-server" in output
+    assert f"nats: started an embedded nats-server at {url}" in output
     assert "consumer buildings: created" in output
     assert not answers(url)
 
@@ -114,8 +115,31 @@ def test_dev_nats_uses_a_server_that_already_answers(manage):
     process.wait_for_output("consumer buildings: unchanged")
     code, output = process.stop()
     assert code == 0, output
-    assert "using the NATS server already answering" in output
+    assert "nats: using NATS_URL's server, already running at" in output
     assert "consumer players: unchanged" in output
+
+
+def test_a_consumer_started_before_provisioning_waits_quietly(manage):
+    """First boot (make run starts everything at once): one INFO line while the durable does
+    not exist yet, no warnings; it binds as soon as setup_jetstream has run."""
+    import time
+
+    from conftest import run_async
+
+    run_async(lambda js: js.delete_stream(settings.NATS_STREAM))  # nothing provisioned yet
+    consumer = manage("consume", "players")
+    consumer.wait_for_output("waiting for its durable")
+    time.sleep(1.5)  # several polls
+    call_command("setup_jetstream", stdout=open("/dev/null", "w"))
+
+    async def waiting(js):
+        return (await js.consumer_info(settings.NATS_STREAM, "players")).num_waiting
+
+    wait_until(lambda: run_async(waiting) > 0, timeout=10, message="a pull request")
+    code, output = consumer.stop()
+    assert code == 0, output
+    assert output.count("waiting for its durable") == 1, output
+    assert "WARNING" not in output, output
 
 
 def test_migrate_all_migrates_every_database():

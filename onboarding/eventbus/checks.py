@@ -63,3 +63,57 @@ def check_eventbus_settings(app_configs, **kwargs):
     if settings.CONSUMER_MAX_DELIVER < 1:
         problems.append(Error("CONSUMER_MAX_DELIVER must be at least 1.", id="eventbus.E002"))
     return problems
+
+
+@register()
+def check_bounded_contexts(app_configs, **kwargs):
+    """Every app that declares SUBSCRIPTIONS is a bounded context with its own database alias,
+    and every bounded context the settings derived is such an app.
+
+    The settings derive the contexts from INSTALLED_APPS before the apps load, by looking for a
+    ``consumers`` module beside each entry (``onboarding.databases.bounded_contexts``). What
+    that cannot see — an ``AppConfig`` path or a custom label, a ``consumers.py`` without
+    ``SUBSCRIPTIONS`` — would otherwise send an inbox to the wrong database without a word.
+    """
+    from django.apps import apps
+
+    from onboarding.eventbus.registry import get_consumers
+
+    problems = []
+    consumers = get_consumers()
+    contexts = tuple(settings.BOUNDED_CONTEXTS)
+    for name in consumers:
+        if name not in contexts or name not in settings.CONTEXT_DATABASES:
+            entry = apps.get_app_config(name).name
+            problems.append(Error(
+                f"app {name!r} declares SUBSCRIPTIONS but is not a bounded context: it has no "
+                f"database of its own (its inbox would land in another service's database).",
+                hint=f"List the app as {entry!r} in INSTALLED_APPS (not an AppConfig path), "
+                     f"with its default label, so that settings find {entry}.consumers.",
+                id="eventbus.E010",
+            ))
+    for name in contexts:
+        if name in consumers:
+            continue
+        if name not in {config.label for config in apps.get_app_configs()}:
+            problems.append(Error(
+                f"bounded context {name!r} (derived from INSTALLED_APPS) is no installed app's "
+                f"label.",
+                hint="Keep the app's default label (the last part of its name).",
+                id="eventbus.E011",
+            ))
+        else:
+            problems.append(Error(
+                f"app {name!r} has a consumers module but declares no SUBSCRIPTIONS: it got a "
+                f"database, but nothing consumes for it.",
+                hint="Declare SUBSCRIPTIONS in its consumers.py, or remove the module.",
+                id="eventbus.E012",
+            ))
+    for name, alias in settings.CONTEXT_DATABASES.items():
+        if alias not in settings.DATABASES:
+            problems.append(Error(
+                f"bounded context {name!r} is routed to database {alias!r}, which is not in "
+                f"DATABASES.",
+                id="eventbus.E013",
+            ))
+    return problems

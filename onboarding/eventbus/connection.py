@@ -47,6 +47,8 @@ from nats.aio.client import Client as NATS
 logger = logging.getLogger(__name__)
 
 _REPEAT_SECONDS = 30.0
+# Before a process first connects, a server that is not listening yet is normal for this long.
+_STARTUP_QUIET_SECONDS = 10.0
 
 # What the server says when it refuses a client (lower-cased): these never heal by retrying.
 # Exact phrases: "authentication timeout" (a slow handshake on a busy host) or "maximum account
@@ -194,6 +196,7 @@ def _refusal(exc: BaseException | None) -> str | None:
 
 def _callbacks(name: str, state: dict, refuse: Callable[[str], None]) -> dict:
     last_logged: dict[str, float] = {}
+    started = time.monotonic()
 
     async def error_cb(exc: Exception) -> None:
         if state["closing"]:
@@ -204,6 +207,14 @@ def _callbacks(name: str, state: dict, refuse: Callable[[str], None]) -> dict:
             return
         key = f"{type(exc).__name__}: {exc}"
         now = time.monotonic()
+        if (not state["connected"] and isinstance(exc, OSError)
+                and now - started < _STARTUP_QUIET_SECONDS):
+            # Processes started together with their server (make run, a deploy) find nothing
+            # listening for a moment: say so once, quietly; a server still absent warns below.
+            if not last_logged:
+                last_logged["startup"] = now
+                logger.info("nats %s: waiting for a server at %s", name, display_url())
+            return
         if now - last_logged.get(key, -_REPEAT_SECONDS) >= _REPEAT_SECONDS:
             last_logged[key] = now
             logger.warning("nats %s: %s", name, key)
@@ -243,7 +254,7 @@ async def connect(
     """
     options = connect_options()
     shown = display_url()
-    state: dict = {"closing": False, "refused": None}
+    state: dict = {"closing": False, "refused": None, "connected": False}
     refused: asyncio.Future = asyncio.get_running_loop().create_future()
 
     def refuse(reason: str) -> None:
@@ -287,6 +298,7 @@ async def connect(
         if reason is None:
             raise
         raise NatsAccessError(f"NATS at {shown} refused {name}: {reason}") from exc
+    state["connected"] = True
     if not refused.done():
         refused.set_result(None)  # from now on refusals go to on_refused
     nc._onboarding_state = state  # lets close() silence the expected "disconnected"

@@ -17,6 +17,7 @@ from importlib import import_module
 
 from django.apps import apps
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import module_has_submodule
 
 
@@ -63,8 +64,19 @@ class ConsumerSpec:
 
     @property
     def database(self) -> str:
-        """The alias of the context's own database, where its inbox lives."""
-        return settings.CONTEXT_DATABASES.get(self.name, "default")
+        """The alias of the context's own database, where its inbox lives.
+
+        Never a fallback to ``default``: a consumer whose app the settings did not derive as a
+        bounded context would put its inbox beside accounts (``manage.py check`` reports it,
+        eventbus.E010).
+        """
+        try:
+            return settings.CONTEXT_DATABASES[self.name]
+        except KeyError:
+            raise ImproperlyConfigured(
+                f"consumer {self.name} has no database of its own: it is not in "
+                f"settings.BOUNDED_CONTEXTS (run `manage.py check`)"
+            ) from None
 
     def handler_for(self, subject: str) -> Callable[[object], None] | None:
         for subscription in self.subscriptions:

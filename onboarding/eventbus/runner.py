@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import nats.errors
+import nats.js.errors
 from django.conf import settings
 from django.db import (
     DataError,
@@ -60,6 +61,7 @@ from onboarding.eventbus.registry import ConsumerSpec
 
 logger = logging.getLogger(__name__)
 
+DURABLE_POLL_SECONDS = 0.5  # how often a consumer looks for its durable until it exists
 FETCH_TIMEOUT = 1.0  # seconds; also bounds how long a stop request waits on an idle fetch
 
 
@@ -270,6 +272,7 @@ class ConsumerRunner:
         executor = ThreadPoolExecutor(1, thread_name_prefix=f"consume-{spec.name}")
         backoff = Backoff(initial=0.5, maximum=10.0)
         psub = None
+        waiting_for_durable = False
         try:
             while not self.stopper.stopped:
                 try:
@@ -294,6 +297,18 @@ class ConsumerRunner:
                     backoff.reset()
                     continue  # nothing to do (fetch raises a bare asyncio.TimeoutError too)
                 except Exception as exc:
+                    if psub is None and isinstance(exc, nats.js.errors.NotFoundError):
+                        # First boot: the durable (or the stream) is not provisioned yet, normal
+                        # while `setup_jetstream` runs beside us (make run). Say so once and poll
+                        # briskly. One that disappears after we bound it warns below.
+                        if not waiting_for_durable:
+                            waiting_for_durable = True
+                            logger.info(
+                                "consumer %s: waiting for its durable (`manage.py "
+                                "setup_jetstream` creates it)", spec.name,
+                            )
+                        await self.stopper.sleep(DURABLE_POLL_SECONDS)
+                        continue
                     delay = backoff.next()
                     logger.warning(
                         "consumer %s: fetch failed (%s: %s); retrying in %.1fs%s",

@@ -63,10 +63,13 @@ def main():
     import django
 
     django.setup()
+    from django.apps import apps
+    from django.conf import settings
+
     from onboarding.eventbus.registry import Subscription
 
-    for consumer in ("players", "characters", "progression", "buildings"):
-        module = importlib.import_module(f"{consumer}.consumers")
+    for consumer in settings.BOUNDED_CONTEXTS:  # before the registry reads SUBSCRIPTIONS
+        module = importlib.import_module(f"{apps.get_app_config(consumer).name}.consumers")
         module.SUBSCRIPTIONS = [
             Subscription(s.event, faulty(consumer, s.handler)) for s in module.SUBSCRIPTIONS
         ]

@@ -17,11 +17,18 @@ class Command(BaseCommand):
         for alias in settings.DATABASES:
             contexts = [c for c, a in settings.CONTEXT_DATABASES.items() if a == alias]
             label = ", ".join(["accounts"] * (alias == "default") + contexts)
-            self.stdout.write(self.style.MIGRATE_HEADING(f"Database {alias!r} ({label}):"))
+            if verbosity >= 2:
+                self.stdout.write(self.style.MIGRATE_HEADING(f"Database {alias!r} ({label}):"))
+            before = applied_count(alias)
+            # One summary line per database; -v 2 shows migrate's own output (-v 3: its detail).
             call_command(
-                "migrate", database=alias, interactive=False, verbosity=verbosity,
+                "migrate", database=alias, interactive=False, verbosity=max(verbosity - 1, 0),
                 stdout=self.stdout, stderr=self.stderr,
             )
+            applied = applied_count(alias) - before
+            if verbosity >= 1:
+                outcome = f"{applied} migration(s) applied" if applied else "up to date"
+                self.stdout.write(f"Database {alias!r} ({label}): {outcome}")
         # A database cache (the throttles' counters shared by several web workers) needs its
         # table; the router keeps it in default. Does nothing for other cache backends, and
         # leaves an existing table alone, so a deployment can run this every time.
@@ -52,3 +59,10 @@ def missing_tables() -> list[tuple[str, str]]:
             ):
                 missing.append((alias, model._meta.db_table))
     return missing
+
+
+def applied_count(alias: str) -> int:
+    from django.db.migrations.recorder import MigrationRecorder
+
+    recorder = MigrationRecorder(connections[alias])
+    return len(recorder.applied_migrations()) if recorder.has_table() else 0
