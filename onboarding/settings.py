@@ -227,6 +227,21 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 
+# --- Monitoring ----------------------------------------------------------------------------
+# The relay and the consumers serve Prometheus metrics on http://METRICS_ADDR:METRICS_PORT/metrics
+# when METRICS_PORT is set (unset: no metrics server). Processes on one host need a port each:
+# two replicas of a consumer, or the relay and a consumer, cannot share one.
+_metrics_port = env.str("METRICS_PORT", default="").strip()
+METRICS_PORT = int(_metrics_port) if _metrics_port else None
+METRICS_ADDR = env.str("METRICS_ADDR", default="0.0.0.0")  # 127.0.0.1: this host only
+# How often the figures that cost a request are read: each durable's pending count
+# (consumer_info) and the outbox backlog (on the relay's scans).
+METRICS_REFRESH_INTERVAL = env.float("METRICS_REFRESH_INTERVAL", default=5.0)  # seconds
+# Liveness for an orchestrator: the relay and the consumers keep this file's mtime at the last
+# moment each of their loops made progress (or was waiting on purpose, e.g. on a database or
+# NATS outage). Older than 60 s: stuck (see onboarding/eventbus/metrics.py). Unset: no file.
+HEARTBEAT_FILE = env.str("HEARTBEAT_FILE", default="")
+
 # --- Logging -------------------------------------------------------------------------------
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")

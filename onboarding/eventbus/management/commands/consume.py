@@ -1,5 +1,6 @@
 from django.core.management.base import BaseCommand, CommandError
 
+from onboarding.eventbus import metrics
 from onboarding.eventbus.connection import NatsAccessError
 from onboarding.eventbus.lifecycle import run_until_stopped
 from onboarding.eventbus.registry import get_consumers
@@ -39,6 +40,7 @@ class Command(BaseCommand):
             [consumers[name] for name in names], batch=batch, per_message=per_message or None
         )
         try:
+            metrics.start()  # METRICS_PORT, HEARTBEAT_FILE
             run_until_stopped(runner.run(install_signal_handlers=True))
-        except NatsAccessError as exc:
+        except (NatsAccessError, metrics.MetricsError) as exc:
             raise CommandError(str(exc))

@@ -1,5 +1,6 @@
 from django.core.management.base import BaseCommand, CommandError
 
+from onboarding.eventbus import metrics
 from onboarding.eventbus.connection import NatsAccessError
 from onboarding.eventbus.lifecycle import run_until_stopped
 from onboarding.eventbus.relay import OutboxRelay
@@ -21,6 +22,11 @@ class Command(BaseCommand):
 
     def handle(self, *args, once, grace, batch, **options):
         relay = OutboxRelay(grace=grace, batch=batch)
+        if not once:  # a service: metrics (METRICS_PORT) and liveness (HEARTBEAT_FILE)
+            try:
+                metrics.start()
+            except metrics.MetricsError as exc:
+                raise CommandError(str(exc))
         try:
             published = run_until_stopped(relay.run(once=once, install_signal_handlers=True))
         except NatsAccessError as exc:
