@@ -10,6 +10,8 @@ import zlib
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
+from pythonjsonlogger.core import RESERVED_ATTRS as JSON_RESERVED_ATTRS
 
 from onboarding import databases as db_layout
 
@@ -248,14 +250,51 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 
+# --- Monitoring ----------------------------------------------------------------------------
+# The relay and the consumers serve Prometheus metrics on http://METRICS_ADDR:METRICS_PORT/metrics
+# when METRICS_PORT is set (unset: no metrics server). Processes on one host need a port each:
+# two replicas of a consumer, or the relay and a consumer, cannot share one.
+_metrics_port = env.str("METRICS_PORT", default="").strip()
+METRICS_PORT = int(_metrics_port) if _metrics_port else None
+METRICS_ADDR = env.str("METRICS_ADDR", default="0.0.0.0")  # 127.0.0.1: this host only
+# How often the figures that cost a request are read: each durable's pending count
+# (consumer_info) and the outbox backlog (on the relay's scans).
+METRICS_REFRESH_INTERVAL = env.float("METRICS_REFRESH_INTERVAL", default=5.0)  # seconds
+# Liveness for an orchestrator: the relay and the consumers keep this file's mtime at the last
+# moment each of their loops made progress (or was waiting on purpose, e.g. on a database or
+# NATS outage). Older than 60 s: stuck (see onboarding/eventbus/metrics.py). Unset: no file.
+HEARTBEAT_FILE = env.str("HEARTBEAT_FILE", default="")
+
 # --- Logging -------------------------------------------------------------------------------
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
+# Consumers log one line per handled event (onboarding.eventbus.events): consumer, user_id,
+# event_id, stream_seq, outcome, duration_ms. At thousands of events per second, WARNING here
+# keeps the other lines and drops those (the metrics count the events either way).
+EVENT_LOG_LEVEL = env.str("EVENT_LOG_LEVEL", default=LOG_LEVEL)
+# plain: one human-readable line per record; json: one JSON object per line (log shippers), with
+# the records' structured fields (the per-event lines' consumer, user_id, ...) as keys.
+LOG_FORMAT = env.str("LOG_FORMAT", default="plain")
+if LOG_FORMAT not in ("plain", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be plain or json, not {LOG_FORMAT!r}")
+# Every record goes through the root's one handler, once. Django's default configuration gives
+# the "django" logger a console handler of its own (under DEBUG) and "django.server" another
+# one; records then printed twice (django.request's "Bad Request: ..." under `make run`: once
+# by Django's handler, once propagated to ours) or in another format. Configuring "django" here
+# drops those handlers (and resets its children, django.server included, to propagate).
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(levelname)s %(name)s %(message)s",
+            "rename_fields": {"levelname": "level", "name": "logger"},
+            "timestamp": "time",
+            # runserver's records carry the request's socket: not a log field.
+            "reserved_attrs": [*JSON_RESERVED_ATTRS, "request", "server_time"],
+        },
     },
     "filters": {
         # asyncio warns on every close of a TLS connection to NATS (a nats-py quirk); noise.
@@ -266,12 +305,14 @@ LOGGING = {
     },
     "handlers": {
         "console": {
-            "class": "logging.StreamHandler", "formatter": "plain", "filters": ["tls_eof_noise"],
+            "class": "logging.StreamHandler", "formatter": LOG_FORMAT,
+            "filters": ["tls_eof_noise"],
         },
     },
     "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
-        name: {"level": LOG_LEVEL}
-        for name in ("onboarding", "accounts", *BOUNDED_CONTEXTS)
+        **{name: {"level": LOG_LEVEL} for name in ("onboarding", "accounts", *BOUNDED_CONTEXTS)},
+        "onboarding.eventbus.events": {"level": EVENT_LOG_LEVEL},
+        "django": {"handlers": [], "level": "INFO", "propagate": True},
     },
 }

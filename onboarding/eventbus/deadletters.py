@@ -48,7 +48,8 @@ def original_subject(consumer: str, subject: str) -> str:
     return subject[len(prefix):] if subject.startswith(prefix) else subject
 
 
-def _user_id_of(payload: bytes) -> str:
+def payload_user_id(payload: bytes) -> str:
+    """The payload's userId when it is readable, else "" (for a message that broke the contract)."""
     try:
         data = json.loads(payload)
     except (ValueError, RecursionError):
@@ -92,7 +93,7 @@ def dead_letter_store(
             letter.save(using=DEAD_LETTER_DATABASE, update_fields=[*fields])
             return letter
     fields.update(
-        subject=subject, user_id=_user_id_of(payload), payload=payload, headers=headers
+        subject=subject, user_id=payload_user_id(payload), payload=payload, headers=headers
     )
     letter, _ = letters.update_or_create(
         consumer=consumer,

@@ -22,6 +22,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from django.conf import settings
 from django.db import close_old_connections, connections
@@ -36,7 +37,10 @@ REFUSED_RETRY_SECONDS = 30
 
 
 class BackgroundPublisher:
-    def __init__(self) -> None:
+    def __init__(self, *, on_acked: Callable[[int], None] | None = None) -> None:
+        # Told how many events JetStream acknowledged, from the publisher thread (the relay's
+        # metrics).
+        self._on_acked = on_acked
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -182,6 +186,8 @@ class BackgroundPublisher:
                            len(messages) - len(acked))
         if acked:
             self._marks.put(acked)
+            if self._on_acked is not None:
+                self._on_acked(len(acked))
 
     async def _shutdown(self) -> None:
         # Publish what was handed over and wait for the PubAcks in flight, so that their rows

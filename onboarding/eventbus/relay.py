@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from django.conf import settings
 from django.db import close_old_connections, connections
 
+from onboarding.eventbus import metrics
 from onboarding.eventbus.connection import close, connect
 from onboarding.eventbus.leadership import relay_lock
 from onboarding.eventbus.lifecycle import Backoff, Stopper
@@ -96,9 +97,11 @@ class OutboxRelay:
         try:
             grace = await self._lead(once=once)
             while grace is not None and not self.stopper.stopped:
+                metrics.relay_tick()
                 if not await self._orm(self._lock.held):  # another relay may be active now
                     grace = await self._lead(once=once)
                     continue
+                await metrics.relay_backlog_refresh(self._orm)  # METRICS_PORT, every few seconds
                 try:
                     count = await self.flush_batch(grace=grace)
                 except Exception as exc:
@@ -136,7 +139,9 @@ class OutboxRelay:
         await self._stop_listening_and_publishing()  # what a lost lock leaves running
         backoff = Backoff(initial=settings.OUTBOX_RELAY_STANDBY_POLL, maximum=10.0)
         standby = False
+        metrics.relay_active(False)
         while not self.stopper.stopped:
+            metrics.relay_tick()  # standing by is waiting on purpose
             try:
                 acquired = await self._orm(self._lock.acquire)
             except Exception as exc:
@@ -149,6 +154,7 @@ class OutboxRelay:
                 continue
             if acquired:
                 logger.info("relay: active (took the outbox lock)")
+                metrics.relay_active(True)
                 if self.notify and not once:
                     await self._start_listening()
                 # Listening, the relay first publishes whatever is waiting, however fresh:
@@ -186,7 +192,7 @@ class OutboxRelay:
         # The same publisher as a web process's on-commit path: one wake-up per burst,
         # publish_async pipelined, rows marked after their PubAcks in one UPDATE every 0.5 s
         # (well inside the grace period after which the scan would republish them).
-        self._publisher = BackgroundPublisher()
+        self._publisher = BackgroundPublisher(on_acked=metrics.relay_published_notify)
         self._scan_now = asyncio.Event()
         # A fresh start (also after stepping down): a thread of an earlier term keeps its event.
         self._stop_listening = threading.Event()
@@ -277,9 +283,11 @@ class OutboxRelay:
         failed = [(m.row_id, r) for m, r in outcomes if isinstance(r, BaseException)]
         await self._orm(outbox_mark_published, row_ids=acked)
         self.published += len(acked)
+        metrics.relay_published(len(acked), path="scan")
         if acked:
             logger.info("relay published %d event(s)", len(acked))
         if failed:
+            metrics.relay_publish_failed(len(failed))
             error = f"{type(failed[0][1]).__name__}: {failed[0][1]}"
             await self._orm(outbox_record_failure, row_ids=[i for i, _ in failed], error=error)
             raise RuntimeError(f"{len(failed)} publish(es) not acknowledged: {error}")

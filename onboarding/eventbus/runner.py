@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,17 +50,21 @@ from django.db import (
 from django.utils import timezone
 
 from onboarding.contracts import EVENT_ID_HEADER, MSG_ID_HEADER, ContractError, parse_event
+from onboarding.eventbus import metrics
 from onboarding.eventbus.connection import close, connect
 from onboarding.eventbus.deadletters import (
     dead_letter_resolve,
     dead_letter_store,
     original_subject,
+    payload_user_id,
 )
 from onboarding.eventbus.lifecycle import Backoff, Stopper
 from onboarding.eventbus.models import ProcessedEvent
 from onboarding.eventbus.registry import ConsumerSpec
 
 logger = logging.getLogger(__name__)
+# One line per handled event (EVENT_LOG_LEVEL), with structured fields for JSON logs.
+event_logger = logging.getLogger("onboarding.eventbus.events")
 
 DURABLE_POLL_SECONDS = 0.5  # how often a consumer looks for its durable until it exists
 FETCH_TIMEOUT = 1.0  # seconds; also bounds how long a stop request waits on an idle fetch
@@ -85,6 +90,13 @@ PERMANENT_ERRORS = (ContractError, PermanentError, DataError)
 DATABASE_ERRORS = (OperationalError, InterfaceError)
 
 
+def dead_letter_reason(error: BaseException) -> str:
+    """The ``reason`` label of a dead letter: why retrying stopped."""
+    if isinstance(error, MaxDeliveriesExceeded):
+        return "crash_loop"
+    return "permanent" if isinstance(error, PERMANENT_ERRORS) else "max_deliver"
+
+
 def retry_delay(delivery: int) -> float:
     """nak delay after failed delivery number ``delivery`` (1-based): doubling, capped."""
     base, cap = settings.CONSUMER_RETRY_BASE_DELAY, settings.CONSUMER_RETRY_MAX_DELAY
@@ -99,6 +111,16 @@ def event_id_of(msg) -> str:
         or headers.get(MSG_ID_HEADER)
         or f"{msg.metadata.stream}:{msg.metadata.sequence.stream}"
     )
+
+
+def event_fields(consumer: str, msg, outcome: str, user_id: str | None = None, **more) -> dict:
+    """The structured fields of a log line about one message (``extra=``; keys in JSON logs)."""
+    meta = msg.metadata
+    return {
+        "consumer": consumer, "outcome": outcome, "event_id": event_id_of(msg),
+        "user_id": user_id or payload_user_id(bytes(msg.data)) or None,
+        "stream_seq": meta.sequence.stream, "delivery": meta.num_delivered, **more,
+    }
 
 
 @dataclass(frozen=True)
@@ -273,8 +295,10 @@ class ConsumerRunner:
         backoff = Backoff(initial=0.5, maximum=10.0)
         psub = None
         waiting_for_durable = False
+        pending = metrics.watch_pending(js, spec.name, spec.durable)  # METRICS_PORT only
         try:
             while not self.stopper.stopped:
+                metrics.consumer_tick(spec.name)
                 try:
                     if psub is None:
                         info = await js.consumer_info(settings.NATS_STREAM, spec.durable)
@@ -318,8 +342,11 @@ class ConsumerRunner:
                     await self.stopper.sleep(delay)
                     continue
                 backoff.reset()
-                await self._handle_batch(spec, msgs, executor)
+                with metrics.batch(spec.name, len(msgs)):
+                    await self._handle_batch(spec, msgs, executor)
         finally:
+            if pending is not None:
+                pending.cancel()
             if psub is not None:
                 await self._hand_back(psub)
             await asyncio.get_running_loop().run_in_executor(executor, connections.close_all)
@@ -346,6 +373,7 @@ class ConsumerRunner:
             if not self.per_message and len(unsettled) > 1:
                 await self._handle_together(spec, unsettled, executor)
             while unsettled:
+                metrics.consumer_tick(spec.name)  # one message at a time: each is progress
                 if self.stopper.stopped:
                     # Stopping: hand the rest back now rather than after ack_wait.
                     for msg in unsettled:
@@ -408,11 +436,13 @@ class ConsumerRunner:
         if len(ready) < 2:
             return
         while True:
+            started = time.perf_counter()
             try:
                 applied = await self._orm(
                     executor, process_events, spec, [item for _, item in ready]
                 )
             except DATABASE_ERRORS as exc:
+                metrics.handler_timed(spec.name, "batch", started)
                 if await self._database_available(spec, executor):
                     return
                 logger.warning(
@@ -423,23 +453,28 @@ class ConsumerRunner:
                     return
                 continue
             except Exception as exc:
+                metrics.handler_timed(spec.name, "batch", started)
                 logger.warning(
                     "consumer %s: batch of %d failed (%s: %s); retrying one by one",
                     spec.name, len(ready), type(exc).__name__, exc,
                 )
                 return
             break
+        took = metrics.handler_timed(spec.name, "batch", started)
         for msg, _ in ready:
             await msg.ack()  # only now: the transaction has committed
             settled.add(id(msg))
         unsettled[:] = [msg for msg in unsettled if id(msg) not in settled]
         self.processed[spec.name] += len(ready)
         self.duplicates[spec.name] += len(applied) - sum(applied)
+        metrics.handled(spec.name, processed=sum(applied), duplicates=len(applied) - sum(applied))
+        for (msg, item), is_new in zip(ready, applied, strict=True):
+            self._log_handled(spec, msg, item.event, is_new, took, batch_size=len(ready))
         replays = [dict(msg.headers or {}) for msg, item in ready if msg.subject != item.subject]
         for headers in replays:
             with contextlib.suppress(Exception):
                 await self._orm(executor, dead_letter_resolve, consumer=spec.name, headers=headers)
-        logger.info(
+        logger.debug(  # the per-event lines above say it at INFO
             "consumer %s: processed %d event(s) in one transaction (%d duplicate(s) skipped) "
             "seq %s-%s", spec.name, sum(applied), len(applied) - sum(applied),
             ready[0][1].stream_seq, ready[-1][1].stream_seq,
@@ -460,23 +495,30 @@ class ConsumerRunner:
                 "while handling it"
             )
             logger.error("consumer %s: dead-lettering seq=%s event_id=%s: %s",
-                         spec.name, seq, event_id, error)
+                         spec.name, seq, event_id, error,
+                         extra=event_fields(spec.name, msg, "dead_lettered"))
             await self._dead_letter(spec, msg, error, executor)
             return True
         while True:
+            started = None
             try:
                 event = parse_event(subject, msg.data, msg.headers)
+                started = time.perf_counter()
                 (applied,) = await self._orm(
                     executor, process_events, spec, [Incoming(event, event_id, subject, seq)]
                 )
             except PERMANENT_ERRORS as exc:
+                metrics.handler_timed(spec.name, "message", started)
+                metrics.failed(spec.name, permanent=True)
                 logger.error(
                     "consumer %s: permanent failure, dead-lettering seq=%s event_id=%s: %s: %s",
                     spec.name, seq, event_id, type(exc).__name__, exc,
+                    extra=event_fields(spec.name, msg, "dead_lettered"),
                 )
                 await self._dead_letter(spec, msg, exc, executor)
                 return True
             except DATABASE_ERRORS as exc:
+                metrics.handler_timed(spec.name, "message", started)
                 if await self._database_available(spec, executor):
                     await self._retry_later(spec, msg, exc, executor)  # this message's problem
                     return True
@@ -488,28 +530,44 @@ class ConsumerRunner:
                     return False  # stopping: the batch handler hands the messages back
                 continue  # the same delivery, again: an outage costs no delivery attempts
             except Exception as exc:
+                metrics.handler_timed(spec.name, "message", started)
                 await self._retry_later(spec, msg, exc, executor)
                 return True
             break
+        took = metrics.handler_timed(spec.name, "message", started)
         await msg.ack()  # only now: the transaction has committed
         self.processed[spec.name] += 1
         self.duplicates[spec.name] += not applied
+        metrics.handled(spec.name, processed=int(applied), duplicates=int(not applied))
         if msg.subject != subject:  # a replay: its dead letter is resolved
             with contextlib.suppress(Exception):
                 await self._orm(executor, dead_letter_resolve, consumer=spec.name,
                                 headers=dict(msg.headers or {}))
-        outcome = "processed" if applied else "duplicate skipped"
-        logger.info("consumer %s: %s seq=%s event_id=%s", spec.name, outcome, seq, event_id)
+        self._log_handled(spec, msg, event, applied, took)
         return True
+
+    @staticmethod
+    def _log_handled(spec: ConsumerSpec, msg, event, applied: bool, took: float, **more):
+        """The line of one acked event; in batch mode ``took`` is its batch's transaction."""
+        outcome = "processed" if applied else "duplicate"
+        fields = event_fields(spec.name, msg, outcome, user_id=str(event.user_id),
+                              duration_ms=round(took * 1000, 3), **more)
+        event_logger.info(
+            "consumer %s: %s seq=%s event_id=%s user_id=%s in %.1f ms", spec.name,
+            "processed" if applied else "duplicate skipped", fields["stream_seq"],
+            fields["event_id"], fields["user_id"], took * 1000, extra=fields,
+        )
 
     async def _retry_later(self, spec: ConsumerSpec, msg, error: BaseException, executor):
         meta = msg.metadata
         delivery, seq = meta.num_delivered, meta.sequence.stream
+        metrics.failed(spec.name, permanent=False)
         if delivery >= settings.CONSUMER_MAX_DELIVER:
             logger.error(
                 "consumer %s: delivery %d of %d failed, dead-lettering seq=%s: %s: %s",
                 spec.name, delivery, settings.CONSUMER_MAX_DELIVER, seq,
                 type(error).__name__, error,
+                extra=event_fields(spec.name, msg, "dead_lettered"),
             )
             await self._dead_letter(spec, msg, error, executor)
             return
@@ -517,7 +575,9 @@ class ConsumerRunner:
         logger.warning(
             "consumer %s: delivery %d failed seq=%s, retrying in %.1fs: %s: %s",
             spec.name, delivery, seq, delay, type(error).__name__, error,
+            extra=event_fields(spec.name, msg, "retried"),
         )
+        metrics.retried(spec.name)
         await msg.nak(delay=delay)
 
     async def _database_available(self, spec: ConsumerSpec, executor) -> bool:
@@ -532,6 +592,7 @@ class ConsumerRunner:
         self.outages[spec.name] += 1
         backoff = Backoff(initial=0.5, maximum=15.0)
         while not self.stopper.stopped:
+            metrics.consumer_tick(spec.name)  # waiting out an outage on purpose: not stuck
             await self.stopper.sleep(backoff.next())
             if await self._database_available(spec, executor):
                 logger.info("consumer %s: database %r is back; resuming", spec.name, spec.database)
@@ -554,7 +615,10 @@ class ConsumerRunner:
             logger.error(
                 "consumer %s: could not store dead letter seq=%s (%s); redelivering in %.1fs",
                 spec.name, meta.sequence.stream, exc, delay,
+                extra=event_fields(spec.name, msg, "retried"),
             )
+            metrics.retried(spec.name)
             await msg.nak(delay=delay)
             return
         await msg.term()
+        metrics.dead_lettered(spec.name, dead_letter_reason(error))

@@ -2,6 +2,7 @@ import asyncio
 
 from django.core.management.base import BaseCommand, CommandError
 
+from onboarding.eventbus import metrics
 from onboarding.eventbus.connection import NatsAccessError
 from onboarding.eventbus.registry import get_consumers
 from onboarding.eventbus.runner import ConsumerRunner
@@ -40,6 +41,7 @@ class Command(BaseCommand):
             [consumers[name] for name in names], batch=batch, per_message=per_message or None
         )
         try:
+            metrics.start()  # METRICS_PORT, HEARTBEAT_FILE
             asyncio.run(runner.run(install_signal_handlers=True))
-        except NatsAccessError as exc:
+        except (NatsAccessError, metrics.MetricsError) as exc:
             raise CommandError(str(exc))

@@ -2,6 +2,7 @@ import asyncio
 
 from django.core.management.base import BaseCommand, CommandError
 
+from onboarding.eventbus import metrics
 from onboarding.eventbus.connection import NatsAccessError
 from onboarding.eventbus.relay import OutboxRelay
 
@@ -22,6 +23,11 @@ class Command(BaseCommand):
 
     def handle(self, *args, once, grace, batch, **options):
         relay = OutboxRelay(grace=grace, batch=batch)
+        if not once:  # a service: metrics (METRICS_PORT) and liveness (HEARTBEAT_FILE)
+            try:
+                metrics.start()
+            except metrics.MetricsError as exc:
+                raise CommandError(str(exc))
         try:
             published = asyncio.run(relay.run(once=once, install_signal_handlers=True))
         except NatsAccessError as exc:

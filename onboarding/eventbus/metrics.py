@@ -1,0 +1,330 @@
+"""Metrics and liveness of the long-running eventbus commands (``consume``, ``outbox_relay``).
+
+Every metric is defined here, once; the runner and the relay call the small functions below at
+the points where an outcome is decided. ``manage.py consume``/``outbox_relay`` call
+:func:`start`, which serves Prometheus's text format on ``METRICS_ADDR:METRICS_PORT/metrics``
+when ``METRICS_PORT`` is set (off by default) and starts the heartbeat when ``HEARTBEAT_FILE`` is
+set. Several consumers in one process (``consume --all``) share the one registry and port, told
+apart by the ``consumer`` label; several processes on one host need a port each.
+
+Liveness. Each loop *ticks* when it makes progress or waits on purpose: a consumer at each fetch
+iteration (an empty fetch returns within a second; a failing one backs off at most 10 s), after
+each message it settles one at a time, and at each database probe during an outage; the relay
+at each scan or idle tick, and every poll while it stands by. A tick sets
+``*_last_loop_timestamp_seconds``. The heartbeat thread sets the mtime of ``HEARTBEAT_FILE``,
+every second, to the *oldest* of the loops' last ticks: the last moment every loop of the
+process was known to be moving. So a stuck loop — one unit of work (a fetch, one transaction of
+a batch or a message, a probe, a back-off sleep) that has not returned — freezes the file even
+though the keepalive still tells JetStream the messages are in progress, and so does an event
+loop blocked outright. A probe calls the process stuck when the file is older than the longest
+legitimate unit of work; 60 s leaves room for the 15 s outage probes and 10 s back-offs (see the
+README). Until its loops first tick (connecting to NATS, which is retried for ever like any NATS
+outage) the process counts as starting, and the heartbeat advances.
+
+What costs I/O is refreshed periodically, not per message, and only when metrics are served:
+each durable's ``num_pending`` (``consumer_info``) and the outbox backlog (on the relay's scans),
+every ``METRICS_REFRESH_INTERVAL`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from django.conf import settings
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_EVERY = 1.0  # seconds between writes of HEARTBEAT_FILE
+
+_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
+                     60, 120)
+
+# -- consumers ---------------------------------------------------------------------------------
+
+EVENTS_HANDLED = Counter(
+    "onboarding_consumer_events_handled_total",
+    "Events acked after their transaction committed (outcome: processed, or duplicate: already "
+    "in the inbox).",
+    ["consumer", "outcome"],
+)
+EVENTS_FAILED = Counter(
+    "onboarding_consumer_events_failed_total",
+    "Deliveries whose handling failed (kind: permanent — contract, PermanentError, DataError — "
+    "or transient); each is then retried or dead-lettered.",
+    ["consumer", "kind"],
+)
+EVENTS_RETRIED = Counter(
+    "onboarding_consumer_events_retried_total",
+    "Deliveries nak'ed with a delay, to be delivered again.",
+    ["consumer"],
+)
+EVENTS_DEAD_LETTERED = Counter(
+    "onboarding_consumer_events_dead_lettered_total",
+    "Messages stored as dead letters and terminated (reason: permanent, max_deliver, "
+    "crash_loop).",
+    ["consumer", "reason"],
+)
+HANDLER_DURATION = Histogram(
+    "onboarding_consumer_handler_duration_seconds",
+    "One transaction of the handlers (inbox claim, handlers, commit), failed ones too; mode: "
+    "batch (a fetched batch together) or message (one message).",
+    ["consumer", "mode"],
+    buckets=_DURATION_BUCKETS,
+)
+BATCH_DURATION = Histogram(
+    "onboarding_consumer_batch_duration_seconds",
+    "From a fetch returning a batch until every message of it is settled (or handed back).",
+    ["consumer"],
+    buckets=_DURATION_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "onboarding_consumer_batch_size",
+    "Messages returned by one fetch.",
+    ["consumer"],
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+)
+PENDING = Gauge(
+    "onboarding_consumer_pending_messages",
+    "The durable's num_pending: messages not yet delivered to any replica (refreshed every "
+    "METRICS_REFRESH_INTERVAL).",
+    ["consumer"],
+)
+ACK_PENDING = Gauge(
+    "onboarding_consumer_ack_pending_messages",
+    "The durable's num_ack_pending: delivered, not yet settled (all replicas).",
+    ["consumer"],
+)
+CONSUMER_LAST_LOOP = Gauge(
+    "onboarding_consumer_last_loop_timestamp_seconds",
+    "Unix time of the consumer loop's last tick (a fetch, a settled message, an outage probe).",
+    ["consumer"],
+)
+
+# -- the relay ---------------------------------------------------------------------------------
+
+RELAY_PUBLISHED = Counter(
+    "onboarding_relay_published_total",
+    "Outbox events published and acknowledged by JetStream (path: scan, or notify — the "
+    "PostgreSQL fast path).",
+    ["path"],
+)
+RELAY_PUBLISH_FAILED = Counter(
+    "onboarding_relay_publish_failed_total",
+    "Scanned outbox events whose publish was not acknowledged (they are retried).",
+)
+RELAY_BACKLOG = Gauge(
+    "onboarding_relay_backlog_events",
+    "Unpublished outbox rows (refreshed on the active relay's scans).",
+)
+RELAY_BACKLOG_AGE = Gauge(
+    "onboarding_relay_backlog_age_seconds",
+    "Age of the oldest unpublished outbox row; 0 when there is none (refreshed on scans).",
+)
+RELAY_ACTIVE = Gauge(
+    "onboarding_relay_active",
+    "1 while this relay holds the outbox lock and publishes, 0 while it stands by.",
+)
+RELAY_LAST_LOOP = Gauge(
+    "onboarding_relay_last_loop_timestamp_seconds",
+    "Unix time of the relay loop's last tick (a scan, an idle tick, a standby poll).",
+)
+
+
+# -- serving -----------------------------------------------------------------------------------
+
+
+class MetricsError(Exception):
+    """The metrics server cannot start (the port is taken, say)."""
+
+
+_started = False
+_last_tick: dict[str, float] = {}  # loop -> time.time() of its last tick
+_refreshed: dict[str, float] = {}  # what -> time.monotonic() of its last refresh
+
+
+def enabled() -> bool:
+    return settings.METRICS_PORT is not None
+
+
+def start() -> None:
+    """Serve the metrics (METRICS_PORT) and write the heartbeat (HEARTBEAT_FILE), as set.
+
+    Once per process. Raises MetricsError when the port is taken: a second process on the host
+    with the same METRICS_PORT would otherwise run unobserved.
+    """
+    global _started
+    if _started:
+        return
+    if enabled():
+        try:
+            start_http_server(settings.METRICS_PORT, addr=settings.METRICS_ADDR)
+        except OSError as exc:
+            raise MetricsError(
+                f"cannot serve metrics on {settings.METRICS_ADDR}:{settings.METRICS_PORT}: "
+                f"{exc} (processes on one host need a METRICS_PORT each)"
+            ) from exc
+        logger.info("metrics on http://%s:%s/metrics", settings.METRICS_ADDR,
+                    settings.METRICS_PORT)
+    if settings.HEARTBEAT_FILE:
+        path = Path(settings.HEARTBEAT_FILE)
+        _heartbeat_write(path)
+        threading.Thread(target=_heartbeat, args=(path,), name="heartbeat", daemon=True).start()
+    _started = True
+
+
+def _heartbeat(path: Path) -> None:
+    while True:
+        time.sleep(HEARTBEAT_EVERY)
+        _heartbeat_write(path)
+
+
+def _heartbeat_write(path: Path) -> None:
+    """Set the file's mtime to the oldest loop's last tick (now, while no loop has ticked)."""
+    ticks = list(_last_tick.values())
+    moment = min(ticks) if ticks else time.time()
+    try:
+        if not path.exists():
+            path.touch()
+        os.utime(path, (moment, moment))
+    except OSError as exc:
+        logger.warning("heartbeat: cannot write %s: %s", path, exc)
+
+
+def _tick(loop: str) -> float:
+    now = time.time()
+    _last_tick[loop] = now
+    return now
+
+
+def _due(what: str) -> bool:
+    """True at most once per METRICS_REFRESH_INTERVAL for ``what`` (and only when serving)."""
+    if not enabled():
+        return False
+    now = time.monotonic()
+    if now - _refreshed.get(what, -float("inf")) < settings.METRICS_REFRESH_INTERVAL:
+        return False
+    _refreshed[what] = now
+    return True
+
+
+# -- called by the consumer runner -------------------------------------------------------------
+
+
+def consumer_tick(consumer: str) -> None:
+    """The consumer's loop made progress, or waits on purpose (see the module docstring)."""
+    CONSUMER_LAST_LOOP.labels(consumer).set(_tick(f"consumer:{consumer}"))
+
+
+@contextlib.contextmanager
+def batch(consumer: str, size: int):
+    """Around the handling of one fetched batch: its size, and its duration."""
+    BATCH_SIZE.labels(consumer).observe(size)
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        BATCH_DURATION.labels(consumer).observe(time.perf_counter() - started)
+
+
+def handler_timed(consumer: str, mode: str, started: float | None) -> float:
+    """Record one handler transaction that began at ``started`` (perf_counter); its seconds.
+
+    ``started`` None: the transaction never began (the message failed before); nothing to time.
+    """
+    if started is None:
+        return 0.0
+    took = time.perf_counter() - started
+    HANDLER_DURATION.labels(consumer, mode).observe(took)
+    return took
+
+
+def handled(consumer: str, *, processed: int, duplicates: int) -> None:
+    if processed:
+        EVENTS_HANDLED.labels(consumer, "processed").inc(processed)
+    if duplicates:
+        EVENTS_HANDLED.labels(consumer, "duplicate").inc(duplicates)
+
+
+def failed(consumer: str, *, permanent: bool) -> None:
+    EVENTS_FAILED.labels(consumer, "permanent" if permanent else "transient").inc()
+
+
+def retried(consumer: str) -> None:
+    EVENTS_RETRIED.labels(consumer).inc()
+
+
+def dead_lettered(consumer: str, reason: str) -> None:
+    EVENTS_DEAD_LETTERED.labels(consumer, reason).inc()
+
+
+def watch_pending(js, consumer: str, durable: str) -> asyncio.Task | None:
+    """When serving metrics: a task refreshing the durable's pending counts periodically."""
+    if not enabled():
+        return None
+
+    async def watch():
+        while True:
+            if _due(f"pending:{consumer}"):
+                try:
+                    info = await js.consumer_info(settings.NATS_STREAM, durable)
+                except Exception as exc:  # NATS down: the fetch loop says so; keep the last
+                    logger.debug("metrics: consumer_info %s failed: %s", durable, exc)
+                else:
+                    PENDING.labels(consumer).set(info.num_pending or 0)
+                    ACK_PENDING.labels(consumer).set(info.num_ack_pending or 0)
+            await asyncio.sleep(min(1.0, settings.METRICS_REFRESH_INTERVAL))
+
+    return asyncio.create_task(watch(), name=f"metrics-pending-{consumer}")
+
+
+# -- called by the relay -----------------------------------------------------------------------
+
+
+def relay_tick() -> None:
+    RELAY_LAST_LOOP.set(_tick("relay"))
+
+
+def relay_active(active: bool) -> None:
+    RELAY_ACTIVE.set(1 if active else 0)
+
+
+def relay_published(count: int, *, path: str) -> None:
+    if count:
+        RELAY_PUBLISHED.labels(path).inc(count)
+
+
+def relay_published_notify(count: int) -> None:
+    """The relay's fast-path publisher (PostgreSQL) had ``count`` events acknowledged."""
+    relay_published(count, path="notify")
+
+
+def relay_publish_failed(count: int) -> None:
+    RELAY_PUBLISH_FAILED.inc(count)
+
+
+async def relay_backlog_refresh(run_orm) -> None:
+    """On a scan, at most every METRICS_REFRESH_INTERVAL: the outbox backlog and its age.
+
+    ``run_orm`` runs a function on the relay's ORM thread. Never raises: a metric is not worth
+    a relay's loop (a database that is down shows in the scan itself).
+    """
+    if not _due("relay-backlog"):
+        return
+    from django.utils import timezone
+
+    from onboarding.eventbus.outbox import outbox_backlog
+
+    try:
+        count, oldest = await run_orm(outbox_backlog)
+    except Exception as exc:
+        logger.debug("metrics: outbox backlog failed: %s", exc)
+        return
+    RELAY_BACKLOG.set(count)
+    RELAY_BACKLOG_AGE.set((timezone.now() - oldest).total_seconds() if oldest else 0)
