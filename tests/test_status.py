@@ -160,20 +160,21 @@ def test_an_old_unpublished_outbox_event_is_unhealthy_past_the_threshold(jetstre
 
 
 def test_open_dead_letters_are_unhealthy_until_discarded(jetstream, manage):
-    letter = dead_letter_store(
+    letter, other = (dead_letter_store(
         consumer="progression", subject="user.registered", stream=settings.NATS_STREAM,
-        stream_seq=7, event_id=str(uuid.uuid4()), payload=b"not json", headers={},
+        stream_seq=seq, event_id=str(uuid.uuid4()), payload=b"not json", headers={},
         deliveries=1, error=ValueError("not JSON"),
-    )
+    ) for seq in (7, 8))
     code, output = status_process(manage)
     assert code == 1, output
-    assert "unhealthy: consumer progression: 1 open dead letter(s)" in output
-    assert status_in_process("--max-dead-letters", "1")[0] == 0
+    assert "unhealthy: consumer progression: 2 open dead letter(s)" in output
+    assert status_in_process("--max-dead-letters", "2")[0] == 0
 
-    discard = manage("deadletters", "discard", "--consumer", "progression", "--id",
-                     str(letter.id), "--reason", "garbage, nothing to replay")
+    discard = manage("deadletters", "discard", "--consumer", "progression",
+                     "--id", str(letter.id), "--id", str(other.id),
+                     "--reason", "garbage, nothing to replay")
     assert discard.wait(30) == 0, discard.output()
-    assert "discarded 1 dead letter(s) of progression" in discard.output()
+    assert "discarded 2 dead letter(s) of progression" in discard.output()
     letter.refresh_from_db()
     assert letter.discarded_at is not None
     assert letter.discard_reason == "garbage, nothing to replay"
@@ -186,8 +187,9 @@ def test_open_dead_letters_are_unhealthy_until_discarded(jetstream, manage):
     assert json.loads(listing.output()) == []
     listing = manage("deadletters", "list", "--json", "--discarded")
     assert listing.wait(30) == 0
-    [shown] = json.loads(listing.output())
-    assert (shown["id"], shown["state"]) == (letter.id, "discarded")
+    shown = json.loads(listing.output())
+    assert [(x["id"], x["state"]) for x in shown] == [(letter.id, "discarded"),
+                                                      (other.id, "discarded")]
     again = manage("deadletters", "discard", "--consumer", "progression", "--id", str(letter.id))
     assert again.wait(30) == 1
     assert "no open dead letter of progression" in again.output()

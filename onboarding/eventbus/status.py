@@ -22,6 +22,7 @@ from onboarding.contracts import UserRegistered
 from onboarding.eventbus.connection import NatsAccessError, display_url
 from onboarding.eventbus.deadletters import (
     dead_letter_state,
+    dead_letters_list,
     dead_letters_of_user,
     dead_letters_open,
 )
@@ -179,12 +180,19 @@ def onboarding_status(
     if nats_error:
         problems.append(nats_error)
     dead = dict(
-        dead_letters_open().values("consumer").annotate(n=Count("id")).values_list("consumer", "n")
+        # order_by(): the list's id order would otherwise join the GROUP BY (one group a row).
+        dead_letters_open().order_by().values("consumer").annotate(n=Count("id"))
+        .values_list("consumer", "n")
+    )
+    discarded = dict(
+        dead_letters_list(discarded=True, resolved=True).filter(discarded_at__isnull=False)
+        .order_by().values("consumer").annotate(n=Count("id")).values_list("consumer", "n")
     )
     consumers = {}
     for name in names:
         entry = dict(stats.get(name) or {})
         entry["dead_letters"] = dead.get(name, 0)
+        entry["discarded_dead_letters"] = discarded.get(name, 0)
         entry["durable"] = "unknown" if nats_error else (
             "missing" if stats.get(name) is None else "present"
         )
