@@ -274,7 +274,8 @@ def _durable_passed(durable: dict | None, seq: int | None, published: bool) -> b
 
 def _record(record) -> dict:
     meta = record._meta
-    return {"model": meta.label_lower, "id": record.pk, "text": str(record)}
+    return {"model": meta.label_lower, "name": str(meta.verbose_name), "id": record.pk,
+            "text": str(record)}
 
 
 def _dead_letter_summary(letter) -> dict:
