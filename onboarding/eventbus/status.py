@@ -10,6 +10,7 @@ database) and, for a user, what each context's ``DEFAULTS`` selector says exists
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import uuid
 from urllib.parse import quote
 
@@ -36,6 +37,9 @@ MAX_OUTBOX_AGE = 60.0
 MAX_DEAD_LETTERS = 0
 # How long to wait before reading a durable again to confirm that nobody pulls from it.
 IDLE_CONFIRM = 1.0
+# How long events may sit delivered but unacknowledged, with no client pulling, before the
+# durable counts as stuck (its consumer died holding them, or is stuck in an outage).
+MAX_UNACKED_AGE = 60.0
 
 
 class UserStoryError(Exception):
@@ -78,7 +82,9 @@ def _seq(sequence_info, field: str = "stream_seq") -> int | None:
 
 def _durable_entry(info) -> dict:
     delivered = info.delivered
-    last_active = getattr(delivered, "last_active", None)
+    # The durable's last activity: its last delivery or its last ack, whichever is later.
+    times = [getattr(x, "last_active", None) for x in (delivered, info.ack_floor)]
+    last_active = max((t for t in times if t is not None), default=None)
     return {
         "pending": info.num_pending,
         "ack_pending": info.num_ack_pending,
@@ -157,21 +163,35 @@ def _read_nats(names: list[str], *, idle_confirm: float) -> tuple[dict, str | No
 # -- the flow's health ------------------------------------------------------------------------
 
 
+def _stuck(entry: dict, max_unacked_age: float) -> bool:
+    if not (entry["ack_pending"] > 0 and entry["waiting"] == 0):
+        return False
+    if entry["last_active"] is None:
+        return True
+    quiet = (timezone.now() - dt.datetime.fromisoformat(entry["last_active"])).total_seconds()
+    return quiet > max_unacked_age
+
+
 def onboarding_status(
     *,
     max_outbox_age: float = MAX_OUTBOX_AGE,
     max_pending: int | None = None,
     max_dead_letters: int = MAX_DEAD_LETTERS,
     idle_confirm: float = IDLE_CONFIRM,
+    max_unacked_age: float = MAX_UNACKED_AGE,
     count_processed: bool = False,
 ) -> dict:
     """Collect per-consumer and outbox figures and decide whether the flow is healthy.
 
     Unhealthy: NATS unreachable or refusing; a durable missing; a durable with events pending
-    and no client pulling (see :func:`_durable_stats`); more than ``max_dead_letters`` open
-    dead letters of a consumer (discarded ones do not count); the oldest unpublished outbox
-    event older than ``max_outbox_age`` seconds; with ``max_pending``, a consumer lagging by
-    more. ``count_processed`` adds each inbox's row count (a COUNT per context database).
+    and no client pulling (see :func:`_durable_stats`); a durable whose events have sat
+    delivered but unacknowledged, with no client pulling, for more than ``max_unacked_age``
+    seconds (JetStream counts a dead client's messages as ack-pending until some client
+    pulls again, so rule one alone would miss a consumer killed with a batch in hand); more
+    than ``max_dead_letters`` open dead letters of a consumer (discarded ones do not count);
+    the oldest unpublished outbox event older than ``max_outbox_age`` seconds; with
+    ``max_pending``, a consumer lagging by more. ``count_processed`` adds each inbox's row
+    count (a COUNT per context database).
     """
     consumers_by_name = get_consumers()
     names = list(consumers_by_name)
@@ -214,6 +234,13 @@ def onboarding_status(
                 f"consumer {name}: {entry['dead_letters']} open dead letter(s) "
                 f"(manage.py deadletters list --consumer {name})"
             )
+        entry["stuck"] = entry.get("pending") is not None and _stuck(entry, max_unacked_age)
+        if entry["stuck"]:
+            problems.append(
+                f"consumer {name}: {entry['ack_pending']} event(s) delivered but unacknowledged "
+                f"for over {max_unacked_age:g}s and no client pulling (its consumer died "
+                "holding them, or is stuck in a database outage)"
+            )
         if max_pending is not None and entry.get("pending", 0) > max_pending:
             problems.append(f"consumer {name}: {entry['pending']} pending > {max_pending}")
     backlog, oldest = outbox_backlog()
@@ -234,6 +261,7 @@ def onboarding_status(
         "thresholds": {
             "max_outbox_age": max_outbox_age, "max_pending": max_pending,
             "max_dead_letters": max_dead_letters, "idle_confirm": idle_confirm,
+            "max_unacked_age": max_unacked_age,
         },
     }
 

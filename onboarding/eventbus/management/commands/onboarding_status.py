@@ -41,6 +41,12 @@ class Command(BaseCommand):
                  "read again to confirm it (default %(default)s; 0: trust one read)",
         )
 
+        parser.add_argument(
+            "--max-unacked-age", type=float, default=flow.MAX_UNACKED_AGE,
+            help="seconds events may stay delivered but unacknowledged while no client pulls "
+                 "(default %(default)s)",
+        )
+
     def handle(self, *args, **options):
         if options["user"] is not None:
             return self._user(options["user"], options["json"])
@@ -49,6 +55,7 @@ class Command(BaseCommand):
             max_pending=options["max_pending"],
             max_dead_letters=options["max_dead_letters"],
             idle_confirm=options["idle_confirm"],
+            max_unacked_age=options["max_unacked_age"],
         )
         if options["json"]:
             self.stdout.write(json.dumps(status, indent=2))
@@ -75,6 +82,8 @@ class Command(BaseCommand):
                 state = f"durable {entry['durable']}"
             elif entry.get("stalled"):
                 state = "STALLED: nobody pulling"
+            elif entry.get("stuck"):
+                state = "STUCK: unacknowledged, nobody pulling"
             elif entry["waiting"] or entry["ack_pending"]:
                 state = "pulling"
             else:
