@@ -115,6 +115,11 @@ PASSWORD_HASHERS = env.list(
     ],
 )
 
+# --- Admin ---------------------------------------------------------------------------------
+# The contexts' rows (players, characters, progression, buildings) come from events: the admin
+# shows them read-only. True lets superusers edit them by hand (repairs; the events don't know).
+ADMIN_CONTEXTS_EDITABLE = env.bool("ADMIN_CONTEXTS_EDITABLE", default=False)
+
 # --- Cache ---------------------------------------------------------------------------------
 # The API's throttle counters live here. The default (locmem) is private to each process: right
 # for runserver, wrong under gunicorn's several workers, where each would enforce its own limit.

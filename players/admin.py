@@ -1,11 +1,12 @@
 from django.contrib import admin
 
+from onboarding.eventbus.admin_context import ContextModelAdmin
 from players.models import Player
 
 
 @admin.register(Player)
-class PlayerAdmin(admin.ModelAdmin):
-    list_display = ("username", "user_id", "created_at")
+class PlayerAdmin(ContextModelAdmin):
+    list_display = ("username", "short_user_id", "created_at")
     list_filter = ("created_at",)
     search_fields = ("username", "=user_id")
     readonly_fields = ("user_id", "created_at")

@@ -1,11 +1,12 @@
 from django.contrib import admin
 
+from onboarding.eventbus.admin_context import ContextModelAdmin
 from progression.models import MetaProgression
 
 
 @admin.register(MetaProgression)
-class MetaProgressionAdmin(admin.ModelAdmin):
-    list_display = ("user_id", "level", "unlocked_weapons", "unlocked_skills", "created_at")
+class MetaProgressionAdmin(ContextModelAdmin):
+    list_display = ("short_user_id", "level", "unlocked_weapons", "unlocked_skills", "created_at")
     list_filter = ("level", "created_at")
     search_fields = ("=user_id",)
     readonly_fields = ("created_at", "updated_at")

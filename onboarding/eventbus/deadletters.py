@@ -119,10 +119,51 @@ def dead_letter_resolve(*, consumer: str, headers: dict) -> int:
 
 
 def dead_letters_open(*, consumer: str | None = None) -> QuerySet[DeadLetter]:
-    letters = DeadLetter.objects.using(DEAD_LETTER_DATABASE).filter(resolved_at__isnull=True)
+    """Dead letters still waiting for someone: neither resolved by a replay nor discarded."""
+    return dead_letters_list(consumer=consumer)
+
+
+def dead_letters_list(
+    *, consumer: str | None = None, resolved: bool = False, discarded: bool = False
+) -> QuerySet[DeadLetter]:
+    """Dead letters in id order: the open ones, plus resolved and/or discarded ones if asked."""
+    letters = DeadLetter.objects.using(DEAD_LETTER_DATABASE)
+    if not resolved:
+        letters = letters.filter(resolved_at__isnull=True)
+    if not discarded:
+        letters = letters.filter(discarded_at__isnull=True)
     if consumer:
         letters = letters.filter(consumer=consumer)
     return letters.order_by("id")
+
+
+def dead_letters_of_user(*, user_id: str) -> QuerySet[DeadLetter]:
+    """Every dead letter whose payload named this user, whatever its state."""
+    return DeadLetter.objects.using(DEAD_LETTER_DATABASE).filter(user_id=user_id).order_by("id")
+
+
+def dead_letter_state(letter: DeadLetter) -> str:
+    if letter.discarded_at:
+        return "discarded"
+    if letter.resolved_at:
+        return "resolved"
+    return "open"
+
+
+def dead_letters_discard(*, letters: list[DeadLetter], by: str, reason: str = "") -> int:
+    """Give up on open dead letters that no replay can fix; return how many were discarded.
+
+    They are kept (what was lost stays on record) but leave the health check, the default
+    lists and replay. One UPDATE; resolved or already discarded ones are left as they are.
+    """
+    ids = [letter.id for letter in letters]
+    if not ids:
+        return 0
+    return (
+        DeadLetter.objects.using(DEAD_LETTER_DATABASE)
+        .filter(id__in=ids, resolved_at__isnull=True, discarded_at__isnull=True)
+        .update(discarded_at=timezone.now(), discarded_by=by[:150], discard_reason=reason)
+    )
 
 
 def dead_letter_as_dict(letter: DeadLetter) -> dict:
@@ -142,6 +183,10 @@ def dead_letter_as_dict(letter: DeadLetter) -> dict:
         "first_failed_at": letter.first_failed_at.isoformat(),
         "last_failed_at": letter.last_failed_at.isoformat(),
         "resolved_at": letter.resolved_at.isoformat() if letter.resolved_at else None,
+        "state": dead_letter_state(letter),
+        "discarded_at": letter.discarded_at.isoformat() if letter.discarded_at else None,
+        "discarded_by": letter.discarded_by,
+        "discard_reason": letter.discard_reason,
         "headers": letter.headers,
         "payload": letter.payload_text,
     }

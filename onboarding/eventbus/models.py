@@ -83,6 +83,14 @@ class DeadLetter(models.Model):
     resolved_at = models.DateTimeField(
         null=True, blank=True, db_index=True, help_text="When a replay was processed."
     )
+    # A dead letter that no replay can fix (a payload that will never meet the contract, a user
+    # deleted since) is discarded rather than deleted: the record of what was lost stays, but it
+    # no longer makes the flow unhealthy nor shows in the default lists.
+    discarded_at = models.DateTimeField(
+        null=True, blank=True, db_index=True, help_text="When an operator gave up on it."
+    )
+    discarded_by = models.CharField(max_length=150, blank=True)
+    discard_reason = models.TextField(blank=True)
 
     class Meta:
         ordering = ["-last_failed_at"]

@@ -1,30 +1,61 @@
 import json
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
-from onboarding.eventbus.status import onboarding_status
+from onboarding.eventbus import status as flow
 
 
 class Command(BaseCommand):
     help = (
-        "Per consumer: pending, ack-pending, redelivered and dead-letter counts; the outbox "
-        "backlog and the age of its oldest row. Exits 1 when something is unhealthy (for probes).\n"
-        "Example: manage.py onboarding_status --json"
+        "The health of the event flow: per consumer pending, ack-pending, waiting pull "
+        "requests, redelivered and open dead letters; the outbox backlog and its oldest age. "
+        "Exits 1 when unhealthy (for probes): NATS unreachable, a durable missing, events "
+        "pending with no client pulling, open dead letters, an old unpublished outbox event.\n"
+        "With --user: that user's story per service (records, inbox, durable, dead letters); "
+        "exits 1 unless every service has set the user up.\n"
+        "Examples: manage.py onboarding_status --json\n"
+        "          manage.py onboarding_status --user 0b5c3f0e-6a6d-4c3e-9a43-3f6f9b0d2a11"
     )
 
     def add_arguments(self, parser):
         parser.add_argument("--json", action="store_true", help="print JSON")
+        parser.add_argument("--user", metavar="USER_ID", help="one user's story instead")
         parser.add_argument(
-            "--max-outbox-age", type=float, default=60.0,
-            help="seconds an event may wait in the outbox before it counts as unhealthy",
+            "--max-outbox-age", type=float, default=flow.MAX_OUTBOX_AGE,
+            help="seconds an event may wait in the outbox before it counts as unhealthy "
+                 "(default %(default)s)",
         )
         parser.add_argument(
-            "--max-pending", type=int, help="pending messages per consumer that count as unhealthy"
+            "--max-pending", type=int,
+            help="pending messages per consumer that count as unhealthy even while it pulls "
+                 "(default: off)",
+        )
+        parser.add_argument(
+            "--max-dead-letters", type=int, default=flow.MAX_DEAD_LETTERS,
+            help="open dead letters per consumer tolerated (default %(default)s; discarded "
+                 "ones never count)",
+        )
+        parser.add_argument(
+            "--idle-confirm", type=float, default=flow.IDLE_CONFIRM,
+            help="seconds before a durable that has events pending and no client pulling is "
+                 "read again to confirm it (default %(default)s; 0: trust one read)",
+        )
+
+        parser.add_argument(
+            "--max-unacked-age", type=float, default=flow.MAX_UNACKED_AGE,
+            help="seconds events may stay delivered but unacknowledged while no client pulls "
+                 "(default %(default)s)",
         )
 
     def handle(self, *args, **options):
-        status = onboarding_status(
-            max_outbox_age=options["max_outbox_age"], max_pending=options["max_pending"]
+        if options["user"] is not None:
+            return self._user(options["user"], options["json"])
+        status = flow.onboarding_status(
+            max_outbox_age=options["max_outbox_age"],
+            max_pending=options["max_pending"],
+            max_dead_letters=options["max_dead_letters"],
+            idle_confirm=options["idle_confirm"],
+            max_unacked_age=options["max_unacked_age"],
         )
         if options["json"]:
             self.stdout.write(json.dumps(status, indent=2))
@@ -33,12 +64,31 @@ class Command(BaseCommand):
         if not status["healthy"]:
             raise SystemExit(1)
 
+    def _where(self, status):
+        nats = status["nats"]
+        stream = f" (stream {nats['stream']})" if nats.get("stream") else ""
+        self.stdout.write(f"nats: {nats['server']}{stream}")
+        for alias, label in status["databases"].items():
+            self.stdout.write(f"database {alias}: {label}")
+
     def _print(self, status):
-        columns = ("pending", "ack_pending", "redelivered", "dead_letters")
-        self.stdout.write(f"{'consumer':<14}" + "".join(f"{c:>14}" for c in columns))
+        self._where(status)
+        columns = ("pending", "ack_pending", "waiting", "redelivered", "dead_letters")
+        self.stdout.write(f"{'consumer':<14}" + "".join(f"{c:>14}" for c in columns)
+                          + "  state")
         for name, entry in status["consumers"].items():
             cells = "".join(f"{entry.get(c, '?')!s:>14}" for c in columns)
-            self.stdout.write(f"{name:<14}{cells}")
+            if entry["durable"] != "present":
+                state = f"durable {entry['durable']}"
+            elif entry.get("stalled"):
+                state = "STALLED: nobody pulling"
+            elif entry.get("stuck"):
+                state = "STUCK: unacknowledged, nobody pulling"
+            elif entry["waiting"] or entry["ack_pending"]:
+                state = "pulling"
+            else:
+                state = "idle"
+            self.stdout.write(f"{name:<14}{cells}  {state}")
         outbox = status["outbox"]
         age = outbox["oldest_age_seconds"]
         self.stdout.write(
@@ -49,3 +99,73 @@ class Command(BaseCommand):
             self.stdout.write(self.style.SUCCESS("healthy"))
         for problem in status["problems"]:
             self.stdout.write(self.style.ERROR(f"unhealthy: {problem}"))
+
+    def _user(self, user_id, as_json):
+        try:
+            story = flow.user_story(user_id=user_id)
+        except flow.UserStoryError as exc:
+            # CommandError prints one line on stderr and exits 1.
+            raise CommandError(str(exc)) from None
+        if as_json:
+            self.stdout.write(json.dumps(story, indent=2))
+        else:
+            self._print_story(story)
+        if not story["complete"]:
+            raise SystemExit(1)
+
+    def _print_story(self, story):
+        user = story["user"]
+        self.stdout.write(
+            f"user {story['user_id']}"
+            + (f" ({user['username']})" if user["exists"] else " (no such user in accounts)")
+        )
+        event = story["event"]
+        if event is None:
+            self.stdout.write("event: none in the outbox (never announced)")
+        else:
+            published = (f"published {event['published_at']}" if event["published_at"]
+                         else "NOT PUBLISHED yet (waiting in the outbox)")
+            seq = (f"stream seq {event['stream_seq']} (from the {event['stream_seq_source']})"
+                   if event["stream_seq"] is not None else "stream seq not known yet")
+            self.stdout.write(f"event {event['event_id']} {event['subject']}: {published}; {seq}")
+        self._where(story)
+        if not story["nats"]["reachable"]:
+            self.stdout.write(self.style.ERROR(f"nats: {story['nats']['error']}"))
+        header = f"{'service':<14}{'records':<40}{'inbox':<14}{'durable':<34}dead letters"
+        self.stdout.write(header)
+        for name, service in story["services"].items():
+            if service["missing"]:
+                records = "missing"
+            else:
+                # A record's own text, unless it is just the user id again.
+                records = ", ".join(
+                    f"{r['name']} #{r['id']}" if story["user_id"] in r["text"] else r["text"]
+                    for r in service["records"]
+                )
+                if not service["complete"]:
+                    records += " (incomplete)"
+            inbox = f"seq {service['inbox']['stream_seq']}" if service["inbox"] else "-"
+            durable = self._durable(service["durable"])
+            letters = ", ".join(f"#{x['id']} {x['state']}" for x in service["dead_letters"]) or "-"
+            self.stdout.write(f"{name:<14}{records[:38]:<40}{inbox:<14}{durable:<34}{letters}")
+        for service in story["services"].values():
+            for letter in service["dead_letters"]:
+                self.stdout.write(
+                    f"dead letter #{letter['id']} ({letter['consumer']}, {letter['state']}, "
+                    f"{letter['deliveries']} deliveries): {letter['error'][:120]}"
+                )
+        if story["complete"]:
+            self.stdout.write(self.style.SUCCESS("set up by every service"))
+        else:
+            self.stdout.write(self.style.ERROR("not set up by every service"))
+
+    @staticmethod
+    def _durable(durable):
+        if durable is None:
+            return "unknown (NATS)"
+        floor = f"ack floor {durable['ack_floor_seq']}"
+        if durable["passed"] is True:
+            return f"passed ({floor})"
+        if durable["passed"] is False:
+            return f"not yet ({floor}, {durable['pending']} pending)"
+        return f"unknown ({durable['pending']} pending)"
