@@ -100,8 +100,8 @@ class TestWithConsumers:
 
         code, output = reconcile()
         assert code == 1, output
-        assert f"players: missing for 1 user(s): {no_player.id} (lost0)" in output
-        assert f"buildings: missing for 1 user(s): {half_built.id} (lost1)" in output
+        assert f"players: missing for 1 user(s):\n  {no_player.id} (lost0)\n" in output
+        assert f"buildings: missing for 1 user(s):\n  {half_built.id} (lost1)\n" in output
         code, report = reconcile_json()
         assert code == 1
         assert report["complete"] is False and report["checked"] == 4
@@ -112,7 +112,7 @@ class TestWithConsumers:
 
         code, output = reconcile("--repair")
         assert code == 0, output
-        assert "re-delivered 2 event(s)" in output
+        assert "Re-delivered 2 event(s) to those services only" in output
         wait_until(lambda: counts() == complete_count(4), message="defaults back")
         wait_settled()
         assert_defaults(no_player.id, "lost0")

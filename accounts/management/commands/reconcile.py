@@ -42,6 +42,7 @@ from onboarding.eventbus.redelivery import RedeliveryError, redeliver
 
 # Users named per service (text and --json); the counts are always complete.
 LISTED_PER_SERVICE = 50
+LISTED_AS_TEXT = 10
 
 
 @dataclass
@@ -307,11 +308,10 @@ class Command(BaseCommand):
 
     def _print(self, report: dict, totals: Totals) -> None:
         repair = report["repair"]
-        scope = f"registered {report['min_age']:g}s ago or earlier"
-        if report["since"]:
-            scope += f", since {report['since']}"
+        scope = f"from {report['since']} " if report["since"] else ""
         self.stdout.write(
-            f"reconcile: checked {report['checked']} user(s) ({scope}) against "
+            f"reconcile: checked {report['checked']} user(s) registered {scope}up to "
+            f"{report['until']} (--min-age {report['min_age']:g}s) against "
             f"{len(report['services'])} service(s)"
         )
         header = ["service", "checked", "missing"]
@@ -330,12 +330,14 @@ class Command(BaseCommand):
         for name, s in report["services"].items():
             if not s["missing"]:
                 continue
-            users = ", ".join(f"{u['userId']} ({u['username']})" for u in s["missing_users"])
-            more = s["missing"] - len(s["missing_users"])
-            self.stdout.write(
-                f"{name}: missing for {s['missing']} user(s): {users}"
-                + (f" … and {more} more" if more else "")
-            )
+            self.stdout.write(f"{name}: missing for {s['missing']} user(s):")
+            for user in s["missing_users"][:LISTED_AS_TEXT]:
+                self.stdout.write(f"  {user['userId']} ({user['username']})")
+            more = s["missing"] - min(len(s["missing_users"]), LISTED_AS_TEXT)
+            if more:
+                self.stdout.write(
+                    f"  … and {more} more (--json lists {LISTED_PER_SERVICE} per service)"
+                )
         missing = ", ".join(
             f"{name} {s['missing']}" for name, s in report["services"].items() if s["missing"]
         )
@@ -350,8 +352,9 @@ class Command(BaseCommand):
             ))
         else:
             self.stdout.write(self.style.SUCCESS(
-                f"re-delivered {totals.repaired} event(s) ({missing} missing)"
-                + (f"; {totals.already_sent} already in the stream from an earlier run, "
-                   "not sent again" if totals.already_sent else "")
-                + ". Run `manage.py reconcile` once the consumers have caught up"
+                f"missing defaults: {missing}. Re-delivered {totals.repaired} event(s) to those "
+                "services only"
+                + (f"; {totals.already_sent} already in the stream from an earlier run in the "
+                   "duplicate window, not sent again" if totals.already_sent else "")
+                + ". `manage.py reconcile` tells once the consumers have caught up"
             ))
