@@ -56,6 +56,21 @@ def _conflict(field: str) -> RegistrationConflict:
     return RegistrationConflict(field, f"A user with that {field} already exists.")
 
 
+def user_registered_event(*, user: User) -> UserRegistered:
+    """The ``user.registered`` event of ``user``: accounts owns this event and builds it here only.
+
+    Registration writes it to the outbox; ``manage.py reconcile --repair`` rebuilds it from the
+    same row to re-deliver it to a service that lost the user's defaults. Reads only ``id``,
+    ``username``, ``email`` and ``date_joined`` (reconcile loads no other column).
+    """
+    return UserRegistered(
+        user_id=user.id,
+        username=user.username,
+        email=user.email,
+        registration_timestamp=user.date_joined,
+    )
+
+
 def user_register(*, username: str, email: str, password: str) -> User:
     """Create a user and announce ``user.registered``, atomically.
 
@@ -78,14 +93,7 @@ def user_register(*, username: str, email: str, password: str) -> User:
         with transaction.atomic():
             user.save(force_insert=True)
             if settings.ACCOUNTS_PUBLISH_EVENTS:
-                outbox_publish_on_commit(
-                    event=UserRegistered(
-                        user_id=user.id,
-                        username=user.username,
-                        email=user.email,
-                        registration_timestamp=user.date_joined,
-                    )
-                )
+                outbox_publish_on_commit(event=user_registered_event(user=user))
     except IntegrityError as exc:
         # Lost a race to a concurrent registration: the constraint names the field.
         taken = _conflicting_field(exc) or user_taken_field(username=username, email=email)

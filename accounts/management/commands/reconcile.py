@@ -1,0 +1,360 @@
+"""``manage.py reconcile``: find users who lack a service's defaults, and re-deliver to repair.
+
+Lives in accounts because accounts owns both sides of what it compares against: the users table
+(the source of truth for who registered) and the ``user.registered`` event (rebuilt by the same
+builder registration uses). It reaches the services only through ``onboarding.readiness`` (their
+``DEFAULTS`` selectors) and the event bus (their replay subjects): it imports no context.
+
+Report mode (no ``--repair``) only reads, and exits 1 when anything is missing: a cron job alerts
+on it. ``--repair`` publishes, per (service, user) missing, the user's event on
+``replay.<service>.user.registered`` (``accounts.reconcile`` says which event id and why), and
+exits 0 once JetStream has acknowledged every one; the consumers apply them asynchronously, so
+a report run afterwards says whether they did. It connects to NATS only when there is something
+to send, with this process's own NATS settings: in a secured deployment run it as the ``replay``
+role (``deploy/nats/auth.conf``: publishes ``replay.>`` only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, DjangoHelpFormatter
+from django.db import connections
+from django.utils import dateparse, timezone
+
+from accounts.reconcile import (
+    DEFAULT_CHUNK_SIZE,
+    ChunkResult,
+    reconcilable_services,
+    reconcile_scan,
+    repairs_for,
+    users_to_check,
+)
+from onboarding.eventbus.connection import NatsAccessError, display_url, session
+from onboarding.eventbus.redelivery import RedeliveryError, redeliver
+
+# Users named per service (text and --json); the counts are always complete.
+LISTED_PER_SERVICE = 50
+LISTED_AS_TEXT = 10
+
+
+@dataclass
+class ServiceTotals:
+    missing: int = 0
+    repaired: int = 0  # stored by JetStream for the consumer
+    already_sent: int = 0  # dropped by JetStream: the same repair is already in the stream
+    listed: list[tuple[str, str]] = field(default_factory=list)  # (user id, username)
+
+
+class Totals:
+    def __init__(self, services: list[str]) -> None:
+        self.checked = 0
+        self.services = {name: ServiceTotals() for name in services}
+
+    def add(self, result: ChunkResult) -> None:
+        self.checked += len(result.users)
+        for service, users in result.missing.items():
+            totals = self.services[service]
+            totals.missing += len(users)
+            room = LISTED_PER_SERVICE - len(totals.listed)
+            totals.listed += [(str(user.pk), user.username) for user in users[:max(room, 0)]]
+
+    def sent(self, repairs, stored: list[bool]) -> None:
+        for repair, was_stored in zip(repairs, stored, strict=True):
+            totals = self.services[repair.consumer]
+            if was_stored:
+                totals.repaired += 1
+            else:
+                totals.already_sent += 1
+
+    @property
+    def missing(self) -> int:
+        return sum(t.missing for t in self.services.values())
+
+    @property
+    def repaired(self) -> int:
+        return sum(t.repaired for t in self.services.values())
+
+    @property
+    def already_sent(self) -> int:
+        return sum(t.already_sent for t in self.services.values())
+
+
+class Progress:
+    """A one-line progress bar, redrawn with ``\\r``; only on a terminal."""
+
+    WIDTH = 30
+
+    def __init__(self, out, total: int, repair: bool) -> None:
+        self.out, self.total, self.repair, self.drawn = out, total, repair, 0
+
+    def update(self, totals: Totals) -> None:
+        share = min(totals.checked / self.total, 1.0) if self.total else 1.0
+        filled = int(share * self.WIDTH)
+        line = (
+            f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {totals.checked:,}/{self.total:,} "
+            f"users ({share:.0%}), missing {totals.missing:,}"
+            + (f", repaired {totals.repaired:,}" if self.repair else "")
+        )
+        self.out.write("\r" + line.ljust(self.drawn), ending="")
+        self.out.flush()
+        self.drawn = len(line)
+
+    def clear(self) -> None:
+        if self.drawn:
+            self.out.write("\r" + " " * self.drawn + "\r", ending="")
+            self.out.flush()
+
+
+def parse_since(value: str) -> dt.datetime:
+    """An ISO date (midnight) or date-time; without a zone, in ``TIME_ZONE``."""
+    try:
+        parsed = dateparse.parse_datetime(value)
+        if parsed is None:
+            day = dateparse.parse_date(value)
+            parsed = dt.datetime.combine(day, dt.time()) if day else None
+    except ValueError:  # well-formed but impossible, e.g. 2026-02-30
+        parsed = None
+    if parsed is None:
+        raise CommandError(
+            f"--since: not an ISO date or date-time: {value!r} "
+            "(e.g. 2026-01-31, 2026-01-31T12:00, 2026-01-31T12:00:00+00:00)"
+        )
+    if timezone.is_naive(parsed):
+        parsed = timezone.make_aware(parsed)
+    return parsed
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class _HelpFormatter(DjangoHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+class Command(BaseCommand):
+    help = (
+        "Find registered users who lack a service's defaults (the accounts database is the\n"
+        "source of truth) and, with --repair, re-deliver their user.registered to the services\n"
+        "that lack them only. Without --repair it only reports, and exits 1 when anything is\n"
+        "missing. Also how a newly added service fills its defaults for existing users.\n"
+        "Examples:\n"
+        "  manage.py reconcile                               # report; exit 1 if missing\n"
+        "  manage.py reconcile --service buildings --since 2026-01-01 --json\n"
+        "  manage.py reconcile --repair                      # re-deliver what is missing\n"
+        "  manage.py reconcile --service inventory --repair  # backfill a new service"
+    )
+
+    def create_parser(self, prog_name, subcommand, **kwargs):
+        # Keep the examples' lines as written.
+        return super().create_parser(prog_name, subcommand, formatter_class=_HelpFormatter,
+                                     **kwargs)
+
+    def add_arguments(self, parser):
+        parser.add_argument("--service", help="only this service (default: every one)")
+        parser.add_argument(
+            "--since", metavar="DATE",
+            help="only users registered at or after this ISO date or date-time "
+                 "(no zone: TIME_ZONE)",
+        )
+        parser.add_argument(
+            "--min-age", type=float, default=60.0, metavar="SECONDS",
+            help="leave out users registered less than this long ago: their event may still be "
+                 "on its way (default 60)",
+        )
+        parser.add_argument(
+            "--repair", action="store_true",
+            help="re-deliver user.registered to each service that lacks a user's defaults",
+        )
+        parser.add_argument(
+            "--force", action="store_true",
+            help="with --repair: a fresh event id for every repair, not deduplicated by "
+                 "JetStream (for defaults lost again right after a processed repair)",
+        )
+        parser.add_argument("--json", action="store_true", help="print one JSON object")
+        parser.add_argument(
+            "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="N",
+            help=f"users read and checked at a time (default {DEFAULT_CHUNK_SIZE})",
+        )
+
+    def handle(self, *args, **options):
+        services = reconcilable_services()
+        service = options["service"]
+        if service is not None:
+            if service not in services:
+                raise CommandError(
+                    f"unknown service {service!r}; services: {', '.join(services)}"
+                )
+            services = [service]
+        since = parse_since(options["since"]) if options["since"] is not None else None
+        if options["min_age"] < 0:
+            raise CommandError("--min-age must be 0 or more seconds")
+        if options["chunk_size"] < 1:
+            raise CommandError("--chunk-size must be at least 1")
+        if options["force"] and not options["repair"]:
+            raise CommandError("--force only makes sense with --repair")
+
+        now = timezone.now()
+        until = now - dt.timedelta(seconds=options["min_age"])
+        repair, as_json = options["repair"], options["json"]
+        totals = Totals(services)
+        progress = None
+        if self.stdout.isatty() and not as_json:
+            total = users_to_check(since=since, until=until).count()
+            progress = Progress(self.stdout, total, repair)
+        scan = reconcile_scan(
+            services=services, since=since, until=until, chunk_size=options["chunk_size"]
+        )
+        try:
+            if repair:
+                self._repair(scan, totals, progress, now=now, force=options["force"])
+            else:
+                for result in scan:
+                    totals.add(result)
+                    if progress:
+                        progress.update(totals)
+        finally:
+            if progress:
+                progress.clear()
+
+        report = {
+            "checked": totals.checked,
+            "since": _iso(since),
+            "until": _iso(until),
+            "min_age": options["min_age"],
+            "repair": repair,
+            "complete": totals.missing == 0,
+            "services": {
+                name: {
+                    "checked": totals.checked,
+                    "missing": t.missing,
+                    "repaired": t.repaired,
+                    "already_sent": t.already_sent,
+                    "missing_users": [
+                        {"userId": user_id, "username": username} for user_id, username in t.listed
+                    ],
+                    "missing_users_truncated": t.missing > len(t.listed),
+                }
+                for name, t in totals.services.items()
+            },
+        }
+        if as_json:
+            self.stdout.write(json.dumps(report, indent=2))
+        else:
+            self._print(report, totals)
+        if not repair and totals.missing:
+            raise SystemExit(1)
+
+    # -- repair ------------------------------------------------------------------------------
+
+    def _repair(self, scan, totals: Totals, progress, *, now: dt.datetime, force: bool) -> None:
+        """Scan on one worker thread (the ORM may not run on the event loop), publish on the
+        loop; NATS is connected on the first chunk that needs a repair."""
+        executor = ThreadPoolExecutor(1, thread_name_prefix="reconcile")
+
+        async def run() -> None:
+            loop = asyncio.get_running_loop()
+            async with contextlib.AsyncExitStack() as stack:
+                js = None
+                while True:
+                    result = await loop.run_in_executor(executor, next, scan, None)
+                    if result is None:
+                        break
+                    totals.add(result)
+                    repairs = repairs_for(result, now=now, force=force)
+                    if repairs:
+                        if js is None:
+                            nc = await stack.enter_async_context(
+                                session("reconcile", timeout=settings.NATS_REQUEST_TIMEOUT * 2)
+                            )
+                            js = nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
+                        totals.sent(repairs, await redeliver(js, repairs))
+                    if progress:
+                        progress.update(totals)
+
+        def sent_so_far() -> str:
+            return (
+                f"{totals.repaired} repair(s) sent and acknowledged before it"
+                + (f" ({totals.already_sent} already in the stream)" if totals.already_sent else "")
+                + "; run it again: repairs are idempotent"
+            )
+
+        try:
+            asyncio.run(run())
+        except NatsAccessError as exc:
+            raise CommandError(f"{exc}; {sent_so_far()}") from None
+        except TimeoutError:
+            raise CommandError(
+                f"NATS at {display_url()} did not answer; {sent_so_far()}"
+            ) from None
+        except RedeliveryError as exc:
+            extra = f" (and {exc.acked} of the failed chunk)" if exc.acked else ""
+            raise CommandError(f"repair failed: {exc}; {sent_so_far()}{extra}") from None
+        finally:
+            executor.submit(connections.close_all).result()
+            executor.shutdown()
+
+    # -- output ------------------------------------------------------------------------------
+
+    def _print(self, report: dict, totals: Totals) -> None:
+        repair = report["repair"]
+        scope = f"from {report['since']} " if report["since"] else ""
+        self.stdout.write(
+            f"reconcile: checked {report['checked']} user(s) registered {scope}up to "
+            f"{report['until']} (--min-age {report['min_age']:g}s) against "
+            f"{len(report['services'])} service(s)"
+        )
+        header = ["service", "checked", "missing"]
+        if repair:
+            header += ["repaired", "already sent"]
+        rows = [
+            [name, str(s["checked"]), str(s["missing"])]
+            + ([str(s["repaired"]), str(s["already_sent"])] if repair else [])
+            for name, s in report["services"].items()
+        ]
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:],
+                                                                            strict=True)]
+            self.stdout.write("  ".join(cells))
+        for name, s in report["services"].items():
+            if not s["missing"]:
+                continue
+            self.stdout.write(f"{name}: missing for {s['missing']} user(s):")
+            for user in s["missing_users"][:LISTED_AS_TEXT]:
+                self.stdout.write(f"  {user['userId']} ({user['username']})")
+            more = s["missing"] - min(len(s["missing_users"]), LISTED_AS_TEXT)
+            if more:
+                self.stdout.write(
+                    f"  … and {more} more (--json lists {LISTED_PER_SERVICE} per service)"
+                )
+        missing = ", ".join(
+            f"{name} {s['missing']}" for name, s in report["services"].items() if s["missing"]
+        )
+        if not totals.missing:
+            self.stdout.write(self.style.SUCCESS(
+                "nothing missing" + (": nothing sent" if repair else "")
+            ))
+        elif not repair:
+            self.stdout.write(self.style.ERROR(
+                f"missing defaults: {missing}. `manage.py reconcile --repair` re-delivers "
+                "user.registered to those services only"
+            ))
+        else:
+            self.stdout.write(self.style.SUCCESS(
+                f"missing defaults: {missing}. Re-delivered {totals.repaired} event(s) to those "
+                "services only"
+                + (f"; {totals.already_sent} already in the stream from an earlier run in the "
+                   "duplicate window, not sent again" if totals.already_sent else "")
+                + ". `manage.py reconcile` tells once the consumers have caught up"
+            ))

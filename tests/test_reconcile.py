@@ -1,0 +1,282 @@
+"""``manage.py reconcile``: who lacks a service's defaults, and the repair, on real NATS and DBs."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+from io import StringIO
+
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connections
+from django.test.utils import CaptureQueriesContext
+
+from accounts.models import User
+from accounts.reconcile import reconcile_scan, repair_event_id, user_chunks
+from accounts.services import user_register, user_registered_event
+from buildings.models import Building
+from conftest import run_async, wait_settled, wait_until
+from onboarding.eventbus.models import ProcessedEvent
+from onboarding.eventbus.registry import get_consumers
+from players.models import Player
+from progression.models import MetaProgression
+from tests.flow import assert_defaults, complete_count, counts
+
+
+def reconcile(*args) -> tuple[int, str]:
+    """The command in this process: (exit code, stdout). CommandError propagates."""
+    out = StringIO()
+    try:
+        call_command("reconcile", "--min-age", "0", *args, stdout=out)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, out.getvalue()
+
+
+def reconcile_json(*args) -> tuple[int, dict]:
+    code, output = reconcile("--json", *args)
+    return code, json.loads(output)
+
+
+def inbox_counts() -> dict[str, int]:
+    return {
+        name: ProcessedEvent.objects.using(spec.database).filter(consumer=name).count()
+        for name, spec in get_consumers().items()
+    }
+
+
+def stream_subjects() -> dict[str, int]:
+    """Messages in the stream per subject."""
+    async def read(js):
+        info = await js.stream_info(settings.NATS_STREAM, subjects_filter=">")
+        return dict(info.state.subjects or {})
+
+    return run_async(read)
+
+
+def register_users(n: int, prefix: str) -> list[User]:
+    return [user_register(username=f"{prefix}{i}", email=f"{prefix}{i}@example.com",
+                          password="x") for i in range(n)]
+
+
+def set_up_everywhere(users: list[User]) -> None:
+    """What the consumers would have done, without NATS: each context's handler, directly."""
+    events = [user_registered_event(user=user) for user in users]
+    for spec in get_consumers().values():
+        spec.handler_for(events[0].subject)(events)
+
+
+# -- the flow, with consumers running ---------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+class TestWithConsumers:
+    def test_nothing_missing_exits_0(self, start_consumers):
+        start_consumers()
+        register_users(3, "fine")
+        wait_until(lambda: counts() == complete_count(3), message="all defaults")
+        code, output = reconcile()
+        assert code == 0, output
+        assert "checked 3 user(s)" in output
+        assert "nothing missing" in output
+
+    def test_lost_defaults_are_reported_then_repaired_for_that_service_only(
+        self, start_consumers
+    ):
+        running = start_consumers()
+        users = register_users(4, "lost")
+        wait_until(lambda: counts() == complete_count(4), message="all defaults")
+        wait_settled()
+        no_player, half_built = users[0], users[1]
+        # Lost after the events were processed: the inbox rows stay.
+        Player.objects.filter(user_id=no_player.id).delete()
+        Building.objects.filter(user_id=half_built.id, kind="hq").delete()
+        inbox_before = inbox_counts()
+        processed_before = dict(running.runner.processed)
+
+        code, output = reconcile()
+        assert code == 1, output
+        assert f"players: missing for 1 user(s):\n  {no_player.id} (lost0)\n" in output
+        assert f"buildings: missing for 1 user(s):\n  {half_built.id} (lost1)\n" in output
+        code, report = reconcile_json()
+        assert code == 1
+        assert report["complete"] is False and report["checked"] == 4
+        assert {n: s["missing"] for n, s in report["services"].items()} == {
+            "players": 1, "characters": 0, "progression": 0, "buildings": 1}
+        assert report["services"]["players"]["missing_users"] == [
+            {"userId": str(no_player.id), "username": "lost0"}]
+
+        code, output = reconcile("--repair")
+        assert code == 0, output
+        assert "Re-delivered 2 event(s) to those services only" in output
+        wait_until(lambda: counts() == complete_count(4), message="defaults back")
+        wait_settled()
+        assert_defaults(no_player.id, "lost0")
+        assert_defaults(half_built.id, "lost1")
+        # Only the durable each repair was addressed to received it.
+        assert inbox_counts() == {**inbox_before, "players": inbox_before["players"] + 1,
+                                  "buildings": inbox_before["buildings"] + 1}
+        processed = running.runner.processed
+        assert {n: processed[n] - processed_before[n] for n in processed} == {
+            "players": 1, "characters": 0, "progression": 0, "buildings": 1}
+        subjects = stream_subjects()
+        assert subjects["replay.players.user.registered"] == 1
+        assert subjects["replay.buildings.user.registered"] == 1
+        assert not any(s.startswith(("replay.characters", "replay.progression")) for s in subjects)
+
+        # Idempotent: right away, nothing is missing, so nothing is sent.
+        code, report = reconcile_json("--repair")
+        assert code == 0 and report["complete"] is True
+        assert all(s["repaired"] == 0 for s in report["services"].values())
+        assert stream_subjects() == subjects
+        code, output = reconcile()
+        assert code == 0 and "nothing missing" in output, output
+
+    def test_a_second_repair_before_the_consumer_caught_up_sends_nothing_new(
+        self, start_consumers
+    ):
+        running = start_consumers()
+        (user,) = register_users(1, "early")
+        wait_until(lambda: counts() == complete_count(1), message="all defaults")
+        wait_settled()
+        running.stop()
+        Player.objects.filter(user_id=user.id).delete()
+
+        code, first = reconcile_json("--repair")
+        assert code == 0 and first["services"]["players"]["repaired"] == 1
+        code, second = reconcile_json("--repair")  # the players consumer is still down
+        assert code == 0
+        assert second["services"]["players"] == {**second["services"]["players"],
+                                                 "missing": 1, "repaired": 0, "already_sent": 1}
+        assert stream_subjects()["replay.players.user.registered"] == 1  # JetStream dropped it
+
+        late = start_consumers(["players"])
+        wait_until(lambda: counts() == complete_count(1), message="player back")
+        wait_settled(["players"])
+        assert late.runner.processed["players"] == 1
+        assert reconcile()[0] == 0
+
+    def test_a_service_added_later_is_backfilled_for_existing_users(self, start_consumers):
+        """Its durable sees no history (the stream keeps max_age only): reconcile fills it."""
+        running = start_consumers()
+        register_users(3, "old")
+        wait_until(lambda: counts() == complete_count(3), message="all defaults")
+        wait_settled()
+        running.stop()
+        # As if progression had never existed: no defaults, no inbox, no stream history.
+        MetaProgression.objects.all().delete()
+        spec = get_consumers()["progression"]
+        ProcessedEvent.objects.using(spec.database).filter(consumer="progression").delete()
+        run_async(lambda js: js.purge_stream(settings.NATS_STREAM))
+
+        code, output = reconcile("--service", "progression")
+        assert code == 1 and "missing defaults: progression 3" in output, output
+        code, report = reconcile_json("--service", "progression", "--repair")
+        assert code == 0 and report["services"]["progression"]["repaired"] == 3
+        assert list(report["services"]) == ["progression"]
+        late = start_consumers()
+        wait_until(lambda: counts() == complete_count(3), message="progression backfilled")
+        wait_settled()
+        assert late.runner.processed == {
+            "players": 0, "characters": 0, "progression": 3, "buildings": 0}
+        assert reconcile()[0] == 0
+
+    def test_repair_fails_clearly_when_nats_cannot_be_reached(self, monkeypatch):
+        (user,) = register_users(1, "refused")
+        set_up_everywhere([user])
+        Player.objects.filter(user_id=user.id).delete()
+        monkeypatch.setattr(settings, "NATS_URL", "nats://127.0.0.1:1")  # nothing listens
+        monkeypatch.setattr(settings, "NATS_REQUEST_TIMEOUT", 0.5)
+        with pytest.raises(CommandError, match=r"did not answer; 0 repair\(s\) sent"):
+            reconcile("--repair")
+
+
+# -- report mode, filters, arguments, batching: no NATS needed ----------------------------------
+
+
+@pytest.mark.django_db(databases="__all__")
+class TestReportOnly:
+    def test_service_filter(self):
+        users = register_users(2, "svc")
+        set_up_everywhere(users)
+        Building.objects.filter(user_id=users[0].id).delete()
+        code, report = reconcile_json("--service", "buildings")
+        assert code == 1 and list(report["services"]) == ["buildings"]
+        assert report["services"]["buildings"]["missing"] == 1
+        code, report = reconcile_json("--service", "players")
+        assert code == 0 and list(report["services"]) == ["players"]
+
+    def test_since_filter_and_grace(self):
+        old, new = register_users(2, "when")
+        User.objects.filter(pk=old.pk).update(date_joined=dt.datetime(2020, 5, 1, tzinfo=dt.UTC))
+        # Neither is set up anywhere.
+        code, report = reconcile_json("--since", "2021-01-01")
+        assert code == 1 and report["checked"] == 1
+        assert report["services"]["players"]["missing_users"][0]["userId"] == str(new.pk)
+        assert report["since"] == "2021-01-01T00:00:00Z"
+        code, report = reconcile_json("--since", "2020-05-01T00:00:00+00:00")
+        assert report["checked"] == 2
+        code, report = reconcile_json("--since", "2999-01-01")
+        assert code == 0 and report["checked"] == 0
+        # Within the grace period a user is still in flight: not checked, no alarm.
+        out = StringIO()
+        call_command("reconcile", "--since", "2021-01-01", "--min-age", "3600", stdout=out)
+        assert "checked 0 user(s)" in out.getvalue()
+
+    @pytest.mark.parametrize("args, message", [
+        (["--service", "nope"], "unknown service 'nope'; services: players, characters, "
+                                "progression, buildings"),
+        (["--since", "yesterday"], "--since: not an ISO date or date-time: 'yesterday'"),
+        (["--since", "2026-02-30"], "--since: not an ISO date or date-time: '2026-02-30'"),
+        (["--chunk-size", "0"], "--chunk-size must be at least 1"),
+        (["--min-age", "-1"], "--min-age must be 0 or more seconds"),
+        (["--force"], "--force only makes sense with --repair"),
+    ])
+    def test_bad_arguments(self, args, message):
+        with pytest.raises(CommandError) as error:
+            call_command("reconcile", *args, stdout=StringIO())
+        assert message in str(error.value)
+
+    def test_users_are_read_in_keyset_chunks(self):
+        """250 users, chunks of 50: 6 queries on the users table (5 chunks + an empty one),
+        each LIMITed, none with OFFSET, and one query per service and chunk."""
+        now = dt.datetime.now(dt.UTC)
+        User.objects.bulk_create(
+            User(username=f"many{i}", email=f"many{i}@example.com") for i in range(250)
+        )
+        users = list(User.objects.all())
+        set_up_everywhere(users[:200])
+        until = now + dt.timedelta(minutes=1)
+
+        chunks = [len(c) for c in user_chunks(since=None, until=until, chunk_size=50)]
+        assert chunks == [50] * 5
+        seen = [u.pk for c in user_chunks(since=None, until=until, chunk_size=50) for u in c]
+        assert seen == sorted(u.pk for u in users)
+
+        aliases = {"default", *settings.CONTEXT_DATABASES.values()}
+        with contextlib.ExitStack() as stack:
+            captured = {a: stack.enter_context(CaptureQueriesContext(connections[a]))
+                        for a in aliases}
+            results = list(reconcile_scan(services=list(get_consumers()), since=None,
+                                          until=until, chunk_size=50))
+        assert [len(r.users) for r in results] == [50] * 5
+        assert sum(len(r.missing["players"]) for r in results) == 50
+        queries = [q["sql"] for c in captured.values() for q in c.captured_queries]
+        user_queries = [q for q in queries if "accounts_user" in q]
+        assert len(user_queries) == 6, user_queries
+        assert all("LIMIT 50" in q and "OFFSET" not in q for q in user_queries)
+        assert len(queries) - len(user_queries) == 5 * len(get_consumers())
+
+    def test_repair_event_id_is_per_service_user_and_window(self):
+        (user,) = register_users(1, "ids")
+        now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+        window = dt.timedelta(seconds=settings.NATS_DUPLICATE_WINDOW)
+        same = repair_event_id(service="players", user_id=user.pk, now=now)
+        assert same == repair_event_id(service="players", user_id=user.pk,
+                                       now=now + dt.timedelta(seconds=1))
+        assert same != repair_event_id(service="buildings", user_id=user.pk, now=now)
+        assert same != repair_event_id(service="players", user_id=user.pk, now=now + window)
