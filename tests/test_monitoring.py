@@ -118,6 +118,9 @@ def test_consumer_and_relay_processes_serve_metrics_and_log_json(manage, setting
                  consumer="buildings", kind="transient") >= 5
     assert value(samples, "onboarding_consumer_events_retried_total", consumer="players") is None
     assert value(samples, "process_resident_memory_bytes") > 0  # the standard collectors too
+    # Only its role's metrics: a consumer showing onboarding_relay_active 0 would read as a
+    # relay on standby.
+    assert not any(name.startswith("onboarding_relay_") for name, _ in samples)
 
     def relay_settled():
         samples = scrape(relay_port)
@@ -131,6 +134,7 @@ def test_consumer_and_relay_processes_serve_metrics_and_log_json(manage, setting
     assert value(samples, "onboarding_relay_backlog_age_seconds") == 0
     assert value(samples, "onboarding_relay_active") == 1
     assert time.time() - 5 < value(samples, "onboarding_relay_last_loop_timestamp_seconds")
+    assert not any(name.startswith("onboarding_consumer_") for name, _ in samples)
 
     # Each process listens on its metrics port and on nothing else.
     assert listening_ports(consumers.popen.pid) == {consumer_port}

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from django.conf import settings
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
 logger = logging.getLogger(__name__)
 
@@ -153,15 +153,31 @@ def enabled() -> bool:
     return settings.METRICS_PORT is not None
 
 
-def start() -> None:
-    """Serve the metrics (METRICS_PORT) and write the heartbeat (HEARTBEAT_FILE), as set.
+_ROLES = {
+    "consumer": (EVENTS_HANDLED, EVENTS_FAILED, EVENTS_RETRIED, EVENTS_DEAD_LETTERED,
+                 HANDLER_DURATION, BATCH_DURATION, BATCH_SIZE, PENDING, ACK_PENDING,
+                 CONSUMER_LAST_LOOP),
+    "relay": (RELAY_PUBLISHED, RELAY_PUBLISH_FAILED, RELAY_BACKLOG, RELAY_BACKLOG_AGE,
+              RELAY_ACTIVE, RELAY_LAST_LOOP),
+}
 
-    Once per process. Raises MetricsError when the port is taken: a second process on the host
-    with the same METRICS_PORT would otherwise run unobserved.
+
+def start(role: str) -> None:
+    """Serve ``role``'s metrics (METRICS_PORT) and write the heartbeat (HEARTBEAT_FILE), as set.
+
+    Once per process. Only the role's own metrics are served: a consumer reporting
+    ``onboarding_relay_active 0`` would look like a relay on standby to an alert. Raises
+    MetricsError when the port is taken: a second process on the host with the same
+    METRICS_PORT would otherwise run unobserved.
     """
     global _started
     if _started:
         return
+    for other, collectors in _ROLES.items():
+        if other != role:
+            for collector in collectors:
+                with contextlib.suppress(KeyError):  # already unregistered
+                    REGISTRY.unregister(collector)
     if enabled():
         try:
             start_http_server(settings.METRICS_PORT, addr=settings.METRICS_ADDR)

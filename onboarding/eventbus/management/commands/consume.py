@@ -41,7 +41,7 @@ class Command(BaseCommand):
             [consumers[name] for name in names], batch=batch, per_message=per_message or None
         )
         try:
-            metrics.start()  # METRICS_PORT, HEARTBEAT_FILE
+            metrics.start("consumer")  # METRICS_PORT, HEARTBEAT_FILE
             asyncio.run(runner.run(install_signal_handlers=True))
         except (NatsAccessError, metrics.MetricsError) as exc:
             raise CommandError(str(exc))

@@ -25,7 +25,7 @@ class Command(BaseCommand):
         relay = OutboxRelay(grace=grace, batch=batch)
         if not once:  # a service: metrics (METRICS_PORT) and liveness (HEARTBEAT_FILE)
             try:
-                metrics.start()
+                metrics.start("relay")
             except metrics.MetricsError as exc:
                 raise CommandError(str(exc))
         try:
