@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 
 from buildings.models import Building
@@ -64,3 +66,44 @@ def sample_event(**overrides) -> UserRegistered:
     }
     fields.update(overrides)
     return UserRegistered(**fields)
+
+
+class Burst:
+    """Real registrations (``user_register``: the user and its outbox row), one per
+    ``interval``, on a background thread."""
+
+    def __init__(self, n: int, interval: float, prefix: str):
+        self.n, self.interval, self.prefix = n, interval, prefix
+        self.user_ids: list[uuid.UUID] = []
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, name="burst", daemon=True)
+
+    @property
+    def done(self) -> int:
+        return len(self.user_ids)
+
+    def _run(self):
+        from django.db import connections
+
+        from accounts.services import user_register
+
+        try:
+            for i in range(self.n):
+                user = user_register(username=f"{self.prefix}{i}",
+                                     email=f"{self.prefix}{i}@example.com", password="x")
+                self.user_ids.append(user.id)
+                time.sleep(self.interval)
+        except BaseException as exc:
+            self.errors.append(exc)
+        finally:
+            connections.close_all()
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def join(self, timeout: float = 120.0):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the burst did not finish"
+        assert not self.errors, self.errors
+        assert self.done == self.n

@@ -23,19 +23,17 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
 from django.conf import settings
-from django.db import connections
 
 from accounts.models import User
-from accounts.services import user_register
 from conftest import wait_settled, wait_until
 from onboarding.eventbus.models import DeadLetter, ProcessedEvent
 from onboarding.eventbus.outbox import fast_path
 from players.models import Player
+from tests.flow import Burst
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
@@ -50,38 +48,6 @@ BATCH_LINE = re.compile(
     r"consumer players: processed (\d+) event\(s\) in one transaction \((\d+) duplicate"
 )
 ONE_LINE = re.compile(r"consumer players: (processed|duplicate skipped) seq=")
-
-
-class Burst:
-    """Real registrations (``user_register``: user and outbox row) on a background thread."""
-
-    def __init__(self, n: int, prefix: str):
-        self.n, self.prefix = n, prefix
-        self.user_ids: list = []
-        self.errors: list[BaseException] = []
-        self.thread = threading.Thread(target=self._run, name="burst", daemon=True)
-
-    def _run(self):
-        try:
-            for i in range(self.n):
-                user = user_register(username=f"{self.prefix}{i}",
-                                     email=f"{self.prefix}{i}@example.com", password="x")
-                self.user_ids.append(user.id)
-                time.sleep(INTERVAL)
-        except BaseException as exc:
-            self.errors.append(exc)
-        finally:
-            connections.close_all()
-
-    def start(self):
-        self.thread.start()
-        return self
-
-    def join(self, timeout: float = 60.0):
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the burst did not finish"
-        assert not self.errors, self.errors
-        assert len(self.user_ids) == self.n
 
 
 def logged(output: str) -> tuple[int, int]:
@@ -150,7 +116,7 @@ def assert_each_user_has_one_player(user_ids) -> None:
 def test_three_replicas_split_a_burst_and_handle_each_event_once(manage):
     relay, replicas = start_replicas(manage)
     started = time.monotonic()
-    burst = Burst(N, "rep").start()
+    burst = Burst(N, INTERVAL, "rep").start()
     burst.join()
     burst_seconds = time.monotonic() - started
     wait_until(lambda: Player.objects.count() >= N, timeout=30, message="every player")
@@ -185,7 +151,7 @@ def test_a_replica_killed_mid_burst_loses_and_duplicates_nothing(manage, tmp_pat
     relay, replicas = start_replicas(manage, faults=True, FAULT_SLOW="players:0.3",
                                      FAULT_LOG=str(attempts))
     victim, survivors = replicas[0], replicas[1:]
-    burst = Burst(N, "kill").start()
+    burst = Burst(N, INTERVAL, "kill").start()
     wait_until(lambda: "consumer players: processed" in victim.output(), timeout=30,
                message="the victim at work")
     # A batch in the victim's handler: it started on more events than it has committed.

@@ -18,8 +18,8 @@ from conftest import wait_until
 from onboarding.eventbus.models import OutboxEvent
 from onboarding.eventbus.natsserver import SecuredNats
 from onboarding.eventbus.registry import get_consumers
-from tests.faults.test_faults import Burst, assert_exactly, report
-from tests.flow import complete_count, counts
+from tests.faults.test_faults import assert_exactly, report
+from tests.flow import Burst, complete_count, counts
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True, databases="__all__")]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import threading
 import time
 
 import pytest
@@ -19,7 +18,7 @@ from django.db import connections
 from accounts.services import user_register
 from conftest import run_async, wait_until
 from onboarding.eventbus.models import DeadLetter, OutboxEvent, ProcessedEvent
-from tests.flow import complete_count, counts, register, sample_event
+from tests.flow import Burst, complete_count, counts, register, sample_event
 from tests.test_consumer_failures import poison_messages, publish_all, valid
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True, databases="__all__")]
@@ -44,37 +43,6 @@ def assert_exactly(n: int) -> None:
     assert counts() == complete_count(n)
     assert inbox_counts() == dict.fromkeys(settings.CONTEXT_DATABASES, n)
     assert not DeadLetter.objects.exists()
-
-
-class Burst:
-    """Registrations on a background thread, through the real service (one per `interval`)."""
-
-    def __init__(self, n: int, interval: float, prefix: str):
-        self.n, self.interval, self.prefix = n, interval, prefix
-        self.done = 0
-        self.errors: list[BaseException] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        try:
-            for i in range(self.n):
-                user_register(username=f"{self.prefix}{i}", email=f"{self.prefix}{i}@example.com",
-                              password="x")
-                self.done += 1
-                time.sleep(self.interval)
-        except BaseException as exc:
-            self.errors.append(exc)
-        finally:
-            connections.close_all()
-
-    def start(self):
-        self.thread.start()
-        return self
-
-    def join(self):
-        self.thread.join(120)
-        assert not self.errors, self.errors
-        assert self.done == self.n
 
 
 def test_kill_9_consumers_repeatedly_during_a_burst(manage):
