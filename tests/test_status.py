@@ -253,7 +253,7 @@ def test_user_story_follows_the_event_to_each_service(start_consumers, manage):
     wait_until(all_published, message="outbox published")
     event = OutboxEvent.objects.get()
     seq = ProcessedEvent.objects.using(settings.CONTEXT_DATABASES["players"]).get(
-        event_id=str(event.event_id)).stream_seq
+        consumer="players", event_id=str(event.event_id)).stream_seq
 
     code, output = status_process(manage, "--user", str(user.id))
     assert code == 1, output  # not set up everywhere yet
