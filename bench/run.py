@@ -28,6 +28,7 @@ import http.client
 import json
 import os
 import platform
+import secrets
 import statistics
 import subprocess
 import sys
@@ -122,6 +123,10 @@ def setup_django(engine: str, workdir: Path, nats_url: str) -> dict:
         "REGISTER_THROTTLE_RATE": "",
         "LOG_LEVEL": "WARNING",
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+        # DEBUG off, as deployed: the settings then need a key (a throwaway one), and the load
+        # generator talks plain HTTP to 127.0.0.1, so no redirect to HTTPS.
+        "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
+        "DJANGO_SECURE_SSL_REDIRECT": "false",
     }
     os.environ.update(env)
     import django

@@ -354,6 +354,9 @@ def main() -> int:
             "DJANGO_DEBUG": "false",
             "DJANGO_SECRET_KEY": secrets.token_urlsafe(40),
             "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+            # The harness talks plain HTTP to gunicorn on 127.0.0.1 (in production a proxy in
+            # front terminates TLS and sets DJANGO_SECURE_PROXY_SSL_HEADER instead).
+            "DJANGO_SECURE_SSL_REDIRECT": "false",
             "CACHE_URL": "dbcache://onboarding_cache",  # one throttle for every web worker
             "REGISTER_THROTTLE_RATE": "",  # the whole burst comes from one address
             "NATS_STREAM_REPLICAS": "3",

@@ -157,12 +157,16 @@ def bounded_contexts_of(settings_module: str = "onboarding.settings") -> tuple[s
     *before* they set Django up: importing the settings here would freeze them with the
     environment as it is now.
     """
+    import os
+    import secrets
     import subprocess
     import sys
 
     code = "import importlib, sys; print(*importlib.import_module(sys.argv[1]).BOUNDED_CONTEXTS)"
+    # The settings refuse DEBUG off without a secret key; this child signs nothing.
+    env = {"DJANGO_SECRET_KEY": secrets.token_urlsafe(50), **os.environ}
     result = subprocess.run(
         [sys.executable, "-c", code, settings_module], capture_output=True, text=True, check=True,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[1], env=env,
     )
     return tuple(result.stdout.split())

@@ -24,11 +24,47 @@ environ.Env.read_env(BASE_DIR / ".env")  # optional; real environment variables 
 # --- Core ----------------------------------------------------------------------------------
 
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
-SECRET_KEY = env(
-    "DJANGO_SECRET_KEY",
-    default="django-insecure-development-only-key-set-DJANGO_SECRET_KEY-in-production",
-)
+# A development key only with DEBUG on (make run): with DEBUG off, a key everyone can read in
+# this file would let anyone forge sessions, password reset links and signed values.
+DEVELOPMENT_SECRET_KEY = "django-insecure-development-only-key-set-DJANGO_SECRET_KEY-in-production"
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="") or (DEVELOPMENT_SECRET_KEY if DEBUG else "")
+if not SECRET_KEY:
+    raise ImproperlyConfigured(
+        "DJANGO_SECRET_KEY is not set: with DJANGO_DEBUG off it is required (generate one with "
+        "python -c 'import secrets; print(secrets.token_urlsafe(50))')."
+    )
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+
+# --- HTTPS ---------------------------------------------------------------------------------
+# With DEBUG off every default is the secure one (`manage.py check --deploy --fail-level
+# WARNING` passes); with DEBUG on (make run) all are off. Each can be set apart.
+# Behind a proxy that terminates TLS and talks plain HTTP to gunicorn, keep the redirect and set
+# DJANGO_SECURE_PROXY_SSL_HEADER=HTTP_X_FORWARDED_PROTO,https so that Django knows which
+# requests came in over HTTPS (only if the proxy sets that header itself on every request, or
+# a client could claim HTTPS). DJANGO_SECURE_SSL_REDIRECT=false is for processes nothing
+# reaches but plain HTTP on a private address: the test and rehearsal harnesses.
+SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=not DEBUG)
+# The orchestrator's probes come over plain HTTP, straight to the container: no redirect.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+_proxy_ssl_header = env.list("DJANGO_SECURE_PROXY_SSL_HEADER", default=[])
+if _proxy_ssl_header and len(_proxy_ssl_header) != 2:
+    raise ImproperlyConfigured(
+        "DJANGO_SECURE_PROXY_SSL_HEADER must be <header>,<value>, e.g. HTTP_X_FORWARDED_PROTO,https"
+    )
+SECURE_PROXY_SSL_HEADER = tuple(_proxy_ssl_header) or None
+SESSION_COOKIE_SECURE = env.bool("DJANGO_SESSION_COOKIE_SECURE", default=not DEBUG)
+CSRF_COOKIE_SECURE = env.bool("DJANGO_CSRF_COOKIE_SECURE", default=not DEBUG)
+# HSTS: browsers that saw the header use HTTPS only, for this long (one year), on this host and
+# its subdomains. Start lower (e.g. 3600) on a host that has never served HTTPS only.
+SECURE_HSTS_SECONDS = env.int("DJANGO_SECURE_HSTS_SECONDS", default=0 if DEBUG else 31536000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool(
+    "DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", default=not DEBUG
+)
+# Preloading is the domain owner's decision (browsers then ship the domain as HTTPS-only, hard
+# to undo; only registrable domains qualify): off unless asked for, and its deploy warning
+# (security.W021) is silenced only while it is off by this choice.
+SECURE_HSTS_PRELOAD = env.bool("DJANGO_SECURE_HSTS_PRELOAD", default=False)
+SILENCED_SYSTEM_CHECKS = [] if SECURE_HSTS_PRELOAD else ["security.W021"]
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -103,13 +139,16 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
-# Tests and benchmarks swap in a fast hasher; production keeps Django's default (PBKDF2).
+# Argon2 first (Django's recommendation: memory-hard); the PBKDF2 hashers stay to verify the
+# hashes stored before it (Django rehashes each with Argon2 at its next login). Tests and
+# benchmarks swap in a fast hasher; `manage.py check --deploy` refuses one with DEBUG off
+# (accounts.E001).
 PASSWORD_HASHERS = env.list(
     "DJANGO_PASSWORD_HASHERS",
     default=[
+        "django.contrib.auth.hashers.Argon2PasswordHasher",
         "django.contrib.auth.hashers.PBKDF2PasswordHasher",
         "django.contrib.auth.hashers.PBKDF2SHA1PasswordHasher",
-        "django.contrib.auth.hashers.Argon2PasswordHasher",
         "django.contrib.auth.hashers.BCryptSHA256PasswordHasher",
         "django.contrib.auth.hashers.ScryptPasswordHasher",
     ],

@@ -1,7 +1,25 @@
 """Settings for the test suite: the real settings, with speed-ups that change no behaviour."""
 
-from onboarding.settings import *  # noqa: F403
-from onboarding.settings import REST_FRAMEWORK, env
+import os
+
+# The real settings refuse DEBUG off without DJANGO_SECRET_KEY, and the suite runs with DEBUG
+# off: it brings a key of its own, for the import only. Nothing is left in the environment, so
+# a process a test starts with onboarding.settings brings its own key, as a deployment must.
+TEST_SECRET_KEY = "test-only-secret-key-never-used-outside-the-test-suite-3f9c1a7e"
+_key_unset = "DJANGO_SECRET_KEY" not in os.environ
+if _key_unset:
+    os.environ["DJANGO_SECRET_KEY"] = TEST_SECRET_KEY
+try:
+    from onboarding.settings import *  # noqa: E402, F403
+    from onboarding.settings import REST_FRAMEWORK, env  # noqa: E402
+finally:
+    if _key_unset:
+        del os.environ["DJANGO_SECRET_KEY"]
+SECRET_KEY = TEST_SECRET_KEY
+
+# The suite talks plain HTTP to its servers (the test client, live_server, runserver and
+# gunicorn on 127.0.0.1): no redirect to HTTPS. The other HTTPS settings keep their defaults.
+SECURE_SSL_REDIRECT = False
 
 # Hashing is not what the suite tests; Django's default costs ~0.9 s per password here.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

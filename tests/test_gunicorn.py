@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -309,12 +310,20 @@ def test_a_publisher_started_before_fork_publishes_in_the_child_and_the_parent(
 # --- The throttle: one limit across workers only with a shared cache ---------------------------
 
 
+# The production settings as the harness runs them: DEBUG off needs a key of its own, and the
+# test talks plain HTTP to 127.0.0.1, so no redirect to HTTPS.
+PRODUCTION_SETTINGS = {
+    "DJANGO_SETTINGS_MODULE": "onboarding.settings",
+    "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
+    "DJANGO_SECURE_SSL_REDIRECT": "false",
+}
+
+
 @pytest.fixture
 def database_cache_table(manage):
     """``migrate_all`` creates the cache table, as at deploy; it is dropped after the test."""
     process = manage(
-        "migrate_all", DJANGO_SETTINGS_MODULE="onboarding.settings",
-        CACHE_URL="dbcache://onboarding_cache",
+        "migrate_all", **PRODUCTION_SETTINGS, CACHE_URL="dbcache://onboarding_cache",
     )
     assert process.wait(120) == 0, process.output()
     assert "onboarding_cache" in connection.introspection.table_names()
@@ -344,7 +353,7 @@ def test_the_register_throttle_holds_across_workers_only_with_a_shared_cache(
         workers=2,
         # The production settings, which throttle (the test settings turn throttles off), with
         # the test suite's fast hasher.
-        DJANGO_SETTINGS_MODULE="onboarding.settings",
+        **PRODUCTION_SETTINGS,
         DJANGO_PASSWORD_HASHERS="django.contrib.auth.hashers.MD5PasswordHasher",
         CACHE_URL=cache_url,
         REGISTER_THROTTLE_RATE="5/minute",
