@@ -17,8 +17,13 @@ $(STAMP): requirements.txt requirements-dev.txt
 venv: $(STAMP)
 
 ## Apply migrations to every database (accounts' and each context's).
+# The development targets run with DEBUG on unless the environment says otherwise: with DEBUG
+# off the settings refuse to start without DJANGO_SECRET_KEY (a production environment sets
+# DJANGO_DEBUG=false and the key).
+DEV := DJANGO_DEBUG=$${DJANGO_DEBUG:-true}
+
 migrate: venv
-	$(BIN)/python manage.py migrate_all
+	$(DEV) $(BIN)/python manage.py migrate_all
 
 ## Run everything: nats (this checkout's embedded nats-server unless NATS_URL is set), web on
 ## :$(WEB_PORT), relay, one consumer per context app. Ctrl-C stops it all. The process list comes
@@ -26,8 +31,8 @@ migrate: venv
 WEB_PORT ?= 8000
 WITHOUT ?=
 run: migrate
-	@$(BIN)/python manage.py procfile --web-port $(WEB_PORT) --without $(WITHOUT) > var/Procfile
-	DJANGO_DEBUG=$${DJANGO_DEBUG:-true} $(BIN)/honcho -f var/Procfile start
+	@$(DEV) $(BIN)/python manage.py procfile --web-port $(WEB_PORT) --without $(WITHOUT) > var/Procfile
+	$(DEV) $(BIN)/honcho -f var/Procfile start
 
 ## The test suite without the slow fault-injection tests (SQLite by default; PostgreSQL when
 ## DATABASE_URL points at one). A couple of minutes at most.
@@ -54,7 +59,7 @@ bench: venv
 
 ## Create an admin account for http://127.0.0.1:8000/admin/.
 superuser: migrate
-	$(BIN)/python manage.py createsuperuser
+	$(DEV) $(BIN)/python manage.py createsuperuser
 
 lint: venv
 	$(BIN)/ruff check .
