@@ -62,13 +62,19 @@ def break_the_lock() -> None:
     assert ended == 1
 
 
+def active_and_standby(manage) -> tuple:
+    """Two relays on the test's outbox database: the first active, the second standing by."""
+    active = manage("outbox_relay", **RELAY_ENV)
+    active.wait_for_output(ACTIVE)
+    standby = manage("outbox_relay", **RELAY_ENV)
+    standby.wait_for_output(STANDBY)
+    return active, standby
+
+
 def test_a_second_relay_stands_by_and_takes_over_when_the_first_is_killed(
     manage, relays_publish_alone
 ):
-    first = manage("outbox_relay", **RELAY_ENV)
-    first.wait_for_output(ACTIVE)
-    second = manage("outbox_relay", **RELAY_ENV)
-    second.wait_for_output(STANDBY)
+    first, second = active_and_standby(manage)
 
     register_and_wait_published("before", stored=1)
     if outbox.fast_path() != "notify":  # with notify, it may have published through LISTEN
@@ -87,10 +93,7 @@ def test_a_second_relay_stands_by_and_takes_over_when_the_first_is_killed(
 
 
 def test_a_relay_that_lost_its_lock_steps_down(manage, relays_publish_alone):
-    first = manage("outbox_relay", **RELAY_ENV)
-    first.wait_for_output(ACTIVE)
-    second = manage("outbox_relay", **RELAY_ENV)
-    second.wait_for_output(STANDBY)
+    first, second = active_and_standby(manage)
 
     break_the_lock()
     first.wait_for_output("relay: lost the outbox lock", timeout=10)
@@ -107,10 +110,7 @@ def test_a_relay_that_lost_its_lock_steps_down(manage, relays_publish_alone):
 def test_a_standby_stops_on_sigterm_and_once_does_not_wait_for_the_active_relay(
     manage, relays_publish_alone
 ):
-    active = manage("outbox_relay", **RELAY_ENV)
-    active.wait_for_output(ACTIVE)
-    standby = manage("outbox_relay", **RELAY_ENV)
-    standby.wait_for_output(STANDBY)
+    active, standby = active_and_standby(manage)
     code, output = standby.stop(timeout=10)
     assert code == 0, output
 
