@@ -19,6 +19,11 @@ class OutboxEvent(models.Model):
     published_at = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=0, help_text="Relay publish attempts.")
     last_error = models.TextField(blank=True)
+    # A row that failed every attempt (a subject outside the stream, a payload over the server's
+    # limit) is set aside so that it cannot block the rows behind it; an operator requeues it.
+    set_aside_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the relay stopped trying to publish it."
+    )
 
     class Meta:
         ordering = ["id"]
@@ -26,6 +31,12 @@ class OutboxEvent(models.Model):
             # The relay scans unpublished rows in id order; keep that index small.
             models.Index(
                 fields=["id"], condition=Q(published_at__isnull=True), name="outbox_unpublished"
+            ),
+            # Pruning deletes published rows older than the duplicate window.
+            models.Index(
+                fields=["published_at"],
+                condition=Q(published_at__isnull=False),
+                name="outbox_published",
             ),
         ]
 
@@ -49,6 +60,10 @@ class ProcessedEvent(models.Model):
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["consumer", "event_id"], name="inbox_once_per_consumer")
+        ]
+        indexes = [
+            # Pruning deletes rows older than the stream's max age.
+            models.Index(fields=["processed_at"], name="inbox_processed_at"),
         ]
 
     def __str__(self):
