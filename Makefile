@@ -51,9 +51,17 @@ test-all: venv
 test-postgres: venv
 	DATABASE_URL=$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/onboarding} $(BIN)/pytest
 
-## Benchmarks (docs/benchmarks.md): SQLite, then PostgreSQL too when DATABASE_URL is set.
-## Starts its own nats-server and uses separate bench databases. Extra flags: BENCH_ARGS=...
-bench: venv
+## Benchmarks (docs/benchmarks.md): SQLite, then PostgreSQL too when DATABASE_URL is set (five
+## databases: accounts + one per context; BENCH_ARGS=--shared-database for one). Starts its own
+## nats-server and uses separate bench databases. Installs bench/requirements.txt (the
+## FastStream peer) into .venv first. Extra flags: BENCH_ARGS=...
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP) bench/requirements.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py --engine sqlite $(BENCH_ARGS)
 	if [ -n "$$DATABASE_URL" ]; then $(BIN)/python bench/run.py --engine postgres $(BENCH_ARGS); fi
 

@@ -20,7 +20,6 @@ Linux only (``/proc``). Bounded: ``--requests`` per round (at most 5,000), ``--e
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,16 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run as bench  # noqa: E402  (bench/run.py: the same stack and load generator)
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_ms(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    # After the ")": state is field 3, utime 14 and stime 15 (1-based, whole line).
-    return (int(fields[11]) + int(fields[12])) * 1000 / TICK
+cpu_ms = bench.cpu_ms
 
 
 def children(pid: int) -> list[int]:
