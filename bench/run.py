@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import secrets
+import signal
 import statistics
 import subprocess
 import sys
@@ -187,14 +188,17 @@ class Stack:
         self.env, self.workdir = env, workdir
         self.processes: list[subprocess.Popen] = []
 
-    def manage(self, *args, **extra_env) -> subprocess.Popen:
-        return self.python(ROOT / "manage.py", *args, **extra_env)
+    def manage(self, *args, profile: Path | None = None, **extra_env) -> subprocess.Popen:
+        return self.python(ROOT / "manage.py", *args, profile=profile, **extra_env)
 
-    def python(self, script: Path, *args, **extra_env) -> subprocess.Popen:
+    def python(self, script: Path, *args, profile: Path | None = None,
+               **extra_env) -> subprocess.Popen:
+        """Run a script (under cProfile, every thread, with ``profile`` as the files' prefix)."""
         label = args[0] if script.name == "manage.py" else script.stem
         log = open(self.workdir / f"{label}-{len(self.processes)}.log", "w")
+        wrapper = [str(ROOT / "bench" / "profiled.py"), str(profile)] if profile else []
         process = subprocess.Popen(
-            [sys.executable, str(script), *args],
+            [sys.executable, *wrapper, str(script), *args],
             env={**self.env, **extra_env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
         )
         process.log_path = Path(log.name)
@@ -506,7 +510,7 @@ def check_alive(processes: list[subprocess.Popen], label: str) -> None:
 
 def watch_drain(processes: list[subprocess.Popen], durables: list[str],
                 users: list[uuid.UUID], batch: int, timeout: float, label: str,
-                nats_pid: int | None = None) -> dict:
+                nats_pid: int | None = None, profiling: bool = False) -> dict:
     """Release the held durables and watch the backlog drain from outside, as a user sees it:
     the moment each context's rows are all visible (committed), polled every 20 ms.
 
@@ -526,6 +530,10 @@ def watch_drain(processes: list[subprocess.Popen], durables: list[str],
             taken["nats-server"] = cpu_ms(nats_pid)
         return taken
 
+    if profiling:
+        for process in processes:
+            process.send_signal(signal.SIGUSR1)  # bench/profiled.py: start profiling
+        time.sleep(0.2)
     cpu_start = cpu()
     started = time.monotonic()
     resume_durables(durables, users, batch)
@@ -588,8 +596,52 @@ def peer_available() -> str | None:
         return None
 
 
+# Where a consumer's time goes, from its cProfile: each part the cumulative time of the functions
+# named (module path part, function name), minus that of those marked "-"; an indented part is
+# inside the one above it.
+PROFILE_ROWS = {
+    "fetch (nats-py, incl. reading and parsing the messages)": [("nats/js/client.py", "fetch")],
+    "decode + validate (project: parse_event)": [("onboarding/contracts.py", "parse_event")],
+    "decode + validate (FastStream: JSON decoder, pydantic through fast-depends)": [
+        ("faststream/nats/parser.py", "decode_batch"), ("fast_depends/core/model.py", "asolve"),
+        ("-fast_depends/utils.py", "run_async")],  # asolve calls the handler through run_async
+    "inbox statement (project: INSERT ... RETURNING)": [
+        ("onboarding/eventbus/runner.py", "inbox_claim")],
+    "bulk_create (ORM build + INSERT)": [("django/db/models/query.py", "bulk_create")],
+    "  of which compiling SQL (as_sql)": [("django/db/models/sql/compiler.py", "as_sql")],
+    "every SQL statement (Django cursor, driver, round trip)": [
+        ("django/db/backends/utils.py", "_execute")],
+    "commit": [("django/db/backends/base/base.py", "commit")],
+    "acks": [("nats/aio/msg.py", "ack"), ("nats/aio/msg.py", "ack_sync")],
+}
+# Waiting for work, not doing it: the event loop's poll, an idle worker thread, sleeps.
+IDLE = ("<method 'poll' of 'select.epoll' objects>", "<method 'get' of '_queue.SimpleQueue'",
+        "<method 'acquire' of '_thread.lock'", "<built-in method time.sleep>")
+
+
+def profile_summary(prefix: Path, events: int) -> dict[str, float]:
+    """Profiled ms per event: the busy total and PROFILE_ROWS' parts (every process of a phase)."""
+    import pstats
+
+    files = sorted(str(f) for f in prefix.parent.glob(f"{prefix.name}*.prof"))
+    if not files:
+        return {}
+    stats = pstats.Stats(*files).stats
+    summary = {"busy (all but waiting for work; profiled, so inflated)": sum(
+        tt for (_, _, name), (_, _, tt, _, _) in stats.items()
+        if not any(name.startswith(idle) for idle in IDLE))}
+    for label, parts in PROFILE_ROWS.items():
+        summary[label] = 0.0
+        for path, function in parts:
+            sign = -1 if path.startswith("-") else 1
+            summary[label] += sign * sum(
+                ct for (file, _, name), (_, _, _, ct, _) in stats.items()
+                if path.lstrip("-") in file and name == function)
+    return {label: round(seconds * 1000 / events, 3) for label, seconds in summary.items()}
+
+
 def drain_phase(stack: Stack, phase: str, batch: int, users: list[uuid.UUID],
-                nats_pid: int | None) -> dict:
+                nats_pid: int | None, profile_dir: Path | None = None) -> dict:
     """One drain of the published backlog (``users``' events) by the project's consumers or by
     the peer, on empty default tables (the stream's messages stay: each phase has its own
     durables, and drains every event published so far)."""
@@ -597,24 +649,30 @@ def drain_phase(stack: Stack, phase: str, batch: int, users: list[uuid.UUID],
     if phase == "project":
         durables = list(CONTEXTS)  # setup_jetstream made them (reset_jetstream)
         hold_durables(durables)
-        processes = [stack.manage("consume", context, "--batch", str(batch))
+        processes = [stack.manage("consume", context, "--batch", str(batch),
+                                  profile=profile_dir and profile_dir / f"{phase}-{context}")
                      for context in CONTEXTS]
     else:
         durables = [f"peer-{context}" for context in default_models()]
         hold_durables(durables, create_for="user.registered")
         processes = [stack.python(ROOT / "bench" / "peer_faststream.py", context,
-                                  "--durable", durable, "--batch", str(batch))
+                                  "--durable", durable, "--batch", str(batch),
+                                  profile=profile_dir and profile_dir / f"{phase}-{context}")
                      for context, durable in zip(default_models(), durables, strict=True)]
     wait_bound(durables, processes, timeout=60)
     result = watch_drain(processes, durables, users, batch, timeout=600, label=phase[:10],
-                         nats_pid=nats_pid)
+                         nats_pid=nats_pid, profiling=bool(profile_dir))
     stack.stop()
     check_drained(len(users), inbox=phase == "project")
+    if profile_dir:
+        # From the drain's start to the processes' exit, per event, the four processes summed.
+        result["profile_ms_per_event"] = profile_summary(profile_dir / f"{phase}-",
+                                                         len(users))
     return result
 
 
 def scenario_drain(stack: Stack, events: int, batch: int, peer: bool, run: int = 0,
-                   nats_pid: int | None = None) -> dict:
+                   nats_pid: int | None = None, profile_dir: Path | None = None) -> dict:
     """The backlog, drained by the project's consumers and by the FastStream peer (same events,
     their own durables, emptied tables in between), then the ceiling of the same rows."""
     users = [uuid.uuid4() for _ in range(events)]
@@ -622,7 +680,10 @@ def scenario_drain(stack: Stack, events: int, batch: int, peer: bool, run: int =
     phases = ["project", "faststream"] if peer else ["project"]
     if run % 2:
         phases.reverse()  # alternate the order across runs, so drift over a run cancels out
-    drained = {phase: drain_phase(stack, phase, batch, users, nats_pid)
+    if profile_dir:
+        profile_dir = profile_dir / f"{events}-run{run + 1}"
+        profile_dir.mkdir(parents=True)
+    drained = {phase: drain_phase(stack, phase, batch, users, nats_pid, profile_dir)
                for phase in phases}
     reset_data()
     ceiling = ceiling_rate(events, batch)
@@ -877,6 +938,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100, help="consumer fetch/commit batch")
     parser.add_argument("--no-peer", dest="peer", action="store_false",
                         help="drain: leave out the FastStream peer")
+    parser.add_argument("--profile", action="store_true",
+                        help="drain: run the consumers under cProfile and print where their "
+                             "time goes per event (slows them: not for the ratios)")
     parser.add_argument("--rate", type=float, default=50.0, help="latency: registrations/s")
     parser.add_argument("--seconds", type=float, default=20.0, help="latency: duration")
     parser.add_argument("--requests", type=int, default=1000, help="register: per round")
@@ -928,7 +992,8 @@ def main() -> None:
                             if name == "drain":
                                 runs.append(scenario_drain(
                                     stack, events, args.batch, args.peer, run,
-                                    nats_pid=nats.process.pid))
+                                    nats_pid=nats.process.pid,
+                                    profile_dir=workdir / "profiles" if args.profile else None))
                             elif name == "latency":
                                 runs.append(scenario_latency(stack, args.rate, args.seconds,
                                                              port))
@@ -1009,6 +1074,21 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {d['events']:,} | {who} | {x['events_per_s']:,} | "
                              f"**{x['ratio_to_ceiling']:.0%}** | {per} | "
                              f"{cpu['consumers']:.2f} | {cpu.get('nats-server', 0):.2f} |")
+        for d in results["drain"].values():
+            profiled = {phase: d[phase]["profile_ms_per_event"] for phase in
+                        ("project", "faststream") if d.get(phase, {}).get("profile_ms_per_event")}
+            if not profiled:
+                continue
+            lines += ["", f"Where the consumers' time goes, {d['events']:,} events (cProfile, "
+                      "every thread, from the drain's start to the processes' exit; ms per "
+                      "event, the four processes summed; the profiler inflates Python-heavy "
+                      "parts, so compare shares, not totals):", "",
+                      "| part | " + " | ".join(profiled) + " |",
+                      "| --- | " + " | ".join("---" for _ in profiled) + " |"]
+            for part in next(iter(profiled.values())):
+                cells = [profiled[phase].get(part, 0) for phase in profiled]
+                if any(cells):
+                    lines.append(f"| {part} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
     return "\n".join(lines)
 
 
