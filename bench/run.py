@@ -326,16 +326,6 @@ def wait_for_counts(target: int, timeout: float, label: str) -> dict[str, float]
     return reached
 
 
-def created_span(model, user_ids=None) -> tuple[dt.datetime, dt.datetime]:
-    from django.db.models import Max, Min
-
-    rows = model.objects.all()
-    if user_ids is not None:
-        rows = rows.filter(user_id__in=user_ids)
-    span = rows.aggregate(first=Min("created_at"), last=Max("created_at"))
-    return span["first"], span["last"]
-
-
 # -- scenarios ----------------------------------------------------------------------------------
 
 
