@@ -437,7 +437,7 @@ def hold_durables(durables: list[str], create_for: str | None = None) -> None:
                     deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT,
                     pause_until=PAUSED_UNTIL))
             else:
-                await js._jsm.pause_consumer(settings.NATS_STREAM, durable, PAUSED_UNTIL)
+                await js.pause_consumer(settings.NATS_STREAM, durable, PAUSED_UNTIL)
 
     on_jetstream(work)
 
@@ -480,7 +480,7 @@ def resume_durables(durables: list[str], users: list[uuid.UUID], batch: int) -> 
 
     async def work(js):
         for durable in durables:
-            await js._jsm.resume_consumer(settings.NATS_STREAM, durable)
+            await js.resume_consumer(settings.NATS_STREAM, durable)
         for event in events:
             await js.publish_async(event.subject, event.to_json(),
                                    headers=event_headers(event, event_id=uuid.uuid4()))
