@@ -105,11 +105,11 @@ def prune_command(*args) -> dict[str, dict[str, int]]:
 
 def expected_counts(*, outbox: int, inbox_per_consumer: int, dead_letters: int) -> dict:
     """What the command prints, database by database: contexts sharing a database share a line."""
-    expected = {"default": {"outbox": outbox}}
+    expected = {"default": {pruning.OUTBOX: outbox}}
     for alias in settings.CONTEXT_DATABASES.values():
         line = expected.setdefault(alias, {})
-        line["inbox"] = line.get("inbox", 0) + inbox_per_consumer
-    expected["default"]["dead letters"] = dead_letters
+        line[pruning.INBOX] = line.get(pruning.INBOX, 0) + inbox_per_consumer
+    expected["default"][pruning.DEAD_LETTERS] = dead_letters
     return expected
 
 

@@ -55,7 +55,7 @@ BATCH_PAUSE = 0.02  # seconds
 # How soon a background round skipped by its ``when`` (a standby relay) looks again.
 SKIPPED_ROUND_RETRY = 5.0  # seconds
 
-OUTBOX, INBOX, DEAD_LETTERS = "outbox", "inbox", "dead letters"
+OUTBOX, INBOX, DEAD_LETTERS = "outbox rows", "inbox rows", "dead letters"  # the kinds
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ def prune_everything(
     One ``now`` for the whole run, so a dry run and the run after it draw the same lines.
     """
     now = now or timezone.now()
-    found = [
+    return [
         Pruned(OUTBOX_DATABASE, OUTBOX, outbox_prune(dry_run=dry_run, now=now, **options)),
         *(
             Pruned(alias, INBOX, inbox_prune(database=alias, dry_run=dry_run, now=now, **options))
@@ -209,7 +209,6 @@ def prune_everything(
         Pruned(DEAD_LETTER_DATABASE, DEAD_LETTERS,
                dead_letters_prune(dry_run=dry_run, now=now, **options)),
     ]
-    return found
 
 
 # -- in the background ------------------------------------------------------------------------
@@ -307,7 +306,7 @@ class BackgroundPruning:
             for pruned in found:
                 self.deleted += pruned.count
                 if pruned.count:
-                    logger.info("prune %s: deleted %d %s row(s)%s in %r", self.name, pruned.count,
+                    logger.info("prune %s: deleted %d %s%s in %r", self.name, pruned.count,
                                 pruned.kind, f" of {pruned.consumer}" * bool(pruned.consumer),
                                 pruned.database)
         except Exception as exc:

@@ -7,11 +7,11 @@ from onboarding.eventbus.status import database_label
 class Command(BaseCommand):
     help = (
         "Delete the event bus's rows no guarantee needs any more, in batches: outbox rows "
-        "published before NATS_DUPLICATE_WINDOW, inbox rows older than NATS_STREAM_MAX_AGE, "
-        "dead letters resolved or discarded before EVENTBUS_DEAD_LETTER_KEEP. Never an "
-        "unpublished outbox row nor an open dead letter. Prints the count of each kind per "
-        "database. The relay and the consumers also prune in the background "
-        "(EVENTBUS_PRUNE_INTERVAL); this is for cron, or with that off.\n"
+        "published longer ago than NATS_DUPLICATE_WINDOW, inbox rows older than "
+        "NATS_STREAM_MAX_AGE, dead letters resolved or discarded longer ago than "
+        "EVENTBUS_DEAD_LETTER_KEEP. Never an unpublished outbox row nor an open dead letter. "
+        "Prints the count of each kind per database. The relay and the consumers also prune "
+        "in the background (EVENTBUS_PRUNE_INTERVAL); this is for cron, or with that off.\n"
         "Example: manage.py eventbus_prune --dry-run"
     )
 
