@@ -285,6 +285,16 @@ OUTBOX_RELAY_POLL_INTERVAL = env.float("OUTBOX_RELAY_POLL_INTERVAL", default=1.0
 # relay dies.
 OUTBOX_RELAY_STANDBY_POLL = env.float("OUTBOX_RELAY_STANDBY_POLL", default=1.0)  # seconds
 
+# --- Pruning (onboarding/eventbus/pruning.py) ----------------------------------------------
+
+# Published outbox rows go after NATS_DUPLICATE_WINDOW, inbox rows after NATS_STREAM_MAX_AGE;
+# resolved and discarded dead letters are kept this long after they were closed (open ones
+# for ever).
+EVENTBUS_DEAD_LETTER_KEEP = env.int("EVENTBUS_DEAD_LETTER_KEEP", default=30 * 24 * 3600)  # s
+# The active relay prunes the outbox, each consumer its own inbox rows and dead letters, at
+# start and this often; 0: never (then run `manage.py eventbus_prune` from cron).
+EVENTBUS_PRUNE_INTERVAL = env.float("EVENTBUS_PRUNE_INTERVAL", default=3600.0)  # seconds
+
 # --- I18N, static --------------------------------------------------------------------------
 
 LANGUAGE_CODE = "en-us"

@@ -85,6 +85,12 @@ class AdvisoryLock:
             raise
         return self._held
 
+    @property
+    def holding(self) -> bool:
+        """Whether this relay took the lock and has not lost it yet, as far as it knows: no
+        database call, safe from any thread (``held()`` is the check that finds a loss)."""
+        return self._held
+
     def held(self) -> bool:
         """Whether the lock is still ours: its session is alive (a lost session released it)."""
         if not self._held:
@@ -130,6 +136,11 @@ class FileLock:
             return False
         self._file = file
         return True
+
+    @property
+    def holding(self) -> bool:
+        """Whether this relay took the lock and has not lost it yet, as far as it knows."""
+        return self._file is not None
 
     def held(self) -> bool:
         """Whether the lock is still ours: the kernel keeps it while the file is open, but a

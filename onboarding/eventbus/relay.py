@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from django.conf import settings
 from django.db import close_old_connections, connections
 
-from onboarding.eventbus import metrics
+from onboarding.eventbus import metrics, pruning
 from onboarding.eventbus.connection import close, connect
 from onboarding.eventbus.leadership import relay_lock
 from onboarding.eventbus.lifecycle import Backoff, Stopper
@@ -94,6 +94,9 @@ class OutboxRelay:
         # One JetStream context for the run: each new one subscribes its own PubAck inbox.
         self._js = self._nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
         backoff = Backoff(initial=0.5, maximum=10.0)
+        # The active relay prunes the outbox it publishes (EVENTBUS_PRUNE_INTERVAL).
+        pruner = pruning.BackgroundPruning("relay", pruning.relay_prune, enabled=not once,
+                                           when=lambda: self._lock.holding).start()
         try:
             grace = await self._lead(once=once)
             while grace is not None and not self.stopper.stopped:
@@ -120,6 +123,7 @@ class OutboxRelay:
                     # A notification without its message (too large) asks for a scan at once.
                     grace = 0.0 if await self._idle() else self.grace
         finally:
+            await pruner.stop()
             await self._stop_listening_and_publishing()
             await close(self._nc)
             self._db.submit(self._lock.release).result()

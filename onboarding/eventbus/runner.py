@@ -50,7 +50,7 @@ from django.db import (
 from django.utils import timezone
 
 from onboarding.contracts import EVENT_ID_HEADER, MSG_ID_HEADER, ContractError, parse_event
-from onboarding.eventbus import metrics
+from onboarding.eventbus import metrics, pruning
 from onboarding.eventbus.connection import close, connect
 from onboarding.eventbus.deadletters import (
     dead_letter_resolve,
@@ -271,9 +271,12 @@ class ConsumerRunner:
         nc = connecting.result()  # raises NatsAccessError if NATS refused us
         logger.info("consumers started: %s", names)
         subscriptions: list = []
+        # Each consumer prunes its own inbox rows and dead letters (EVENTBUS_PRUNE_INTERVAL).
+        pruner = pruning.BackgroundPruning(names, pruning.consumers_prune(self.specs)).start()
         try:
             await asyncio.gather(*(self._consume(nc, spec, subscriptions) for spec in self.specs))
         finally:
+            await pruner.stop()
             await close(nc, *subscriptions)
             logger.info("consumers stopped: %s", self.totals())
         if self.stopper.error is not None:

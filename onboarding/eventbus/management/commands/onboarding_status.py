@@ -121,7 +121,8 @@ class Command(BaseCommand):
         )
         event = story["event"]
         if event is None:
-            self.stdout.write("event: none in the outbox (never announced)")
+            self.stdout.write("event: none in the outbox (never announced, or published and "
+                              "pruned after NATS_DUPLICATE_WINDOW)")
         else:
             published = (f"published {event['published_at']}" if event["published_at"]
                          else "NOT PUBLISHED yet (waiting in the outbox)")
