@@ -405,3 +405,35 @@ def test_valid_events_round_trip(event, version):
     if version is None:
         headers.pop(VERSION_HEADER)
     assert decode(event.to_json(), headers) == event
+
+
+# -- for the consumers: whole messages that break the contract (tests/test_consumer_fuzz.py) ------
+
+
+def _with_invalid_utf_8(at: int, junk: bytes) -> bytes:
+    text = json.dumps(VALID).encode()
+    at = text.index(b'"alice"') + 1 + at % 5  # inside the username string
+    return text[:at] + junk + text[at:]
+
+
+hostile_payloads = st.one_of(
+    st.binary(max_size=512),
+    st.builds(dump, json_values, st.booleans()),
+    st.builds(lambda case, ascii_only: dump({**VALID, case[0]: case[1]}, ascii_only),
+              field_and(hostile_values), st.booleans()),
+    st.builds(lambda field, raw: raw_object([(k, raw if k == field else json.dumps(v))
+                                             for k, v in VALID.items()]),
+              st.sampled_from(FIELDS), raw_json_values),
+    st.builds(lambda field: raw_object([(k, json.dumps(v)) for k, v in VALID.items()]
+                                       + [(field, json.dumps(VALID[field]))]),
+              st.sampled_from(FIELDS)),
+    st.builds(nested, st.integers(1, 200_000), st.sampled_from(["array", "object", "unclosed"])),
+    st.builds(lambda user_id: json.dumps({**VALID, "userId": user_id}).encode(),
+              st.uuids().flatmap(lambda u: confusable(str(u)))),
+    st.builds(lambda text: json.dumps({**VALID, "registrationTimestamp": text}).encode(),
+              confusable(VALID["registrationTimestamp"])),
+    st.builds(lambda enc: json.dumps(VALID).encode(enc),
+              st.sampled_from(["utf-16", "utf-32", "utf-8-sig"])),
+    st.builds(_with_invalid_utf_8, st.integers(0, 4),
+              st.sampled_from([b"\xff", b"\xc0\xaf", b"\xed\xa0\x80", b"\xe2\x82", b"\x80"])),
+)
