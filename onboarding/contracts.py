@@ -6,13 +6,21 @@ timestamp with a zone, length limits that fit every context's columns) and toler
 do not (unknown extra keys are ignored, so producers can add fields without breaking anyone).
 
 A message that fails the contract can never succeed on a retry: ``ContractError`` marks a
-*permanent* failure, and the consumer runner sets such messages aside at once.
+*permanent* failure, and the consumer runner sets such messages aside at once. ``parse_event``
+raises nothing else, whatever the bytes (tests/test_contracts_fuzz.py fuzzes it).
+
+Strict means one spelling for each value, so that every consumer, in any language, reads the
+same event: the payload is UTF-8 JSON with each key once; ``userId`` is a UUID in its canonical
+36-character form; ``registrationTimestamp`` is an RFC 3339 date and time (ISO 8601's profile
+for the internet, in ASCII) with a zone and an instant that exists in UTC; text fields hold no
+control characters and no lone surrogates (a database column could not store them).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import ClassVar
@@ -34,6 +42,17 @@ EMAIL_MAX_LENGTH = 254  # RFC 5321 path limit, Django's EmailField default
 TIMESTAMP_MAX_LENGTH = 64
 
 _validate_email = EmailValidator()
+
+# Canonical forms only: uuid.UUID() and int() also read braces, "urn:uuid:", missing hyphens,
+# surrounding blanks and non-ASCII digits (fullwidth, Arabic-Indic...), and fromisoformat()
+# takes any character at all between the date and the time.
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
+    r"(?P<zone>Z|[+-][0-9]{2}:[0-9]{2})?"
+)
+# C0 and C1 controls (NUL among them) and lone surrogates, which UTF-8 cannot encode.
+_UNSTORABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 class ContractError(ValueError):
@@ -57,7 +76,20 @@ def _require_str(data: dict, key: str, max_length: int) -> str:
         raise ContractError(f"{key}: must not be empty")
     if len(value) > max_length:
         raise ContractError(f"{key}: longer than {max_length} characters ({len(value)})")
+    bad = _UNSTORABLE.search(value)
+    if bad:
+        raise ContractError(f"{key}: control character or lone surrogate {bad.group()!r}")
     return value
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """object_pairs_hook: a key given twice is ambiguous (JSON parsers disagree on which wins)."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ContractError(f"payload: key {twice[:64]!r} given more than once")
+    return data
 
 
 @dataclass(frozen=True)
@@ -88,10 +120,9 @@ class UserRegistered:
         if not isinstance(data, dict):
             raise ContractError(f"payload: expected a JSON object, got {type(data).__name__}")
         raw_id = _require_str(data, "userId", 36)
-        try:
-            user_id = uuid.UUID(raw_id)
-        except ValueError:
-            raise ContractError(f"userId: not a UUID: {raw_id!r}") from None
+        if not _UUID.fullmatch(raw_id):
+            raise ContractError(f"userId: not a UUID: {raw_id!r}")
+        user_id = uuid.UUID(raw_id)
         username = _require_str(data, "username", USERNAME_MAX_LENGTH)
         email = _require_str(data, "email", EMAIL_MAX_LENGTH)
         try:
@@ -99,12 +130,21 @@ class UserRegistered:
         except ValidationError:
             raise ContractError(f"email: not a valid address: {email!r}") from None
         raw_ts = _require_str(data, "registrationTimestamp", TIMESTAMP_MAX_LENGTH)
+        form = _RFC3339.fullmatch(raw_ts)
         try:
-            timestamp = dt.datetime.fromisoformat(raw_ts)
-        except ValueError:
-            raise ContractError(f"registrationTimestamp: not ISO 8601: {raw_ts!r}") from None
-        if timestamp.tzinfo is None:
+            timestamp = dt.datetime.fromisoformat(raw_ts) if form else None
+        except ValueError:  # the right shape, but no such date or time (February 30th...)
+            timestamp = None
+        if timestamp is None:
+            raise ContractError(f"registrationTimestamp: not ISO 8601 (RFC 3339): {raw_ts!r}")
+        if form["zone"] is None:
             raise ContractError(f"registrationTimestamp: no time zone: {raw_ts!r}")
+        try:
+            # In UTC, as it is published again; near year 1 or 9999 an offset can leave the
+            # calendar.
+            timestamp = timestamp.astimezone(dt.UTC)
+        except OverflowError:
+            raise ContractError(f"registrationTimestamp: out of range in UTC: {raw_ts!r}") from None
         return cls(
             user_id=user_id, username=username, email=email, registration_timestamp=timestamp
         )
@@ -131,7 +171,10 @@ def parse_event(subject: str, data: bytes, headers: dict | None = None):
     if version != str(event_type.version):
         raise ContractError(f"unsupported {subject} version {version!r}")
     try:
-        decoded = json.loads(data)
+        # UTF-8 only (RFC 8259): json.loads(bytes) would also guess UTF-16 and UTF-32.
+        decoded = json.loads(str(data, "utf-8"), object_pairs_hook=_unique_keys)
+    except ContractError:
+        raise
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ContractError(f"payload is not JSON: {exc}") from None
     return event_type.from_payload(decoded)

@@ -42,6 +42,18 @@ def replay_filter(consumer: str) -> str:
     return f"{REPLAY_PREFIX}.{consumer}.>"
 
 
+def dead_letter_id(headers: dict | None) -> int | None:
+    """The Dead-Letter-Id a replay carries, if it is one a dead letter could have.
+
+    Anyone can publish this header: str.isdigit() also says yes to "²" and "١", which int()
+    refuses (the dead letter then could never be stored, and the message came back for ever).
+    """
+    value = (headers or {}).get(DEAD_LETTER_HEADER) or ""
+    if value.isascii() and value.isdigit() and len(value) <= 18:  # a bigint, and int() takes it
+        return int(value)
+    return None
+
+
 def original_subject(consumer: str, subject: str) -> str:
     """The event subject of a message, whether it is the original or a replay."""
     prefix = f"{REPLAY_PREFIX}.{consumer}."
@@ -57,6 +69,13 @@ def payload_user_id(payload: bytes) -> str:
     if isinstance(data, dict) and isinstance(data.get("userId"), str):
         return data["userId"][:64]
     return ""
+
+
+def storable(text: str) -> str:
+    """``text`` as every database can keep it: PostgreSQL refuses NUL in text and JSONB, and
+    no driver encodes a lone surrogate. A message that broke the contract may carry both (in a
+    header, in its userId); a dead letter that cannot be stored would come back for ever."""
+    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
 
 
 def dead_letter_store(
@@ -79,27 +98,28 @@ def dead_letter_store(
     fields = {
         "deliveries": deliveries,
         "error_type": type(error).__name__,
-        "error_message": str(error)[:10_000],
+        "error_message": storable(str(error)[:10_000]),
         "last_failed_at": now,
         "resolved_at": None,
     }
     letters = DeadLetter.objects.using(DEAD_LETTER_DATABASE)
-    letter_id = headers.get(DEAD_LETTER_HEADER)
-    if letter_id and letter_id.isdigit():
-        letter = letters.filter(id=int(letter_id), consumer=consumer).first()
+    letter_id = dead_letter_id(headers)
+    if letter_id is not None:
+        letter = letters.filter(id=letter_id, consumer=consumer).first()
         if letter is not None:
             for name, value in fields.items():
                 setattr(letter, name, value)
             letter.save(using=DEAD_LETTER_DATABASE, update_fields=[*fields])
             return letter
     fields.update(
-        subject=subject, user_id=payload_user_id(payload), payload=payload, headers=headers
+        subject=storable(subject), user_id=storable(payload_user_id(payload)), payload=payload,
+        headers={storable(str(k)): storable(str(v)) for k, v in (headers or {}).items()},
     )
     letter, _ = letters.update_or_create(
         consumer=consumer,
         stream=stream,
         stream_seq=stream_seq,
-        event_id=event_id[:128],
+        event_id=storable(event_id[:128]),
         defaults=fields,
         create_defaults={**fields, "first_failed_at": now},
     )
@@ -108,12 +128,12 @@ def dead_letter_store(
 
 def dead_letter_resolve(*, consumer: str, headers: dict) -> int:
     """Mark the dead letter a successfully processed replay came from as resolved."""
-    letter_id = (headers or {}).get(DEAD_LETTER_HEADER)
-    if not (letter_id and letter_id.isdigit()):
+    letter_id = dead_letter_id(headers)
+    if letter_id is None:
         return 0
     return (
         DeadLetter.objects.using(DEAD_LETTER_DATABASE)
-        .filter(id=int(letter_id), consumer=consumer, resolved_at__isnull=True)
+        .filter(id=letter_id, consumer=consumer, resolved_at__isnull=True)
         .update(resolved_at=timezone.now())
     )
 

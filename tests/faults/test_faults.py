@@ -8,7 +8,6 @@ them, ``make test-all`` and CI run them.
 from __future__ import annotations
 
 import os
-import random
 import time
 
 import pytest
@@ -18,6 +17,7 @@ from django.db import connections
 from accounts.services import user_register
 from conftest import run_async, wait_until
 from onboarding.eventbus.models import DeadLetter, OutboxEvent, ProcessedEvent
+from tests.faults.harness import nats_stopped
 from tests.flow import Burst, complete_count, counts, register, sample_event
 from tests.test_consumer_failures import poison_messages, publish_all, valid
 
@@ -45,13 +45,13 @@ def assert_exactly(n: int) -> None:
     assert not DeadLetter.objects.exists()
 
 
-def test_kill_9_consumers_repeatedly_during_a_burst(manage):
+def test_kill_9_consumers_repeatedly_during_a_burst(manage, fault_timings):
     n, kills = 300, 4
     relay = manage("outbox_relay", **PROCESS_ENV)
     consumer = manage("consume", "--all")
     burst = Burst(n, 0.01, "kill").start()
     for _ in range(kills):
-        time.sleep(random.uniform(0.5, 1.5))
+        time.sleep(fault_timings.uniform(0.5, 1.5))
         consumer.kill()  # SIGKILL: no cleanup, messages in flight stay unacked
         consumer = manage("consume", "--all")
     burst.join()
@@ -60,7 +60,8 @@ def test_kill_9_consumers_repeatedly_during_a_burst(manage):
     assert code == 0
     relay.stop()
     assert_exactly(n)
-    report("kill -9", registrations=n, kills=kills, dead_letters=0, lost=0, duplicated=0)
+    report("kill -9", registrations=n, kills=kills, dead_letters=0, lost=0, duplicated=0,
+           seed=fault_timings.fault_seed)
 
 
 def test_nats_restart_during_a_burst(client, manage, nats_server):
@@ -68,13 +69,16 @@ def test_nats_restart_during_a_burst(client, manage, nats_server):
     relay = manage("outbox_relay", **PROCESS_ENV)
     consumer = manage("consume", "--all")
     statuses = []
-    for i in range(n):
-        if i == n // 3:
-            nats_server.stop()
-        if i == 2 * n // 3:
-            nats_server.start()
-        statuses.append(register(client, f"restart{i}").status_code)
-        time.sleep(0.02)
+
+    def burst(numbers):
+        for i in numbers:
+            statuses.append(register(client, f"restart{i}").status_code)
+            time.sleep(0.02)
+
+    burst(range(n // 3))
+    with nats_stopped(nats_server):  # the session's server: up again even if this fails
+        burst(range(n // 3, 2 * n // 3))
+    burst(range(2 * n // 3, n))
     assert statuses == [201] * n  # registration never depended on NATS
     wait_until(lambda: counts() == complete_count(n), timeout=90, message="all defaults")
     wait_until(lambda: not OutboxEvent.objects.filter(published_at__isnull=True).exists())
