@@ -21,6 +21,12 @@ Failures are told apart, because they call for different answers:
   process died handling it, repeatedly) is dead-lettered without running the handler again.
 - *NATS is unreachable*: fetch fails; the loop backs off and tries again, for ever.
 
+Each decision is written once: the inbox claim and the handlers' transaction in ``inbox.py``
+(synchronous), which failure calls for which answer in ``failures.py``, and here the loop that
+fetches and settles — both paths, a whole batch in one transaction and one message at a time,
+run their transaction through :meth:`ConsumerRunner._transaction` (the outage branch) and settle
+it through :meth:`ConsumerRunner._settle_applied` (ack, counts, replays).
+
 The ORM runs on one worker thread per consumer (it may not run on the event loop, and one
 thread keeps one database connection). On SIGTERM/SIGINT the message in hand is finished, the
 rest of the batch is nak'ed back at once for another worker, and the process exits.
@@ -32,22 +38,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import nats.errors
 import nats.js.errors
 from django.conf import settings
-from django.db import (
-    DataError,
-    InterfaceError,
-    OperationalError,
-    close_old_connections,
-    connections,
-    transaction,
-)
-from django.utils import timezone
+from django.db import close_old_connections, connections
 
 from onboarding.contracts import EVENT_ID_HEADER, MSG_ID_HEADER, ContractError, parse_event
 from onboarding.eventbus import metrics
@@ -58,8 +54,19 @@ from onboarding.eventbus.deadletters import (
     original_subject,
     payload_user_id,
 )
+from onboarding.eventbus.failures import (  # noqa: F401 (importable from here, as before)
+    CRASH_LOOP_FACTOR,
+    DATABASE_ERRORS,
+    PERMANENT_ERRORS,
+    MaxDeliveriesExceeded,
+    PermanentError,
+    crash_loop,
+    database_probe,
+    dead_letter_reason,
+    retry_delay,
+)
+from onboarding.eventbus.inbox import Incoming, inbox_claim, process_events  # noqa: F401
 from onboarding.eventbus.lifecycle import Backoff, Stopper
-from onboarding.eventbus.models import ProcessedEvent
 from onboarding.eventbus.registry import ConsumerSpec
 
 logger = logging.getLogger(__name__)
@@ -68,39 +75,6 @@ event_logger = logging.getLogger("onboarding.eventbus.events")
 
 DURABLE_POLL_SECONDS = 0.5  # how often a consumer looks for its durable until it exists
 FETCH_TIMEOUT = 1.0  # seconds; also bounds how long a stop request waits on an idle fetch
-
-
-class PermanentError(Exception):
-    """Raised by a handler for an event that can never succeed: dead-lettered at once."""
-
-
-class MaxDeliveriesExceeded(Exception):
-    """The message arrived more often than allowed without being settled."""
-
-
-# A message delivered this many times CONSUMER_MAX_DELIVER without ever being settled (acked,
-# nak'ed or dead-lettered) keeps killing its consumer: it is dead-lettered without running the
-# handler again. Deliveries also count restarts and hand-backs on stop, hence the margin; a
-# handler that merely fails is dead-lettered after CONSUMER_MAX_DELIVER attempts.
-CRASH_LOOP_FACTOR = 3
-
-# Failures a retry cannot fix.
-PERMANENT_ERRORS = (ContractError, PermanentError, DataError)
-# Failures that may mean the database is unreachable (confirmed by a probe).
-DATABASE_ERRORS = (OperationalError, InterfaceError)
-
-
-def dead_letter_reason(error: BaseException) -> str:
-    """The ``reason`` label of a dead letter: why retrying stopped."""
-    if isinstance(error, MaxDeliveriesExceeded):
-        return "crash_loop"
-    return "permanent" if isinstance(error, PERMANENT_ERRORS) else "max_deliver"
-
-
-def retry_delay(delivery: int) -> float:
-    """nak delay after failed delivery number ``delivery`` (1-based): doubling, capped."""
-    base, cap = settings.CONSUMER_RETRY_BASE_DELAY, settings.CONSUMER_RETRY_MAX_DELAY
-    return min(base * 2 ** (delivery - 1), cap)
 
 
 def event_id_of(msg) -> str:
@@ -121,115 +95,6 @@ def event_fields(consumer: str, msg, outcome: str, user_id: str | None = None, *
         "user_id": user_id or payload_user_id(bytes(msg.data)) or None,
         "stream_seq": meta.sequence.stream, "delivery": meta.num_delivered, **more,
     }
-
-
-@dataclass(frozen=True)
-class Incoming:
-    """A parsed message, ready for its handler."""
-
-    event: object
-    event_id: str
-    subject: str
-    stream_seq: int
-
-
-def process_events(spec: ConsumerSpec, items: list[Incoming]) -> list[bool]:
-    """Apply events exactly once for ``spec``, in one transaction; True for each one applied.
-
-    The inbox rows and the handlers' rows commit together in the context's own database, so
-    after any crash either both exist or neither does. Events already in the inbox, and
-    repeats within ``items``, are skipped; each handler receives the rest in one list.
-    """
-    alias = spec.database
-    with transaction.atomic(using=alias):
-        distinct = {item.event_id: item for item in reversed(items)}  # the first of each id
-        unclaimed = inbox_claim(alias, spec.name, list(distinct.values()))
-        applied = []
-        by_subject: dict[str, list] = defaultdict(list)
-        for item in items:
-            is_new = item.event_id in unclaimed
-            unclaimed.discard(item.event_id)  # a repeat within the batch is not new
-            applied.append(is_new)
-            if is_new:
-                by_subject[item.subject].append(item.event)
-        for subject, events in by_subject.items():
-            handler = spec.handler_for(subject)
-            if handler is None:
-                raise PermanentError(f"consumer {spec.name} has no handler for {subject}")
-            handler(events)
-    return applied
-
-
-INBOX_CHUNK = 500  # rows per inbox statement: 2,500 parameters
-
-
-def inbox_claim(alias: str, consumer: str, items: list[Incoming]) -> set[str]:
-    """Record ``items`` (distinct event ids) in the inbox; return the ids it did not hold yet.
-
-    One statement, ``INSERT ... ON CONFLICT DO NOTHING RETURNING``, instead of a read and then a
-    write: half the round trips of a batch's bookkeeping. A concurrent delivery of the same event
-    waits on the unique index until this transaction ends, then finds the row and skips it
-    (under READ COMMITTED, Django's default). Rows are claimed in event-id order, so two
-    overlapping deliveries lock them in the same order and cannot deadlock. Chunks keep any
-    configured batch within every engine's limit on query parameters.
-    """
-    connection = connections[alias]
-    claim = _claim_returning if _returning_supported(connection) else _claim_read_then_write
-    items = sorted(items, key=lambda item: item.event_id)
-    claimed = set()
-    for start in range(0, len(items), INBOX_CHUNK):
-        claimed |= claim(connection, alias, consumer, items[start : start + INBOX_CHUNK])
-    return claimed
-
-
-def _claim_returning(connection, alias: str, consumer: str, items: list[Incoming]) -> set[str]:
-    meta, quote = ProcessedEvent._meta, connection.ops.quote_name
-    column = {f.name: quote(f.column) for f in meta.fields}
-    names = ("consumer", "event_id", "subject", "stream_seq", "processed_at")
-    now = connection.ops.adapt_datetimefield_value(timezone.now())
-    row = "(" + ", ".join(["%s"] * len(names)) + ")"
-    params = []
-    for item in items:
-        params += [consumer, item.event_id, item.subject, item.stream_seq, now]
-    sql = (
-        f"INSERT INTO {quote(meta.db_table)} ({', '.join(column[n] for n in names)}) "
-        f"VALUES {', '.join([row] * len(items))} "
-        f"ON CONFLICT ({column['consumer']}, {column['event_id']}) DO NOTHING "
-        f"RETURNING {column['event_id']}"
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return {event_id for (event_id,) in cursor.fetchall()}
-
-
-def _claim_read_then_write(connection, alias: str, consumer: str, items: list[Incoming]):
-    """SQLite before 3.35 has no RETURNING: read which ids the inbox holds, then insert the rest."""
-    inbox = ProcessedEvent.objects.using(alias)
-    seen = set(
-        inbox.filter(consumer=consumer, event_id__in=[i.event_id for i in items])
-        .values_list("event_id", flat=True)
-    )
-    fresh = [i for i in items if i.event_id not in seen]
-    inbox.bulk_create(
-        ProcessedEvent(consumer=consumer, event_id=i.event_id, subject=i.subject,
-                       stream_seq=i.stream_seq)
-        for i in fresh
-    )
-    return {i.event_id for i in fresh}
-
-
-def _returning_supported(connection) -> bool:
-    return connection.features.can_return_rows_from_bulk_insert
-
-
-def database_probe(alias: str) -> None:
-    """Raise unless ``alias`` accepts a write transaction now.
-
-    On SQLite the transaction begins IMMEDIATE, so it also fails while another process holds
-    the write lock — a read would still succeed then, and prove nothing.
-    """
-    with transaction.atomic(using=alias), connections[alias].cursor() as cursor:
-        cursor.execute("SELECT 1")
 
 
 class ConsumerRunner:
@@ -411,6 +276,54 @@ class ConsumerRunner:
 
         return await asyncio.get_running_loop().run_in_executor(executor, call)
 
+    # -- one transaction, whatever its size --------------------------------------------------
+
+    async def _transaction(self, spec: ConsumerSpec, executor, items: list[Incoming], *,
+                           mode: str, in_hand: list):
+        """Run :func:`process_events` until it commits: (applied flags, seconds it took).
+
+        This is where an outage is told from a failure, for both paths: a database error with a
+        database that answers a probe is raised to the caller (this delivery's failure); with
+        one that does not, the messages stay in hand and the *same* delivery is retried once the
+        database is back, so an outage costs no delivery. None: a stop came during an outage.
+        """
+        while True:
+            started = time.perf_counter()
+            try:
+                applied = await self._orm(executor, process_events, spec, items)
+            except DATABASE_ERRORS as exc:
+                metrics.handler_timed(spec.name, mode, started)
+                if await self._database_available(spec, executor):
+                    raise
+                logger.warning(
+                    "consumer %s: database %r unavailable (%s: %s); pausing with %d message(s) "
+                    "in hand", spec.name, spec.database, type(exc).__name__, exc, len(in_hand),
+                )
+                if not await self._await_database(spec, executor):
+                    return None
+                continue
+            except BaseException:
+                metrics.handler_timed(spec.name, mode, started)
+                raise
+            return applied, metrics.handler_timed(spec.name, mode, started)
+
+    async def _settle_applied(self, spec: ConsumerSpec, executor, ready: list, applied: list,
+                              took: float, **log_fields) -> None:
+        """Ack what a committed transaction applied, count it, log it, resolve its replays."""
+        for msg, _ in ready:
+            await msg.ack()  # only now: the transaction has committed
+        new = sum(applied)
+        self.processed[spec.name] += len(applied)
+        self.duplicates[spec.name] += len(applied) - new
+        metrics.handled(spec.name, processed=new, duplicates=len(applied) - new)
+        for (msg, item), is_new in zip(ready, applied, strict=True):
+            self._log_handled(spec, msg, item.event, is_new, took, **log_fields)
+        for msg, item in ready:
+            if msg.subject != item.subject:  # a replay: its dead letter is resolved
+                with contextlib.suppress(Exception):
+                    await self._orm(executor, dead_letter_resolve, consumer=spec.name,
+                                    headers=dict(msg.headers or {}))
+
     # -- a whole batch in one transaction -----------------------------------------------------
 
     async def _handle_together(self, spec: ConsumerSpec, unsettled: list, executor) -> None:
@@ -422,12 +335,11 @@ class ConsumerRunner:
         isolates the culprit.
         """
         ready: list[tuple[object, Incoming]] = []
-        settled: set[int] = set()
         for msg in unsettled:
             meta = msg.metadata
-            subject = original_subject(spec.name, msg.subject)
-            if meta.num_delivered > settings.CONSUMER_MAX_DELIVER * CRASH_LOOP_FACTOR:
+            if crash_loop(meta.num_delivered):
                 continue  # the one-message path dead-letters it
+            subject = original_subject(spec.name, msg.subject)
             try:
                 event = parse_event(subject, msg.data, msg.headers)
             except ContractError:
@@ -435,46 +347,22 @@ class ConsumerRunner:
             ready.append((msg, Incoming(event, event_id_of(msg), subject, meta.sequence.stream)))
         if len(ready) < 2:
             return
-        while True:
-            started = time.perf_counter()
-            try:
-                applied = await self._orm(
-                    executor, process_events, spec, [item for _, item in ready]
-                )
-            except DATABASE_ERRORS as exc:
-                metrics.handler_timed(spec.name, "batch", started)
-                if await self._database_available(spec, executor):
-                    return
-                logger.warning(
-                    "consumer %s: database %r unavailable (%s: %s); pausing with %d message(s) "
-                    "in hand", spec.name, spec.database, type(exc).__name__, exc, len(unsettled),
-                )
-                if not await self._await_database(spec, executor):
-                    return
-                continue
-            except Exception as exc:
-                metrics.handler_timed(spec.name, "batch", started)
-                logger.warning(
-                    "consumer %s: batch of %d failed (%s: %s); retrying one by one",
-                    spec.name, len(ready), type(exc).__name__, exc,
-                )
-                return
-            break
-        took = metrics.handler_timed(spec.name, "batch", started)
-        for msg, _ in ready:
-            await msg.ack()  # only now: the transaction has committed
-            settled.add(id(msg))
+        try:
+            done = await self._transaction(spec, executor, [item for _, item in ready],
+                                           mode="batch", in_hand=unsettled)
+        except Exception as exc:
+            logger.warning(
+                "consumer %s: batch of %d failed (%s: %s); retrying one by one",
+                spec.name, len(ready), type(exc).__name__, exc,
+            )
+            return
+        if done is None:
+            return  # stopping: the batch handler hands the messages back
+        applied, took = done
+        settled = {id(msg) for msg, _ in ready}
         unsettled[:] = [msg for msg in unsettled if id(msg) not in settled]
-        self.processed[spec.name] += len(ready)
-        self.duplicates[spec.name] += len(applied) - sum(applied)
-        metrics.handled(spec.name, processed=sum(applied), duplicates=len(applied) - sum(applied))
-        for (msg, item), is_new in zip(ready, applied, strict=True):
-            self._log_handled(spec, msg, item.event, is_new, took, batch_size=len(ready))
-        replays = [dict(msg.headers or {}) for msg, item in ready if msg.subject != item.subject]
-        for headers in replays:
-            with contextlib.suppress(Exception):
-                await self._orm(executor, dead_letter_resolve, consumer=spec.name, headers=headers)
-        logger.debug(  # the per-event lines above say it at INFO
+        await self._settle_applied(spec, executor, ready, applied, took, batch_size=len(ready))
+        logger.debug(  # the per-event lines say it at INFO
             "consumer %s: processed %d event(s) in one transaction (%d duplicate(s) skipped) "
             "seq %s-%s", spec.name, sum(applied), len(applied) - sum(applied),
             ready[0][1].stream_seq, ready[-1][1].stream_seq,
@@ -485,65 +373,35 @@ class ConsumerRunner:
     async def _handle(self, spec: ConsumerSpec, msg, executor, in_hand: list) -> bool:
         """Settle ``msg`` (ack, nak or dead letter); False if a stop came first (unsettled)."""
         meta = msg.metadata
-        seq, delivery = meta.sequence.stream, meta.num_delivered
-        event_id = event_id_of(msg)
-        subject = original_subject(spec.name, msg.subject)
-        limit = settings.CONSUMER_MAX_DELIVER * CRASH_LOOP_FACTOR
-        if delivery > limit:
-            error = MaxDeliveriesExceeded(
-                f"delivered {delivery} times without being settled; the consumer keeps dying "
-                "while handling it"
-            )
+        seq, event_id = meta.sequence.stream, event_id_of(msg)
+        error = crash_loop(meta.num_delivered)
+        if error is not None:
             logger.error("consumer %s: dead-lettering seq=%s event_id=%s: %s",
                          spec.name, seq, event_id, error,
                          extra=event_fields(spec.name, msg, "dead_lettered"))
             await self._dead_letter(spec, msg, error, executor)
             return True
-        while True:
-            started = None
-            try:
-                event = parse_event(subject, msg.data, msg.headers)
-                started = time.perf_counter()
-                (applied,) = await self._orm(
-                    executor, process_events, spec, [Incoming(event, event_id, subject, seq)]
-                )
-            except PERMANENT_ERRORS as exc:
-                metrics.handler_timed(spec.name, "message", started)
-                metrics.failed(spec.name, permanent=True)
-                logger.error(
-                    "consumer %s: permanent failure, dead-lettering seq=%s event_id=%s: %s: %s",
-                    spec.name, seq, event_id, type(exc).__name__, exc,
-                    extra=event_fields(spec.name, msg, "dead_lettered"),
-                )
-                await self._dead_letter(spec, msg, exc, executor)
-                return True
-            except DATABASE_ERRORS as exc:
-                metrics.handler_timed(spec.name, "message", started)
-                if await self._database_available(spec, executor):
-                    await self._retry_later(spec, msg, exc, executor)  # this message's problem
-                    return True
-                logger.warning(
-                    "consumer %s: database %r unavailable (%s: %s); pausing with %d message(s) "
-                    "in hand", spec.name, spec.database, type(exc).__name__, exc, len(in_hand),
-                )
-                if not await self._await_database(spec, executor):
-                    return False  # stopping: the batch handler hands the messages back
-                continue  # the same delivery, again: an outage costs no delivery attempts
-            except Exception as exc:
-                metrics.handler_timed(spec.name, "message", started)
-                await self._retry_later(spec, msg, exc, executor)
-                return True
-            break
-        took = metrics.handler_timed(spec.name, "message", started)
-        await msg.ack()  # only now: the transaction has committed
-        self.processed[spec.name] += 1
-        self.duplicates[spec.name] += not applied
-        metrics.handled(spec.name, processed=int(applied), duplicates=int(not applied))
-        if msg.subject != subject:  # a replay: its dead letter is resolved
-            with contextlib.suppress(Exception):
-                await self._orm(executor, dead_letter_resolve, consumer=spec.name,
-                                headers=dict(msg.headers or {}))
-        self._log_handled(spec, msg, event, applied, took)
+        subject = original_subject(spec.name, msg.subject)
+        try:
+            item = Incoming(parse_event(subject, msg.data, msg.headers), event_id, subject, seq)
+            done = await self._transaction(spec, executor, [item], mode="message",
+                                           in_hand=in_hand)
+        except PERMANENT_ERRORS as exc:
+            metrics.failed(spec.name, permanent=True)
+            logger.error(
+                "consumer %s: permanent failure, dead-lettering seq=%s event_id=%s: %s: %s",
+                spec.name, seq, event_id, type(exc).__name__, exc,
+                extra=event_fields(spec.name, msg, "dead_lettered"),
+            )
+            await self._dead_letter(spec, msg, exc, executor)
+            return True
+        except Exception as exc:
+            await self._retry_later(spec, msg, exc, executor)
+            return True
+        if done is None:
+            return False  # stopping: the batch handler hands the messages back
+        applied, took = done
+        await self._settle_applied(spec, executor, [(msg, item)], applied, took)
         return True
 
     @staticmethod
