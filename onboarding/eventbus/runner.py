@@ -20,6 +20,9 @@ Failures are told apart, because they call for different answers:
   that fails becomes a dead letter. A message that arrives past its allowed deliveries (the
   process died handling it, repeatedly) is dead-lettered without running the handler again.
 - *NATS is unreachable*: fetch fails; the loop backs off and tries again, for ever.
+- *settling fails* (an ack, nak, term or in_progress raises): the batch is logged with its ids
+  and the loop carries on; JetStream redelivers what was not settled, the inbox skips what
+  committed. One consumer's trouble never ends the process, nor the other consumers in it.
 
 Each decision is written once: the inbox claim and the handlers' transaction in ``inbox.py``
 (synchronous), which failure calls for which answer in ``failures.py``, and here the loop that
@@ -208,7 +211,10 @@ class ConsumerRunner:
                     continue
                 backoff.reset()
                 with metrics.batch(spec.name, len(msgs)):
-                    await self._handle_batch(spec, msgs, executor)
+                    try:
+                        await self._handle_batch(spec, msgs, executor)
+                    except Exception as exc:
+                        self._log_unsettled(spec, msgs, exc)
         finally:
             if pending is not None:
                 pending.cancel()
@@ -216,6 +222,20 @@ class ConsumerRunner:
                 await self._hand_back(psub)
             await asyncio.get_running_loop().run_in_executor(executor, connections.close_all)
             executor.shutdown()
+
+    @staticmethod
+    def _log_unsettled(spec: ConsumerSpec, msgs: list, error: BaseException) -> None:
+        """A batch whose settling raised (an ack, nak, term or in_progress on a connection that
+        dropped, say). Nothing is lost and the consumer carries on: JetStream redelivers what
+        was not settled after ack_wait, and the inbox skips what had committed."""
+        logger.error(
+            "consumer %s: settling a batch of %d failed (%s: %s); JetStream redelivers what was "
+            "not settled after ack_wait: seq=%s event_ids=%s", spec.name, len(msgs),
+            type(error).__name__, error,
+            ",".join(str(msg.metadata.sequence.stream) for msg in msgs),
+            ",".join(event_id_of(msg) for msg in msgs),
+            exc_info=not isinstance(error, nats.errors.Error),  # an unexpected one: its trace
+        )
 
     async def _hand_back(self, psub) -> None:
         """Nak what the server delivered that no fetch returned yet, so nothing waits ack_wait.
