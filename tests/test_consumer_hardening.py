@@ -59,3 +59,74 @@ def test_an_ack_that_raises_neither_stops_its_consumer_nor_the_others(
     assert not DeadLetter.objects.exists()
     lines = [r.getMessage() for r in caplog.records if "settling" in r.getMessage()]
     assert lines and f"seq={failed[0]}" in lines[0] and "ConnectionClosedError" in lines[0], lines
+
+
+def test_a_replay_whose_dead_letter_cannot_be_resolved_says_so(start_consumers, monkeypatch,
+                                                                caplog, settings):
+    from django.db import OperationalError
+
+    from onboarding.contracts import EVENT_ID_HEADER
+    from onboarding.eventbus import runner
+    from onboarding.eventbus.deadletters import dead_letter_store, dead_letters_replay
+
+    event = sample_event(username="replayed")
+    payload, headers = valid(event)
+    letter = dead_letter_store(
+        consumer="players", subject="user.registered", stream=settings.NATS_STREAM,
+        stream_seq=99, event_id=headers[EVENT_ID_HEADER], payload=payload, headers=headers,
+        deliveries=4, error=ValueError("failed earlier"),
+    )
+
+    def resolve_fails(**kwargs):
+        raise OperationalError("the operations database is read-only")
+
+    monkeypatch.setattr(runner, "dead_letter_resolve", resolve_fails)
+    caplog.set_level(logging.WARNING, logger="onboarding.eventbus")
+    running = start_consumers(["players"])
+    assert dead_letters_replay(letters=[letter]) == 1
+    wait_until(lambda: counts()["players"] == 1, message="the replay applied")
+    wait_until(lambda: any("could not be marked resolved" in r.getMessage()
+                           for r in caplog.records), message="the failed resolve logged")
+    running.stop()
+    line = next(r for r in caplog.records if "could not be marked resolved" in r.getMessage())
+    assert line.levelno == logging.ERROR
+    assert f"dead letter {letter.id} " in line.getMessage()
+    assert headers[EVENT_ID_HEADER] in line.getMessage()
+    letter.refresh_from_db()
+    assert letter.resolved_at is None  # open, and now someone knows why
+
+
+def test_a_keepalive_that_fails_is_logged_with_the_ids(start_consumers, settings, monkeypatch,
+                                                       caplog):
+    import threading
+
+    import nats.aio.msg
+    import nats.errors
+
+    import players.consumers
+
+    short_ack_wait(settings, 1.5)  # a beat every 0.5 s
+
+    async def in_progress(msg):
+        raise nats.errors.ConnectionClosedError
+
+    monkeypatch.setattr(nats.aio.msg.Msg, "in_progress", in_progress)
+    original = players.consumers.players_create_defaults
+    slow_once = threading.Event()
+
+    def slow(**kwargs):
+        if not slow_once.is_set():
+            slow_once.set()
+            threading.Event().wait(1.2)  # a slow handler: at least two beats
+        return original(**kwargs)
+
+    monkeypatch.setattr(players.consumers, "players_create_defaults", slow)
+    caplog.set_level(logging.WARNING, logger="onboarding.eventbus")
+    event = sample_event(username="kept-alive")
+    publish_all([valid(event)])
+    running = start_consumers(["players"])
+    wait_until(lambda: counts()["players"] == 1, message="applied despite the keepalive")
+    running.stop()
+    lines = [r.getMessage() for r in caplog.records if "keepalive" in r.getMessage()]
+    assert lines, "the failed keepalive was dropped silently"
+    assert "seq=1 " in lines[0] and "ConnectionClosedError" in lines[0], lines

@@ -52,6 +52,7 @@ from onboarding.contracts import EVENT_ID_HEADER, MSG_ID_HEADER, ContractError, 
 from onboarding.eventbus import metrics
 from onboarding.eventbus.connection import close, connect
 from onboarding.eventbus.deadletters import (
+    DEAD_LETTER_HEADER,
     dead_letter_resolve,
     dead_letter_store,
     original_subject,
@@ -88,6 +89,12 @@ def event_id_of(msg) -> str:
         or headers.get(MSG_ID_HEADER)
         or f"{msg.metadata.stream}:{msg.metadata.sequence.stream}"
     )
+
+
+def message_ids(msgs: list) -> str:
+    """The ids of several messages, for one log line about them all."""
+    return (f"seq={','.join(str(msg.metadata.sequence.stream) for msg in msgs)} "
+            f"event_ids={','.join(event_id_of(msg) for msg in msgs)}")
 
 
 def event_fields(consumer: str, msg, outcome: str, user_id: str | None = None, **more) -> dict:
@@ -230,10 +237,8 @@ class ConsumerRunner:
         was not settled after ack_wait, and the inbox skips what had committed."""
         logger.error(
             "consumer %s: settling a batch of %d failed (%s: %s); JetStream redelivers what was "
-            "not settled after ack_wait: seq=%s event_ids=%s", spec.name, len(msgs),
-            type(error).__name__, error,
-            ",".join(str(msg.metadata.sequence.stream) for msg in msgs),
-            ",".join(event_id_of(msg) for msg in msgs),
+            "not settled after ack_wait: %s", spec.name, len(msgs),
+            type(error).__name__, error, message_ids(msgs),
             exc_info=not isinstance(error, nats.errors.Error),  # an unexpected one: its trace
         )
 
@@ -254,7 +259,7 @@ class ConsumerRunner:
 
     async def _handle_batch(self, spec: ConsumerSpec, msgs: list, executor) -> None:
         unsettled = list(msgs)
-        async with self._keepalive(unsettled, self._ack_wait.get(spec.name, 30.0)):
+        async with self._keepalive(spec, unsettled, self._ack_wait.get(spec.name, 30.0)):
             if not self.per_message and len(unsettled) > 1:
                 await self._handle_together(spec, unsettled, executor)
             while unsettled:
@@ -269,19 +274,31 @@ class ConsumerRunner:
                     unsettled.pop(0)
 
     @contextlib.asynccontextmanager
-    async def _keepalive(self, msgs: list, ack_wait: float):
+    async def _keepalive(self, spec: ConsumerSpec, msgs: list, ack_wait: float):
         """Tell JetStream the messages in hand are still being worked on, every ack_wait/3.
 
         Without it a slow handler, or a batch waiting out a database outage, would see its
-        messages redelivered — to another worker, or to this one after the outage.
+        messages redelivered — to another worker, or to this one after the outage. A beat that
+        fails is logged (one line per beat, with the ids) and the work goes on: a redelivery it
+        allows is skipped by the inbox if this worker commits first.
         """
 
         async def beat():
             while True:
                 await asyncio.sleep(ack_wait / 3)
+                failed, error = [], None
                 for msg in list(msgs):
-                    with contextlib.suppress(Exception):
+                    try:
                         await msg.in_progress()
+                    except Exception as exc:
+                        failed.append(msg)
+                        error = exc
+                if failed:
+                    logger.warning(
+                        "consumer %s: keepalive (in_progress) failed for %d message(s) in hand "
+                        "(%s: %s); JetStream may redeliver them after ack_wait: %s",
+                        spec.name, len(failed), type(error).__name__, error, message_ids(failed),
+                    )
 
         task = asyncio.create_task(beat())
         try:
@@ -340,9 +357,23 @@ class ConsumerRunner:
             self._log_handled(spec, msg, item.event, is_new, took, **log_fields)
         for msg, item in ready:
             if msg.subject != item.subject:  # a replay: its dead letter is resolved
-                with contextlib.suppress(Exception):
-                    await self._orm(executor, dead_letter_resolve, consumer=spec.name,
-                                    headers=dict(msg.headers or {}))
+                await self._resolve_dead_letter(spec, executor, msg)
+
+    async def _resolve_dead_letter(self, spec: ConsumerSpec, executor, msg) -> None:
+        headers = dict(msg.headers or {})
+        try:
+            await self._orm(executor, dead_letter_resolve, consumer=spec.name, headers=headers)
+        except Exception as exc:
+            # The event is applied and acked; only the bookkeeping failed. Said once, loudly:
+            # the dead letter stays open (health check red) until a replay of it goes through.
+            letter = headers.get(DEAD_LETTER_HEADER)
+            logger.error(
+                "consumer %s: replay seq=%s event_id=%s applied, but dead letter %s could not be "
+                "marked resolved (%s: %s); it stays open: replay it again to resolve it",
+                spec.name, msg.metadata.sequence.stream, event_id_of(msg), letter,
+                type(exc).__name__, exc,
+                extra=event_fields(spec.name, msg, "processed", dead_letter_id=letter),
+            )
 
     # -- a whole batch in one transaction -----------------------------------------------------
 
