@@ -130,3 +130,138 @@ def test_a_keepalive_that_fails_is_logged_with_the_ids(start_consumers, settings
     lines = [r.getMessage() for r in caplog.records if "keepalive" in r.getMessage()]
     assert lines, "the failed keepalive was dropped silently"
     assert "seq=1 " in lines[0] and "ConnectionClosedError" in lines[0], lines
+
+
+def _log_has(caplog, text: str) -> bool:
+    return any(text in record.getMessage() for record in caplog.records)
+
+
+def test_a_hung_handler_is_abandoned_rolled_back_and_handed_back(start_consumers, settings,
+                                                                 monkeypatch, caplog):
+    """The handler writes its rows, then hangs inside the transaction. After
+    CONSUMER_BATCH_TIMEOUT the runner gives up on it and hands the batch back; when the handler
+    returns at last, its transaction rolls back instead of committing; the redelivery applies
+    each event once."""
+    import threading
+
+    import players.consumers
+
+    settings.CONSUMER_BATCH_TIMEOUT = 2.0
+    release, hung = threading.Event(), threading.Event()
+    original = players.consumers.players_create_defaults
+
+    def hangs_once(**kwargs):
+        original(**kwargs)  # rows the abandoned transaction must not commit
+        if not hung.is_set():
+            hung.set()
+            release.wait(60)
+
+    monkeypatch.setattr(players.consumers, "players_create_defaults", hangs_once)
+    caplog.set_level(logging.INFO, logger="onboarding.eventbus")
+    events = [sample_event(username=f"hung{i}") for i in range(3)]
+    publish_all([valid(event) for event in events])
+    try:
+        running = start_consumers(["players"])
+        wait_until(lambda: _log_has(caplog, "HandlerTimeout"), timeout=30,
+                   message="the hung transaction given up on")
+        assert counts()["players"] == 0
+    finally:
+        release.set()
+    wait_until(lambda: running.runner.processed["players"] == 3, timeout=30,
+               message="the handed-back events applied")
+    running.stop()
+    assert counts()["players"] == 3
+    # Had the abandoned transaction committed, the redeliveries would have been duplicates.
+    assert running.runner.duplicates["players"] == 0
+    assert _log_has(caplog, "the abandoned transaction returned and rolled back (Abandoned")
+    assert not DeadLetter.objects.exists()
+
+
+
+
+def _on_postgresql() -> bool:
+    from django.conf import settings
+
+    alias = settings.CONTEXT_DATABASES["players"]
+    return settings.DATABASES[alias]["ENGINE"].endswith("postgresql")
+
+
+@pytest.mark.parametrize("cap, lock_timeout", [(1.0, 3.0), (30.0, 1.0)],
+                         ids=["the-batch-cap-first", "lock_timeout-first"])
+def test_a_handler_blocked_on_a_row_lock_is_handed_back_and_applied_once_released(
+    start_consumers, settings, monkeypatch, caplog, cap, lock_timeout
+):
+    """Another transaction holds the row the handler inserts (an uncommitted insert of the same
+    player). The consumer's batch is given up on — by the cap, or by PostgreSQL's lock_timeout
+    — rolled back and handed back; once the lock is released the event is applied once."""
+    if not _on_postgresql():
+        pytest.skip("row locks and lock_timeout are PostgreSQL's (SQLite locks the whole file)")
+    from django.db import connections, transaction
+
+    import players.consumers
+    from players.models import Player
+
+    settings.CONSUMER_BATCH_TIMEOUT = cap
+    settings.CONSUMER_LOCK_TIMEOUT = lock_timeout
+    attempts = []
+    original = players.consumers.players_create_defaults
+
+    def counted(**kwargs):
+        attempts.append(1)
+        return original(**kwargs)
+
+    monkeypatch.setattr(players.consumers, "players_create_defaults", counted)
+    caplog.set_level(logging.INFO, logger="onboarding.eventbus")
+    locked, free = sample_event(username="locked"), sample_event(username="free")
+    alias = settings.CONTEXT_DATABASES["players"]
+    with transaction.atomic(using=alias):
+        # The same player, inserted and not committed: the handler's insert waits on it.
+        Player.objects.using(alias).create(user_id=locked.user_id, username="holder")
+        publish_all([valid(locked), valid(free)])
+        running = start_consumers(["players"])
+        wait_until(lambda: len(attempts) >= 2, timeout=30,
+                   message="the blocked batch given up on and tried again")
+        transaction.set_rollback(True, using=alias)  # release the lock: the holder gives up
+    connections[alias].close()
+    wait_until(lambda: running.runner.processed["players"] == 2, timeout=30,
+               message="both applied once the lock was released")
+    running.stop()
+    assert counts()["players"] == 2
+    assert Player.objects.get(user_id=locked.user_id).username == "locked"
+    assert running.runner.duplicates["players"] == 0
+    assert not DeadLetter.objects.exists()
+    expected = "HandlerTimeout" if cap < lock_timeout else "lock timeout"
+    assert _log_has(caplog, expected), [r.getMessage() for r in caplog.records]
+
+
+def test_the_session_timeouts_are_the_consumers_alone(settings):
+    """Consumer threads' PostgreSQL connections get statement_timeout and lock_timeout; the
+    connections of any other thread (the web's) keep the server's defaults."""
+    if not _on_postgresql():
+        pytest.skip("session timeouts are PostgreSQL's")
+    import asyncio
+
+    from django.db import connections
+
+    from onboarding.eventbus.runner import Worker
+
+    settings.CONSUMER_STATEMENT_TIMEOUT, settings.CONSUMER_LOCK_TIMEOUT = 7, 3
+    alias = settings.CONTEXT_DATABASES["players"]
+
+    def show():
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SHOW statement_timeout")
+            statement = cursor.fetchone()[0]
+            cursor.execute("SHOW lock_timeout")
+            return statement, cursor.fetchone()[0]
+
+    async def in_a_consumer():
+        worker = Worker("players")
+        try:
+            return await worker.call(show)
+        finally:
+            await worker.close()
+
+    assert asyncio.run(in_a_consumer()) == ("7s", "3s")
+    connections[alias].close()
+    assert show() == ("0", "0")

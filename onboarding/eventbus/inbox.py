@@ -8,13 +8,14 @@ those it did not hold yet.
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 
 from django.db import connections, transaction
 from django.utils import timezone
 
-from onboarding.eventbus.failures import PermanentError
+from onboarding.eventbus.failures import Abandoned, PermanentError
 from onboarding.eventbus.models import ProcessedEvent
 from onboarding.eventbus.registry import ConsumerSpec
 
@@ -29,15 +30,55 @@ class Incoming:
     stream_seq: int
 
 
-def process_events(spec: ConsumerSpec, items: list[Incoming]) -> list[bool]:
+class CommitGate:
+    """Settles the race between a transaction reaching its commit and the runner giving up on it.
+
+    Exactly one of :meth:`commit` (the worker thread, at the end of the transaction) and
+    :meth:`abandon` (the event loop, when the batch's time is up) wins. A transaction that loses
+    rolls back; a runner that loses waits for the commit, which is already under way.
+
+    ``began`` tells the runner where the time went: False, the database never let the
+    transaction begin (connecting, or SQLite's write lock held elsewhere: maybe an outage, worth
+    a probe); True, it began, and the handlers took the time (on SQLite this thread then holds
+    the write lock itself, so a probe would only find its own lock).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = "running"
+        self.began = False
+
+    def commit(self) -> bool:
+        with self._lock:
+            if self._state == "abandoned":
+                return False
+            self._state = "committing"
+            return True
+
+    def abandon(self) -> bool:
+        with self._lock:
+            if self._state == "committing":
+                return False
+            self._state = "abandoned"
+            return True
+
+
+def process_events(
+    spec: ConsumerSpec, items: list[Incoming], *, gate: CommitGate | None = None
+) -> list[bool]:
     """Apply events exactly once for ``spec``, in one transaction; True for each one applied.
 
     The inbox rows and the handlers' rows commit together in the context's own database, so
     after any crash either both exist or neither does. Events already in the inbox, and
     repeats within ``items``, are skipped; each handler receives the rest in one list.
+
+    With a ``gate``, the transaction commits only if the runner has not given up on it
+    (:class:`CommitGate`); otherwise it rolls back with :class:`Abandoned`.
     """
     alias = spec.database
     with transaction.atomic(using=alias):
+        if gate is not None:
+            gate.began = True
         distinct = {item.event_id: item for item in reversed(items)}  # the first of each id
         unclaimed = inbox_claim(alias, spec.name, list(distinct.values()))
         applied = []
@@ -53,6 +94,8 @@ def process_events(spec: ConsumerSpec, items: list[Incoming]) -> list[bool]:
             if handler is None:
                 raise PermanentError(f"consumer {spec.name} has no handler for {subject}")
             handler(events)
+        if gate is not None and not gate.commit():
+            raise Abandoned(f"consumer {spec.name}: the runner gave up on this transaction")
     return applied
 
 

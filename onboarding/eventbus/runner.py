@@ -47,6 +47,7 @@ import nats.errors
 import nats.js.errors
 from django.conf import settings
 from django.db import close_old_connections, connections
+from django.db.backends.signals import connection_created
 
 from onboarding.contracts import EVENT_ID_HEADER, MSG_ID_HEADER, ContractError, parse_event
 from onboarding.eventbus import metrics
@@ -62,20 +63,33 @@ from onboarding.eventbus.failures import (  # noqa: F401 (importable from here, 
     CRASH_LOOP_FACTOR,
     DATABASE_ERRORS,
     PERMANENT_ERRORS,
+    HandlerTimeout,
     MaxDeliveriesExceeded,
     PermanentError,
+    consumer_thread,
     crash_loop,
     database_probe,
     dead_letter_reason,
+    is_timeout,
     retry_delay,
+    set_session_timeouts,
+    worth_a_probe,
 )
-from onboarding.eventbus.inbox import Incoming, inbox_claim, process_events  # noqa: F401
+from onboarding.eventbus.inbox import (  # noqa: F401
+    CommitGate,
+    Incoming,
+    inbox_claim,
+    process_events,
+)
 from onboarding.eventbus.lifecycle import Backoff, Stopper
 from onboarding.eventbus.registry import ConsumerSpec
 
 logger = logging.getLogger(__name__)
 # One line per handled event (EVENT_LOG_LEVEL), with structured fields for JSON logs.
 event_logger = logging.getLogger("onboarding.eventbus.events")
+
+# The consumers' PostgreSQL session timeouts, on the connections their threads open (only).
+connection_created.connect(set_session_timeouts, dispatch_uid="eventbus-consumer-timeouts")
 
 DURABLE_POLL_SECONDS = 0.5  # how often a consumer looks for its durable until it exists
 FETCH_TIMEOUT = 1.0  # seconds; also bounds how long a stop request waits on an idle fetch
@@ -107,6 +121,99 @@ def event_fields(consumer: str, msg, outcome: str, user_id: str | None = None, *
     }
 
 
+def _forget(unsettled: list, settled: list) -> None:
+    """Drop the messages of ``settled`` (message, item) pairs from ``unsettled``, in place."""
+    done = {id(msg) for msg, _ in settled}
+    unsettled[:] = [msg for msg in unsettled if id(msg) not in done]
+
+
+class Worker:
+    """A consumer's database threads: one for its work, one for probes.
+
+    The ORM may not run on the event loop, and one thread keeps one connection per database.
+    A thread blocked in a database call cannot be interrupted from the loop: what makes the call
+    return is the database's own timeouts (``CONSUMER_STATEMENT_TIMEOUT`` and
+    ``CONSUMER_LOCK_TIMEOUT`` on PostgreSQL, the busy timeout on SQLite). What makes the loop
+    stop *waiting* is :meth:`apply`'s cap, ``CONSUMER_BATCH_TIMEOUT``: the transaction is
+    abandoned (it rolls back at its commit, :class:`~onboarding.eventbus.inbox.CommitGate`) and
+    the loop hands its messages back. Until the abandoned call returns, the work thread is busy
+    and the next call waits for it; the probe has a thread of its own, so it still answers.
+    A call that never returns (a handler hung outside the database) stops this consumer's
+    loop, which freezes the heartbeat: the process is stuck, and its supervisor restarts it.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._work = ThreadPoolExecutor(1, thread_name_prefix=f"consume-{name}",
+                                        initializer=consumer_thread)
+        self._probe = ThreadPoolExecutor(1, thread_name_prefix=f"probe-{name}",
+                                         initializer=consumer_thread)
+        self._abandoned: asyncio.Future | None = None
+
+    async def call(self, fn, /, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on the work thread."""
+        await self._abandoned_returned()
+        return await self._submit(fn, *args, **kwargs)
+
+    def _submit(self, fn, /, *args, **kwargs) -> asyncio.Future:
+        def run():
+            close_old_connections()
+            return fn(*args, **kwargs)
+
+        return asyncio.get_running_loop().run_in_executor(self._work, run)
+
+    async def apply(self, spec: ConsumerSpec, items: list[Incoming], timeout: float) -> list:
+        """:func:`process_events` on the work thread, given up after ``timeout`` s (0: never).
+
+        Raises :class:`HandlerTimeout` once given up on: the transaction will not commit.
+        """
+        await self._abandoned_returned()  # not part of this transaction's time
+        gate = CommitGate()
+        future = self._submit(process_events, spec, items, gate=gate)
+        if not timeout:
+            return await future
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            if not gate.abandon():
+                return await future  # it is committing: that is quick, and it counts
+            self._abandoned = future
+            raise HandlerTimeout(
+                f"the transaction of {len(items)} event(s) took longer than {timeout:g}s "
+                "(CONSUMER_BATCH_TIMEOUT); abandoned, it rolls back", began=gate.began,
+            ) from None
+
+    async def _abandoned_returned(self) -> None:
+        future, self._abandoned = self._abandoned, None
+        if future is None:
+            return
+        await asyncio.wait({future})
+        error = future.exception()  # Abandoned at its commit, or the database's timeout
+        logger.warning("consumer %s: the abandoned transaction returned and rolled back (%s)",
+                       self.name, f"{type(error).__name__}: {error}" if error else "no error")
+
+    async def probe(self, alias: str) -> bool:
+        """True if ``alias`` accepts a write transaction now (:func:`database_probe`)."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._probe, database_probe, alias)
+        except Exception:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Close the work thread's connections, unless it is still held by an abandoned call.
+
+        Never blocks the event loop (``shutdown(wait=False)``): a thread still blocked in the
+        database ends with the process.
+        """
+        if self._abandoned is None or self._abandoned.done():
+            with contextlib.suppress(Exception):
+                await self.call(connections.close_all)
+        self._work.shutdown(wait=False, cancel_futures=True)
+        self._probe.shutdown(wait=False, cancel_futures=True)
+
+
 class ConsumerRunner:
     """Runs the given consumers in this process until stopped (SIGTERM/SIGINT or ``stop()``)."""
 
@@ -124,6 +231,7 @@ class ConsumerRunner:
         self.per_message = (
             not settings.CONSUMER_BATCH_TRANSACTIONS if per_message is None else per_message
         )
+        self.batch_timeout = settings.CONSUMER_BATCH_TIMEOUT
         self.stopper = Stopper()
         self.processed = {spec.name: 0 for spec in specs}  # settled messages, duplicates too
         self.duplicates = {spec.name: 0 for spec in specs}  # of which already in the inbox
@@ -166,7 +274,7 @@ class ConsumerRunner:
 
     async def _consume(self, nc, spec: ConsumerSpec, subscriptions: list) -> None:
         js = nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
-        executor = ThreadPoolExecutor(1, thread_name_prefix=f"consume-{spec.name}")
+        worker = Worker(spec.name)
         backoff = Backoff(initial=0.5, maximum=10.0)
         psub = None
         waiting_for_durable = False
@@ -219,7 +327,7 @@ class ConsumerRunner:
                 backoff.reset()
                 with metrics.batch(spec.name, len(msgs)):
                     try:
-                        await self._handle_batch(spec, msgs, executor)
+                        await self._handle_batch(spec, msgs, worker)
                     except Exception as exc:
                         self._log_unsettled(spec, msgs, exc)
         finally:
@@ -227,8 +335,7 @@ class ConsumerRunner:
                 pending.cancel()
             if psub is not None:
                 await self._hand_back(psub)
-            await asyncio.get_running_loop().run_in_executor(executor, connections.close_all)
-            executor.shutdown()
+            await worker.close()
 
     @staticmethod
     def _log_unsettled(spec: ConsumerSpec, msgs: list, error: BaseException) -> None:
@@ -257,11 +364,11 @@ class ConsumerRunner:
                 with contextlib.suppress(Exception):
                     await msg.nak()
 
-    async def _handle_batch(self, spec: ConsumerSpec, msgs: list, executor) -> None:
+    async def _handle_batch(self, spec: ConsumerSpec, msgs: list, worker) -> None:
         unsettled = list(msgs)
         async with self._keepalive(spec, unsettled, self._ack_wait.get(spec.name, 30.0)):
             if not self.per_message and len(unsettled) > 1:
-                await self._handle_together(spec, unsettled, executor)
+                await self._handle_together(spec, unsettled, worker)
             while unsettled:
                 metrics.consumer_tick(spec.name)  # one message at a time: each is progress
                 if self.stopper.stopped:
@@ -270,7 +377,7 @@ class ConsumerRunner:
                         with contextlib.suppress(Exception):
                             await msg.nak()
                     return
-                if await self._handle(spec, unsettled[0], executor, unsettled):
+                if await self._handle(spec, unsettled[0], worker, unsettled):
                     unsettled.pop(0)
 
     @contextlib.asynccontextmanager
@@ -306,16 +413,9 @@ class ConsumerRunner:
         finally:
             task.cancel()
 
-    async def _orm(self, executor, fn, /, *args, **kwargs):
-        def call():
-            close_old_connections()
-            return fn(*args, **kwargs)
-
-        return await asyncio.get_running_loop().run_in_executor(executor, call)
-
     # -- one transaction, whatever its size --------------------------------------------------
 
-    async def _transaction(self, spec: ConsumerSpec, executor, items: list[Incoming], *,
+    async def _transaction(self, spec: ConsumerSpec, worker, items: list[Incoming], *,
                            mode: str, in_hand: list):
         """Run :func:`process_events` until it commits: (applied flags, seconds it took).
 
@@ -327,16 +427,16 @@ class ConsumerRunner:
         while True:
             started = time.perf_counter()
             try:
-                applied = await self._orm(executor, process_events, spec, items)
-            except DATABASE_ERRORS as exc:
+                applied = await worker.apply(spec, items, self.batch_timeout)
+            except (*DATABASE_ERRORS, HandlerTimeout) as exc:
                 metrics.handler_timed(spec.name, mode, started)
-                if await self._database_available(spec, executor):
+                if not worth_a_probe(exc) or await worker.probe(spec.database):
                     raise
                 logger.warning(
                     "consumer %s: database %r unavailable (%s: %s); pausing with %d message(s) "
                     "in hand", spec.name, spec.database, type(exc).__name__, exc, len(in_hand),
                 )
-                if not await self._await_database(spec, executor):
+                if not await self._await_database(spec, worker):
                     return None
                 continue
             except BaseException:
@@ -344,7 +444,7 @@ class ConsumerRunner:
                 raise
             return applied, metrics.handler_timed(spec.name, mode, started)
 
-    async def _settle_applied(self, spec: ConsumerSpec, executor, ready: list, applied: list,
+    async def _settle_applied(self, spec: ConsumerSpec, worker, ready: list, applied: list,
                               took: float, **log_fields) -> None:
         """Ack what a committed transaction applied, count it, log it, resolve its replays."""
         for msg, _ in ready:
@@ -357,12 +457,12 @@ class ConsumerRunner:
             self._log_handled(spec, msg, item.event, is_new, took, **log_fields)
         for msg, item in ready:
             if msg.subject != item.subject:  # a replay: its dead letter is resolved
-                await self._resolve_dead_letter(spec, executor, msg)
+                await self._resolve_dead_letter(spec, worker, msg)
 
-    async def _resolve_dead_letter(self, spec: ConsumerSpec, executor, msg) -> None:
+    async def _resolve_dead_letter(self, spec: ConsumerSpec, worker, msg) -> None:
         headers = dict(msg.headers or {})
         try:
-            await self._orm(executor, dead_letter_resolve, consumer=spec.name, headers=headers)
+            await worker.call(dead_letter_resolve, consumer=spec.name, headers=headers)
         except Exception as exc:
             # The event is applied and acked; only the bookkeeping failed. Said once, loudly:
             # the dead letter stays open (health check red) until a replay of it goes through.
@@ -377,7 +477,7 @@ class ConsumerRunner:
 
     # -- a whole batch in one transaction -----------------------------------------------------
 
-    async def _handle_together(self, spec: ConsumerSpec, unsettled: list, executor) -> None:
+    async def _handle_together(self, spec: ConsumerSpec, unsettled: list, worker) -> None:
         """Settle what it can of ``unsettled`` in one transaction; leave the rest in the list.
 
         Messages that cannot be parsed (or keep killing the consumer) are left out, for the
@@ -399,9 +499,21 @@ class ConsumerRunner:
         if len(ready) < 2:
             return
         try:
-            done = await self._transaction(spec, executor, [item for _, item in ready],
+            done = await self._transaction(spec, worker, [item for _, item in ready],
                                            mode="batch", in_hand=unsettled)
         except Exception as exc:
+            if is_timeout(exc):
+                # Most likely a lock or a slow dependency, which one message at a time would
+                # wait out once per message: the whole batch goes back, each with its delay.
+                logger.warning(
+                    "consumer %s: batch of %d timed out (%s: %s); handing it back: %s",
+                    spec.name, len(ready), type(exc).__name__, exc,
+                    message_ids([msg for msg, _ in ready]),
+                )
+                for msg, _ in ready:
+                    await self._retry_later(spec, msg, exc, worker)
+                _forget(unsettled, ready)
+                return
             logger.warning(
                 "consumer %s: batch of %d failed (%s: %s); retrying one by one",
                 spec.name, len(ready), type(exc).__name__, exc,
@@ -410,9 +522,8 @@ class ConsumerRunner:
         if done is None:
             return  # stopping: the batch handler hands the messages back
         applied, took = done
-        settled = {id(msg) for msg, _ in ready}
-        unsettled[:] = [msg for msg in unsettled if id(msg) not in settled]
-        await self._settle_applied(spec, executor, ready, applied, took, batch_size=len(ready))
+        _forget(unsettled, ready)
+        await self._settle_applied(spec, worker, ready, applied, took, batch_size=len(ready))
         logger.debug(  # the per-event lines say it at INFO
             "consumer %s: processed %d event(s) in one transaction (%d duplicate(s) skipped) "
             "seq %s-%s", spec.name, sum(applied), len(applied) - sum(applied),
@@ -421,7 +532,7 @@ class ConsumerRunner:
 
     # -- one message -------------------------------------------------------------------------
 
-    async def _handle(self, spec: ConsumerSpec, msg, executor, in_hand: list) -> bool:
+    async def _handle(self, spec: ConsumerSpec, msg, worker, in_hand: list) -> bool:
         """Settle ``msg`` (ack, nak or dead letter); False if a stop came first (unsettled)."""
         meta = msg.metadata
         seq, event_id = meta.sequence.stream, event_id_of(msg)
@@ -430,12 +541,12 @@ class ConsumerRunner:
             logger.error("consumer %s: dead-lettering seq=%s event_id=%s: %s",
                          spec.name, seq, event_id, error,
                          extra=event_fields(spec.name, msg, "dead_lettered"))
-            await self._dead_letter(spec, msg, error, executor)
+            await self._dead_letter(spec, msg, error, worker)
             return True
         subject = original_subject(spec.name, msg.subject)
         try:
             item = Incoming(parse_event(subject, msg.data, msg.headers), event_id, subject, seq)
-            done = await self._transaction(spec, executor, [item], mode="message",
+            done = await self._transaction(spec, worker, [item], mode="message",
                                            in_hand=in_hand)
         except PERMANENT_ERRORS as exc:
             metrics.failed(spec.name, permanent=True)
@@ -444,15 +555,15 @@ class ConsumerRunner:
                 spec.name, seq, event_id, type(exc).__name__, exc,
                 extra=event_fields(spec.name, msg, "dead_lettered"),
             )
-            await self._dead_letter(spec, msg, exc, executor)
+            await self._dead_letter(spec, msg, exc, worker)
             return True
         except Exception as exc:
-            await self._retry_later(spec, msg, exc, executor)
+            await self._retry_later(spec, msg, exc, worker)
             return True
         if done is None:
             return False  # stopping: the batch handler hands the messages back
         applied, took = done
-        await self._settle_applied(spec, executor, [(msg, item)], applied, took)
+        await self._settle_applied(spec, worker, [(msg, item)], applied, took)
         return True
 
     @staticmethod
@@ -467,7 +578,7 @@ class ConsumerRunner:
             fields["event_id"], fields["user_id"], took * 1000, extra=fields,
         )
 
-    async def _retry_later(self, spec: ConsumerSpec, msg, error: BaseException, executor):
+    async def _retry_later(self, spec: ConsumerSpec, msg, error: BaseException, worker):
         meta = msg.metadata
         delivery, seq = meta.num_delivered, meta.sequence.stream
         metrics.failed(spec.name, permanent=False)
@@ -478,7 +589,7 @@ class ConsumerRunner:
                 type(error).__name__, error,
                 extra=event_fields(spec.name, msg, "dead_lettered"),
             )
-            await self._dead_letter(spec, msg, error, executor)
+            await self._dead_letter(spec, msg, error, worker)
             return
         delay = retry_delay(delivery)
         logger.warning(
@@ -489,30 +600,23 @@ class ConsumerRunner:
         metrics.retried(spec.name)
         await msg.nak(delay=delay)
 
-    async def _database_available(self, spec: ConsumerSpec, executor) -> bool:
-        try:
-            await self._orm(executor, database_probe, spec.database)
-        except Exception:
-            return False
-        return True
-
-    async def _await_database(self, spec: ConsumerSpec, executor) -> bool:
+    async def _await_database(self, spec: ConsumerSpec, worker) -> bool:
         """Probe with backoff until the database is back (True) or a stop comes (False)."""
         self.outages[spec.name] += 1
         backoff = Backoff(initial=0.5, maximum=15.0)
         while not self.stopper.stopped:
             metrics.consumer_tick(spec.name)  # waiting out an outage on purpose: not stuck
             await self.stopper.sleep(backoff.next())
-            if await self._database_available(spec, executor):
+            if await worker.probe(spec.database):
                 logger.info("consumer %s: database %r is back; resuming", spec.name, spec.database)
                 return True
         return False
 
-    async def _dead_letter(self, spec: ConsumerSpec, msg, error: BaseException, executor) -> None:
+    async def _dead_letter(self, spec: ConsumerSpec, msg, error: BaseException, worker) -> None:
         meta = msg.metadata
         try:
-            await self._orm(
-                executor, dead_letter_store,
+            await worker.call(
+                dead_letter_store,
                 consumer=spec.name, subject=original_subject(spec.name, msg.subject),
                 stream=meta.stream, stream_seq=meta.sequence.stream, event_id=event_id_of(msg),
                 payload=bytes(msg.data), headers=dict(msg.headers or {}),
