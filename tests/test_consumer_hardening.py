@@ -265,3 +265,40 @@ def test_the_session_timeouts_are_the_consumers_alone(settings):
     assert asyncio.run(in_a_consumer()) == ("7s", "3s")
     connections[alias].close()
     assert show() == ("0", "0")
+
+
+def test_a_batch_of_two_subjects_reaches_the_handlers_in_the_stream_order():
+    """``[deleted(A), registered(B), deleted(B)]``: grouped by subject, B's registration ran
+    after its deletion and recreated B."""
+    from onboarding.contracts import UserRegistered
+    from onboarding.eventbus.inbox import Incoming, process_events
+    from onboarding.eventbus.registry import ConsumerSpec, Subscription
+
+    class UserDeleted:  # a second event type, as the contract may grow one
+        subject = "user.deleted"
+
+        def __init__(self, user_id):
+            self.user_id = user_id
+
+    calls = []
+    spec = ConsumerSpec("players", (
+        Subscription(UserRegistered, lambda events: calls.append(
+            ("registered", [e.username for e in events]))),
+        Subscription(UserDeleted, lambda events: calls.append(
+            ("deleted", [str(e.user_id) for e in events]))),
+    ))
+    a, b = sample_event(username="a"), sample_event(username="b")
+    c = sample_event(username="c")
+    batch = [
+        Incoming(UserDeleted(a.user_id), "del-a", UserDeleted.subject, 1),
+        Incoming(b, "reg-b", UserRegistered.subject, 2),
+        Incoming(c, "reg-c", UserRegistered.subject, 3),
+        Incoming(UserDeleted(b.user_id), "del-b", UserDeleted.subject, 4),
+        Incoming(b, "reg-b", UserRegistered.subject, 2),  # a repeat: skipped, not reordered
+    ]
+    assert process_events(spec, batch) == [True, True, True, True, False]
+    assert calls == [
+        ("deleted", [str(a.user_id)]),
+        ("registered", ["b", "c"]),  # consecutive events of one subject: still one call
+        ("deleted", [str(b.user_id)]),
+    ]

@@ -1,4 +1,4 @@
-"""The inbox: each event applied once per consumer, or not at all.
+"""The inbox: each event applied once per consumer, in the stream's order, or not at all.
 
 Synchronous ORM code, run on a consumer's worker thread (runner.py) and testable without NATS:
 :func:`process_events` takes parsed events (:class:`Incoming`) and, in one transaction on the
@@ -8,8 +8,8 @@ those it did not hold yet.
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections import defaultdict
 from dataclasses import dataclass
 
 from django.db import connections, transaction
@@ -70,7 +70,10 @@ def process_events(
 
     The inbox rows and the handlers' rows commit together in the context's own database, so
     after any crash either both exist or neither does. Events already in the inbox, and
-    repeats within ``items``, are skipped; each handler receives the rest in one list.
+    repeats within ``items``, are skipped. The rest reach their handlers in the order of
+    ``items`` (the stream's): consecutive events of one subject go to its handler in one list,
+    and a change of subject starts the next list, so ``[deleted(A), registered(B), deleted(B)]``
+    makes three calls, in that order — never B's registration after its deletion.
 
     With a ``gate``, the transaction commits only if the runner has not given up on it
     (:class:`CommitGate`); otherwise it rolls back with :class:`Abandoned`.
@@ -81,19 +84,18 @@ def process_events(
             gate.began = True
         distinct = {item.event_id: item for item in reversed(items)}  # the first of each id
         unclaimed = inbox_claim(alias, spec.name, list(distinct.values()))
-        applied = []
-        by_subject: dict[str, list] = defaultdict(list)
+        applied, fresh = [], []
         for item in items:
             is_new = item.event_id in unclaimed
             unclaimed.discard(item.event_id)  # a repeat within the batch is not new
             applied.append(is_new)
             if is_new:
-                by_subject[item.subject].append(item.event)
-        for subject, events in by_subject.items():
+                fresh.append(item)
+        for subject, run in itertools.groupby(fresh, key=lambda item: item.subject):
             handler = spec.handler_for(subject)
             if handler is None:
                 raise PermanentError(f"consumer {spec.name} has no handler for {subject}")
-            handler(events)
+            handler([item.event for item in run])
         if gate is not None and not gate.commit():
             raise Abandoned(f"consumer {spec.name}: the runner gave up on this transaction")
     return applied
