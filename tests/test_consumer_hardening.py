@@ -302,3 +302,36 @@ def test_a_batch_of_two_subjects_reaches_the_handlers_in_the_stream_order():
         ("registered", ["b", "c"]),  # consecutive events of one subject: still one call
         ("deleted", [str(b.user_id)]),
     ]
+
+
+def test_a_stop_is_not_held_up_by_a_handler_that_still_hangs(start_consumers, settings,
+                                                             monkeypatch, caplog):
+    """Nothing on the event loop waits for a hung thread: once its transaction is given up on,
+    the loop fetches nothing more until the thread is free, and a stop ends the runner at once
+    (the thread is left to the database's timeouts, or to the process's end)."""
+    import threading
+    import time
+
+    import players.consumers
+
+    settings.CONSUMER_BATCH_TIMEOUT = 1.0
+    release = threading.Event()
+
+    def hangs(**kwargs):
+        release.wait(60)
+
+    monkeypatch.setattr(players.consumers, "players_create_defaults", hangs)
+    caplog.set_level(logging.INFO, logger="onboarding.eventbus")
+    publish_all([valid(sample_event(username="stuck"))])
+    running = start_consumers(["players"])
+    try:
+        wait_until(lambda: _log_has(caplog, "HandlerTimeout"), timeout=30,
+                   message="the hung transaction given up on")
+        time.sleep(1.0)  # the nak'ed message is due again: the loop must not pick it up
+        running.stop(timeout=10)
+    finally:
+        release.set()
+    wait_until(lambda: not any(t.name.startswith("consume-players")
+                               for t in threading.enumerate()),
+               message="the released thread finished")
+    assert counts()["players"] == 0

@@ -183,6 +183,19 @@ class Worker:
                 "(CONSUMER_BATCH_TIMEOUT); abandoned, it rolls back", began=gate.began,
             ) from None
 
+    async def idle(self, stopper: Stopper) -> bool:
+        """Wait until no abandoned call holds the work thread; False if a stop came first.
+
+        The loop waits here before fetching: messages fetched now would only wait in hand,
+        while another replica could take them. No heartbeat meanwhile, on purpose.
+        """
+        if self._abandoned is None:
+            return True
+        if not await stopper.wait_for(asyncio.shield(self._abandoned)):
+            return False
+        await self._abandoned_returned()
+        return True
+
     async def _abandoned_returned(self) -> None:
         future, self._abandoned = self._abandoned, None
         if future is None:
@@ -281,6 +294,8 @@ class ConsumerRunner:
         pending = metrics.watch_pending(js, spec.name, spec.durable)  # METRICS_PORT only
         try:
             while not self.stopper.stopped:
+                if not await worker.idle(self.stopper):
+                    break
                 metrics.consumer_tick(spec.name)
                 try:
                     if psub is None:
