@@ -19,6 +19,9 @@ Failures are told apart, because they call for different answers:
   with a delay that doubles with each delivery, never a hot loop; the last allowed delivery
   that fails becomes a dead letter. A message that arrives past its allowed deliveries (the
   process died handling it, repeatedly) is dead-lettered without running the handler again.
+- *the transaction takes too long* (``CONSUMER_BATCH_TIMEOUT``, or a database timeout): it is
+  abandoned and rolls back; its messages are handed back with their retry delay (see
+  :class:`Worker` for what makes a blocked thread return, and what happens until it does).
 - *NATS is unreachable*: fetch fails; the loop backs off and tries again, for ever.
 - *settling fails* (an ack, nak, term or in_progress raises): the batch is logged with its ids
   and the loop carries on; JetStream redelivers what was not settled, the inbox skips what
