@@ -259,6 +259,15 @@ CONSUMER_BATCH_TRANSACTIONS = env.bool("CONSUMER_BATCH_TRANSACTIONS", default=Tr
 # nak(delay) for a failed delivery n is min(base * 2**(n-1), max): never a hot loop.
 CONSUMER_RETRY_BASE_DELAY = env.float("CONSUMER_RETRY_BASE_DELAY", default=1.0)
 CONSUMER_RETRY_MAX_DELAY = env.float("CONSUMER_RETRY_MAX_DELAY", default=60.0)
+# A hung handler must be noticed. A batch's transaction (inbox, handlers, commit) that takes
+# longer than CONSUMER_BATCH_TIMEOUT seconds is abandoned: it rolls back instead of committing,
+# and its messages are handed back (nak with the retry delay), unless a probe finds the
+# database down (an outage: they stay in hand). 0: no cap. On PostgreSQL the consumers'
+# connections (only theirs) also get these session timeouts, which make a blocked call return;
+# 0 turns one off. See docs/architecture.md, "Consumers".
+CONSUMER_BATCH_TIMEOUT = env.float("CONSUMER_BATCH_TIMEOUT", default=30.0)
+CONSUMER_STATEMENT_TIMEOUT = env.float("CONSUMER_STATEMENT_TIMEOUT", default=20.0)
+CONSUMER_LOCK_TIMEOUT = env.float("CONSUMER_LOCK_TIMEOUT", default=10.0)
 
 # Benchmarks only: false registers users without announcing them, so no other service ever
 # creates their defaults (a system check warns). Measures what the event costs the endpoint.

@@ -11,9 +11,9 @@ from django.conf import settings
 
 from conftest import run_async, wait_settled, wait_until
 from onboarding.contracts import VERSION_HEADER, event_headers
+from onboarding.eventbus.failures import retry_delay
 from onboarding.eventbus.models import DeadLetter
 from onboarding.eventbus.registry import get_consumers
-from onboarding.eventbus.runner import retry_delay
 from tests.flow import assert_defaults, complete_count, counts, sample_event
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
@@ -200,35 +200,35 @@ def test_a_failing_event_does_not_fail_its_batch_mates(start_consumers, monkeypa
 @pytest.mark.parametrize("returning", [True, False], ids=["insert-returning", "select-then-insert"])
 def test_the_inbox_applies_each_event_once_within_and_across_batches(monkeypatch, returning):
     from onboarding.contracts import UserRegistered
-    from onboarding.eventbus import runner
+    from onboarding.eventbus import inbox
 
-    monkeypatch.setattr(runner, "_returning_supported", lambda connection: returning)
+    monkeypatch.setattr(inbox, "_returning_supported", lambda connection: returning)
     spec = get_consumers()["players"]
     events = [sample_event(username=f"inbox{i}") for i in range(3)]
 
     def item(event, event_id):
-        return runner.Incoming(event, event_id, UserRegistered.subject, 1)
+        return inbox.Incoming(event, event_id, UserRegistered.subject, 1)
 
-    first = runner.process_events(
+    first = inbox.process_events(
         spec, [item(events[0], "e0"), item(events[1], "e1"), item(events[0], "e0")]
     )
     assert first == [True, True, False]
-    second = runner.process_events(spec, [item(events[1], "e1"), item(events[2], "e2")])
+    second = inbox.process_events(spec, [item(events[1], "e1"), item(events[2], "e2")])
     assert second == [False, True]
     assert counts()["players"] == 3
-    assert runner.inbox_claim(spec.database, spec.name, []) == set()
+    assert inbox.inbox_claim(spec.database, spec.name, []) == set()
 
 
 def test_the_inbox_claims_a_batch_larger_than_one_statement(monkeypatch):
     from onboarding.contracts import UserRegistered
-    from onboarding.eventbus import runner
+    from onboarding.eventbus import inbox
 
-    monkeypatch.setattr(runner, "INBOX_CHUNK", 3)
+    monkeypatch.setattr(inbox, "INBOX_CHUNK", 3)
     spec = get_consumers()["players"]
     items = [
-        runner.Incoming(sample_event(username=f"chunk{i}"), f"c{i}", UserRegistered.subject, i)
+        inbox.Incoming(sample_event(username=f"chunk{i}"), f"c{i}", UserRegistered.subject, i)
         for i in range(8)
     ]
-    assert runner.process_events(spec, items[:2]) == [True, True]
-    assert runner.process_events(spec, items) == [False, False] + [True] * 6
+    assert inbox.process_events(spec, items[:2]) == [True, True]
+    assert inbox.process_events(spec, items) == [False, False] + [True] * 6
     assert counts()["players"] == 8

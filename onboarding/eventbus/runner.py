@@ -19,7 +19,19 @@ Failures are told apart, because they call for different answers:
   with a delay that doubles with each delivery, never a hot loop; the last allowed delivery
   that fails becomes a dead letter. A message that arrives past its allowed deliveries (the
   process died handling it, repeatedly) is dead-lettered without running the handler again.
+- *the transaction takes too long* (``CONSUMER_BATCH_TIMEOUT``, or a database timeout): it is
+  abandoned and rolls back; its messages are handed back with their retry delay (see
+  :class:`Worker` for what makes a blocked thread return, and what happens until it does).
 - *NATS is unreachable*: fetch fails; the loop backs off and tries again, for ever.
+- *settling fails* (an ack, nak, term or in_progress raises): the batch is logged with its ids
+  and the loop carries on; JetStream redelivers what was not settled, the inbox skips what
+  committed. One consumer's trouble never ends the process, nor the other consumers in it.
+
+Each decision is written once: the inbox claim and the handlers' transaction in ``inbox.py``
+(synchronous), which failure calls for which answer in ``failures.py``, and here the loop that
+fetches and settles — both paths, a whole batch in one transaction and one message at a time,
+run their transaction through :meth:`ConsumerRunner._transaction` (the outage branch) and settle
+it through :meth:`ConsumerRunner._settle_applied` (ack, counts, replays).
 
 The ORM runs on one worker thread per consumer (it may not run on the event loop, and one
 thread keeps one database connection). On SIGTERM/SIGINT the message in hand is finished, the
@@ -32,75 +44,58 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import nats.errors
 import nats.js.errors
 from django.conf import settings
-from django.db import (
-    DataError,
-    InterfaceError,
-    OperationalError,
-    close_old_connections,
-    connections,
-    transaction,
-)
-from django.utils import timezone
+from django.db import close_old_connections, connections
+from django.db.backends.signals import connection_created
 
 from onboarding.contracts import EVENT_ID_HEADER, MSG_ID_HEADER, ContractError, parse_event
 from onboarding.eventbus import metrics, pruning
 from onboarding.eventbus.connection import close, connect
 from onboarding.eventbus.deadletters import (
+    DEAD_LETTER_HEADER,
     dead_letter_resolve,
     dead_letter_store,
     original_subject,
     payload_user_id,
 )
+from onboarding.eventbus.failures import (  # noqa: F401 (importable from here, as before)
+    CRASH_LOOP_FACTOR,
+    DATABASE_ERRORS,
+    PERMANENT_ERRORS,
+    HandlerTimeout,
+    MaxDeliveriesExceeded,
+    PermanentError,
+    consumer_thread,
+    crash_loop,
+    database_probe,
+    dead_letter_reason,
+    is_timeout,
+    retry_delay,
+    set_session_timeouts,
+    worth_a_probe,
+)
+from onboarding.eventbus.inbox import (  # noqa: F401
+    CommitGate,
+    Incoming,
+    inbox_claim,
+    process_events,
+)
 from onboarding.eventbus.lifecycle import Backoff, Stopper
-from onboarding.eventbus.models import ProcessedEvent
 from onboarding.eventbus.registry import ConsumerSpec
 
 logger = logging.getLogger(__name__)
 # One line per handled event (EVENT_LOG_LEVEL), with structured fields for JSON logs.
 event_logger = logging.getLogger("onboarding.eventbus.events")
 
+# The consumers' PostgreSQL session timeouts, on the connections their threads open (only).
+connection_created.connect(set_session_timeouts, dispatch_uid="eventbus-consumer-timeouts")
+
 DURABLE_POLL_SECONDS = 0.5  # how often a consumer looks for its durable until it exists
 FETCH_TIMEOUT = 1.0  # seconds; also bounds how long a stop request waits on an idle fetch
-
-
-class PermanentError(Exception):
-    """Raised by a handler for an event that can never succeed: dead-lettered at once."""
-
-
-class MaxDeliveriesExceeded(Exception):
-    """The message arrived more often than allowed without being settled."""
-
-
-# A message delivered this many times CONSUMER_MAX_DELIVER without ever being settled (acked,
-# nak'ed or dead-lettered) keeps killing its consumer: it is dead-lettered without running the
-# handler again. Deliveries also count restarts and hand-backs on stop, hence the margin; a
-# handler that merely fails is dead-lettered after CONSUMER_MAX_DELIVER attempts.
-CRASH_LOOP_FACTOR = 3
-
-# Failures a retry cannot fix.
-PERMANENT_ERRORS = (ContractError, PermanentError, DataError)
-# Failures that may mean the database is unreachable (confirmed by a probe).
-DATABASE_ERRORS = (OperationalError, InterfaceError)
-
-
-def dead_letter_reason(error: BaseException) -> str:
-    """The ``reason`` label of a dead letter: why retrying stopped."""
-    if isinstance(error, MaxDeliveriesExceeded):
-        return "crash_loop"
-    return "permanent" if isinstance(error, PERMANENT_ERRORS) else "max_deliver"
-
-
-def retry_delay(delivery: int) -> float:
-    """nak delay after failed delivery number ``delivery`` (1-based): doubling, capped."""
-    base, cap = settings.CONSUMER_RETRY_BASE_DELAY, settings.CONSUMER_RETRY_MAX_DELAY
-    return min(base * 2 ** (delivery - 1), cap)
 
 
 def event_id_of(msg) -> str:
@@ -113,6 +108,12 @@ def event_id_of(msg) -> str:
     )
 
 
+def message_ids(msgs: list) -> str:
+    """The ids of several messages, for one log line about them all."""
+    return (f"seq={','.join(str(msg.metadata.sequence.stream) for msg in msgs)} "
+            f"event_ids={','.join(event_id_of(msg) for msg in msgs)}")
+
+
 def event_fields(consumer: str, msg, outcome: str, user_id: str | None = None, **more) -> dict:
     """The structured fields of a log line about one message (``extra=``; keys in JSON logs)."""
     meta = msg.metadata
@@ -123,113 +124,110 @@ def event_fields(consumer: str, msg, outcome: str, user_id: str | None = None, *
     }
 
 
-@dataclass(frozen=True)
-class Incoming:
-    """A parsed message, ready for its handler."""
-
-    event: object
-    event_id: str
-    subject: str
-    stream_seq: int
+def _forget(unsettled: list, settled: list) -> None:
+    """Drop the messages of ``settled`` (message, item) pairs from ``unsettled``, in place."""
+    done = {id(msg) for msg, _ in settled}
+    unsettled[:] = [msg for msg in unsettled if id(msg) not in done]
 
 
-def process_events(spec: ConsumerSpec, items: list[Incoming]) -> list[bool]:
-    """Apply events exactly once for ``spec``, in one transaction; True for each one applied.
+class Worker:
+    """A consumer's database threads: one for its work, one for probes.
 
-    The inbox rows and the handlers' rows commit together in the context's own database, so
-    after any crash either both exist or neither does. Events already in the inbox, and
-    repeats within ``items``, are skipped; each handler receives the rest in one list.
+    The ORM may not run on the event loop, and one thread keeps one connection per database.
+    A thread blocked in a database call cannot be interrupted from the loop: what makes the call
+    return is the database's own timeouts (``CONSUMER_STATEMENT_TIMEOUT`` and
+    ``CONSUMER_LOCK_TIMEOUT`` on PostgreSQL, the busy timeout on SQLite). What makes the loop
+    stop *waiting* is :meth:`apply`'s cap, ``CONSUMER_BATCH_TIMEOUT``: the transaction is
+    abandoned (it rolls back at its commit, :class:`~onboarding.eventbus.inbox.CommitGate`) and
+    the loop hands its messages back. Until the abandoned call returns, the work thread is busy
+    and the next call waits for it; the probe has a thread of its own, so it still answers.
+    A call that never returns (a handler hung outside the database) stops this consumer's
+    loop, which freezes the heartbeat: the process is stuck, and its supervisor restarts it.
     """
-    alias = spec.database
-    with transaction.atomic(using=alias):
-        distinct = {item.event_id: item for item in reversed(items)}  # the first of each id
-        unclaimed = inbox_claim(alias, spec.name, list(distinct.values()))
-        applied = []
-        by_subject: dict[str, list] = defaultdict(list)
-        for item in items:
-            is_new = item.event_id in unclaimed
-            unclaimed.discard(item.event_id)  # a repeat within the batch is not new
-            applied.append(is_new)
-            if is_new:
-                by_subject[item.subject].append(item.event)
-        for subject, events in by_subject.items():
-            handler = spec.handler_for(subject)
-            if handler is None:
-                raise PermanentError(f"consumer {spec.name} has no handler for {subject}")
-            handler(events)
-    return applied
 
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._work = ThreadPoolExecutor(1, thread_name_prefix=f"consume-{name}",
+                                        initializer=consumer_thread)
+        self._probe = ThreadPoolExecutor(1, thread_name_prefix=f"probe-{name}",
+                                         initializer=consumer_thread)
+        self._abandoned: asyncio.Future | None = None
 
-INBOX_CHUNK = 500  # rows per inbox statement: 2,500 parameters
+    async def call(self, fn, /, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on the work thread."""
+        await self._abandoned_returned()
+        return await self._submit(fn, *args, **kwargs)
 
+    def _submit(self, fn, /, *args, **kwargs) -> asyncio.Future:
+        def run():
+            close_old_connections()
+            return fn(*args, **kwargs)
 
-def inbox_claim(alias: str, consumer: str, items: list[Incoming]) -> set[str]:
-    """Record ``items`` (distinct event ids) in the inbox; return the ids it did not hold yet.
+        return asyncio.get_running_loop().run_in_executor(self._work, run)
 
-    One statement, ``INSERT ... ON CONFLICT DO NOTHING RETURNING``, instead of a read and then a
-    write: half the round trips of a batch's bookkeeping. A concurrent delivery of the same event
-    waits on the unique index until this transaction ends, then finds the row and skips it
-    (under READ COMMITTED, Django's default). Rows are claimed in event-id order, so two
-    overlapping deliveries lock them in the same order and cannot deadlock. Chunks keep any
-    configured batch within every engine's limit on query parameters.
-    """
-    connection = connections[alias]
-    claim = _claim_returning if _returning_supported(connection) else _claim_read_then_write
-    items = sorted(items, key=lambda item: item.event_id)
-    claimed = set()
-    for start in range(0, len(items), INBOX_CHUNK):
-        claimed |= claim(connection, alias, consumer, items[start : start + INBOX_CHUNK])
-    return claimed
+    async def apply(self, spec: ConsumerSpec, items: list[Incoming], timeout: float) -> list:
+        """:func:`process_events` on the work thread, given up after ``timeout`` s (0: never).
 
+        Raises :class:`HandlerTimeout` once given up on: the transaction will not commit.
+        """
+        await self._abandoned_returned()  # not part of this transaction's time
+        gate = CommitGate()
+        future = self._submit(process_events, spec, items, gate=gate)
+        if not timeout:
+            return await future
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            if not gate.abandon():
+                return await future  # it is committing: that is quick, and it counts
+            self._abandoned = future
+            raise HandlerTimeout(
+                f"the transaction of {len(items)} event(s) took longer than {timeout:g}s "
+                "(CONSUMER_BATCH_TIMEOUT); abandoned, it rolls back", began=gate.began,
+            ) from None
 
-def _claim_returning(connection, alias: str, consumer: str, items: list[Incoming]) -> set[str]:
-    meta, quote = ProcessedEvent._meta, connection.ops.quote_name
-    column = {f.name: quote(f.column) for f in meta.fields}
-    names = ("consumer", "event_id", "subject", "stream_seq", "processed_at")
-    now = connection.ops.adapt_datetimefield_value(timezone.now())
-    row = "(" + ", ".join(["%s"] * len(names)) + ")"
-    params = []
-    for item in items:
-        params += [consumer, item.event_id, item.subject, item.stream_seq, now]
-    sql = (
-        f"INSERT INTO {quote(meta.db_table)} ({', '.join(column[n] for n in names)}) "
-        f"VALUES {', '.join([row] * len(items))} "
-        f"ON CONFLICT ({column['consumer']}, {column['event_id']}) DO NOTHING "
-        f"RETURNING {column['event_id']}"
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return {event_id for (event_id,) in cursor.fetchall()}
+    async def idle(self, stopper: Stopper) -> bool:
+        """Wait until no abandoned call holds the work thread; False if a stop came first.
 
+        The loop waits here before fetching: messages fetched now would only wait in hand,
+        while another replica could take them. No heartbeat meanwhile, on purpose.
+        """
+        if self._abandoned is None:
+            return True
+        if not await stopper.wait_for(asyncio.shield(self._abandoned)):
+            return False
+        await self._abandoned_returned()
+        return True
 
-def _claim_read_then_write(connection, alias: str, consumer: str, items: list[Incoming]):
-    """SQLite before 3.35 has no RETURNING: read which ids the inbox holds, then insert the rest."""
-    inbox = ProcessedEvent.objects.using(alias)
-    seen = set(
-        inbox.filter(consumer=consumer, event_id__in=[i.event_id for i in items])
-        .values_list("event_id", flat=True)
-    )
-    fresh = [i for i in items if i.event_id not in seen]
-    inbox.bulk_create(
-        ProcessedEvent(consumer=consumer, event_id=i.event_id, subject=i.subject,
-                       stream_seq=i.stream_seq)
-        for i in fresh
-    )
-    return {i.event_id for i in fresh}
+    async def _abandoned_returned(self) -> None:
+        future, self._abandoned = self._abandoned, None
+        if future is None:
+            return
+        await asyncio.wait({future})
+        error = future.exception()  # Abandoned at its commit, or the database's timeout
+        logger.warning("consumer %s: the abandoned transaction returned and rolled back (%s)",
+                       self.name, f"{type(error).__name__}: {error}" if error else "no error")
 
+    async def probe(self, alias: str) -> bool:
+        """True if ``alias`` accepts a write transaction now (:func:`database_probe`)."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._probe, database_probe, alias)
+        except Exception:
+            return False
+        return True
 
-def _returning_supported(connection) -> bool:
-    return connection.features.can_return_rows_from_bulk_insert
+    async def close(self) -> None:
+        """Close the work thread's connections, unless it is still held by an abandoned call.
 
-
-def database_probe(alias: str) -> None:
-    """Raise unless ``alias`` accepts a write transaction now.
-
-    On SQLite the transaction begins IMMEDIATE, so it also fails while another process holds
-    the write lock — a read would still succeed then, and prove nothing.
-    """
-    with transaction.atomic(using=alias), connections[alias].cursor() as cursor:
-        cursor.execute("SELECT 1")
+        Never blocks the event loop (``shutdown(wait=False)``): a thread still blocked in the
+        database ends with the process.
+        """
+        if self._abandoned is None or self._abandoned.done():
+            with contextlib.suppress(Exception):
+                await self.call(connections.close_all)
+        self._work.shutdown(wait=False, cancel_futures=True)
+        self._probe.shutdown(wait=False, cancel_futures=True)
 
 
 class ConsumerRunner:
@@ -249,6 +247,7 @@ class ConsumerRunner:
         self.per_message = (
             not settings.CONSUMER_BATCH_TRANSACTIONS if per_message is None else per_message
         )
+        self.batch_timeout = settings.CONSUMER_BATCH_TIMEOUT
         self.stopper = Stopper()
         self.processed = {spec.name: 0 for spec in specs}  # settled messages, duplicates too
         self.duplicates = {spec.name: 0 for spec in specs}  # of which already in the inbox
@@ -294,13 +293,15 @@ class ConsumerRunner:
 
     async def _consume(self, nc, spec: ConsumerSpec, subscriptions: list) -> None:
         js = nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
-        executor = ThreadPoolExecutor(1, thread_name_prefix=f"consume-{spec.name}")
+        worker = Worker(spec.name)
         backoff = Backoff(initial=0.5, maximum=10.0)
         psub = None
         waiting_for_durable = False
         pending = metrics.watch_pending(js, spec.name, spec.durable)  # METRICS_PORT only
         try:
             while not self.stopper.stopped:
+                if not await worker.idle(self.stopper):
+                    break
                 metrics.consumer_tick(spec.name)
                 try:
                     if psub is None:
@@ -346,14 +347,28 @@ class ConsumerRunner:
                     continue
                 backoff.reset()
                 with metrics.batch(spec.name, len(msgs)):
-                    await self._handle_batch(spec, msgs, executor)
+                    try:
+                        await self._handle_batch(spec, msgs, worker)
+                    except Exception as exc:
+                        self._log_unsettled(spec, msgs, exc)
         finally:
             if pending is not None:
                 pending.cancel()
             if psub is not None:
                 await self._hand_back(psub)
-            await asyncio.get_running_loop().run_in_executor(executor, connections.close_all)
-            executor.shutdown()
+            await worker.close()
+
+    @staticmethod
+    def _log_unsettled(spec: ConsumerSpec, msgs: list, error: BaseException) -> None:
+        """A batch whose settling raised (an ack, nak, term or in_progress on a connection that
+        dropped, say). Nothing is lost and the consumer carries on: JetStream redelivers what
+        was not settled after ack_wait, and the inbox skips what had committed."""
+        logger.error(
+            "consumer %s: settling a batch of %d failed (%s: %s); JetStream redelivers what was "
+            "not settled after ack_wait: %s", spec.name, len(msgs),
+            type(error).__name__, error, message_ids(msgs),
+            exc_info=not isinstance(error, nats.errors.Error),  # an unexpected one: its trace
+        )
 
     async def _hand_back(self, psub) -> None:
         """Nak what the server delivered that no fetch returned yet, so nothing waits ack_wait.
@@ -370,11 +385,11 @@ class ConsumerRunner:
                 with contextlib.suppress(Exception):
                     await msg.nak()
 
-    async def _handle_batch(self, spec: ConsumerSpec, msgs: list, executor) -> None:
+    async def _handle_batch(self, spec: ConsumerSpec, msgs: list, worker) -> None:
         unsettled = list(msgs)
-        async with self._keepalive(unsettled, self._ack_wait.get(spec.name, 30.0)):
+        async with self._keepalive(spec, unsettled, self._ack_wait.get(spec.name, 30.0)):
             if not self.per_message and len(unsettled) > 1:
-                await self._handle_together(spec, unsettled, executor)
+                await self._handle_together(spec, unsettled, worker)
             while unsettled:
                 metrics.consumer_tick(spec.name)  # one message at a time: each is progress
                 if self.stopper.stopped:
@@ -383,23 +398,35 @@ class ConsumerRunner:
                         with contextlib.suppress(Exception):
                             await msg.nak()
                     return
-                if await self._handle(spec, unsettled[0], executor, unsettled):
+                if await self._handle(spec, unsettled[0], worker, unsettled):
                     unsettled.pop(0)
 
     @contextlib.asynccontextmanager
-    async def _keepalive(self, msgs: list, ack_wait: float):
+    async def _keepalive(self, spec: ConsumerSpec, msgs: list, ack_wait: float):
         """Tell JetStream the messages in hand are still being worked on, every ack_wait/3.
 
         Without it a slow handler, or a batch waiting out a database outage, would see its
-        messages redelivered — to another worker, or to this one after the outage.
+        messages redelivered — to another worker, or to this one after the outage. A beat that
+        fails is logged (one line per beat, with the ids) and the work goes on: a redelivery it
+        allows is skipped by the inbox if this worker commits first.
         """
 
         async def beat():
             while True:
                 await asyncio.sleep(ack_wait / 3)
+                failed, error = [], None
                 for msg in list(msgs):
-                    with contextlib.suppress(Exception):
+                    try:
                         await msg.in_progress()
+                    except Exception as exc:
+                        failed.append(msg)
+                        error = exc
+                if failed:
+                    logger.warning(
+                        "consumer %s: keepalive (in_progress) failed for %d message(s) in hand "
+                        "(%s: %s); JetStream may redeliver them after ack_wait: %s",
+                        spec.name, len(failed), type(error).__name__, error, message_ids(failed),
+                    )
 
         task = asyncio.create_task(beat())
         try:
@@ -407,16 +434,71 @@ class ConsumerRunner:
         finally:
             task.cancel()
 
-    async def _orm(self, executor, fn, /, *args, **kwargs):
-        def call():
-            close_old_connections()
-            return fn(*args, **kwargs)
+    # -- one transaction, whatever its size --------------------------------------------------
 
-        return await asyncio.get_running_loop().run_in_executor(executor, call)
+    async def _transaction(self, spec: ConsumerSpec, worker, items: list[Incoming], *,
+                           mode: str, in_hand: list):
+        """Run :func:`process_events` until it commits: (applied flags, seconds it took).
+
+        This is where an outage is told from a failure, for both paths: a database error with a
+        database that answers a probe is raised to the caller (this delivery's failure); with
+        one that does not, the messages stay in hand and the *same* delivery is retried once the
+        database is back, so an outage costs no delivery. None: a stop came during an outage.
+        """
+        while True:
+            started = time.perf_counter()
+            try:
+                applied = await worker.apply(spec, items, self.batch_timeout)
+            except (*DATABASE_ERRORS, HandlerTimeout) as exc:
+                metrics.handler_timed(spec.name, mode, started)
+                if not worth_a_probe(exc) or await worker.probe(spec.database):
+                    raise
+                logger.warning(
+                    "consumer %s: database %r unavailable (%s: %s); pausing with %d message(s) "
+                    "in hand", spec.name, spec.database, type(exc).__name__, exc, len(in_hand),
+                )
+                if not await self._await_database(spec, worker):
+                    return None
+                continue
+            except BaseException:
+                metrics.handler_timed(spec.name, mode, started)
+                raise
+            return applied, metrics.handler_timed(spec.name, mode, started)
+
+    async def _settle_applied(self, spec: ConsumerSpec, worker, ready: list, applied: list,
+                              took: float, **log_fields) -> None:
+        """Ack what a committed transaction applied, count it, log it, resolve its replays."""
+        for msg, _ in ready:
+            await msg.ack()  # only now: the transaction has committed
+        new = sum(applied)
+        self.processed[spec.name] += len(applied)
+        self.duplicates[spec.name] += len(applied) - new
+        metrics.handled(spec.name, processed=new, duplicates=len(applied) - new)
+        for (msg, item), is_new in zip(ready, applied, strict=True):
+            self._log_handled(spec, msg, item.event, is_new, took, **log_fields)
+        for msg, item in ready:
+            if msg.subject != item.subject:  # a replay: its dead letter is resolved
+                await self._resolve_dead_letter(spec, worker, msg)
+
+    async def _resolve_dead_letter(self, spec: ConsumerSpec, worker, msg) -> None:
+        headers = dict(msg.headers or {})
+        try:
+            await worker.call(dead_letter_resolve, consumer=spec.name, headers=headers)
+        except Exception as exc:
+            # The event is applied and acked; only the bookkeeping failed. Said once, loudly:
+            # the dead letter stays open (health check red) until a replay of it goes through.
+            letter = headers.get(DEAD_LETTER_HEADER)
+            logger.error(
+                "consumer %s: replay seq=%s event_id=%s applied, but dead letter %s could not be "
+                "marked resolved (%s: %s); it stays open: replay it again to resolve it",
+                spec.name, msg.metadata.sequence.stream, event_id_of(msg), letter,
+                type(exc).__name__, exc,
+                extra=event_fields(spec.name, msg, "processed", dead_letter_id=letter),
+            )
 
     # -- a whole batch in one transaction -----------------------------------------------------
 
-    async def _handle_together(self, spec: ConsumerSpec, unsettled: list, executor) -> None:
+    async def _handle_together(self, spec: ConsumerSpec, unsettled: list, worker) -> None:
         """Settle what it can of ``unsettled`` in one transaction; leave the rest in the list.
 
         Messages that cannot be parsed (or keep killing the consumer) are left out, for the
@@ -425,12 +507,11 @@ class ConsumerRunner:
         isolates the culprit.
         """
         ready: list[tuple[object, Incoming]] = []
-        settled: set[int] = set()
         for msg in unsettled:
             meta = msg.metadata
-            subject = original_subject(spec.name, msg.subject)
-            if meta.num_delivered > settings.CONSUMER_MAX_DELIVER * CRASH_LOOP_FACTOR:
+            if crash_loop(meta.num_delivered):
                 continue  # the one-message path dead-letters it
+            subject = original_subject(spec.name, msg.subject)
             try:
                 event = parse_event(subject, msg.data, msg.headers)
             except ContractError:
@@ -438,46 +519,33 @@ class ConsumerRunner:
             ready.append((msg, Incoming(event, event_id_of(msg), subject, meta.sequence.stream)))
         if len(ready) < 2:
             return
-        while True:
-            started = time.perf_counter()
-            try:
-                applied = await self._orm(
-                    executor, process_events, spec, [item for _, item in ready]
-                )
-            except DATABASE_ERRORS as exc:
-                metrics.handler_timed(spec.name, "batch", started)
-                if await self._database_available(spec, executor):
-                    return
+        try:
+            done = await self._transaction(spec, worker, [item for _, item in ready],
+                                           mode="batch", in_hand=unsettled)
+        except Exception as exc:
+            if is_timeout(exc):
+                # Most likely a lock or a slow dependency, which one message at a time would
+                # wait out once per message: the whole batch goes back, each with its delay.
                 logger.warning(
-                    "consumer %s: database %r unavailable (%s: %s); pausing with %d message(s) "
-                    "in hand", spec.name, spec.database, type(exc).__name__, exc, len(unsettled),
-                )
-                if not await self._await_database(spec, executor):
-                    return
-                continue
-            except Exception as exc:
-                metrics.handler_timed(spec.name, "batch", started)
-                logger.warning(
-                    "consumer %s: batch of %d failed (%s: %s); retrying one by one",
+                    "consumer %s: batch of %d timed out (%s: %s); handing it back: %s",
                     spec.name, len(ready), type(exc).__name__, exc,
+                    message_ids([msg for msg, _ in ready]),
                 )
+                for msg, _ in ready:
+                    await self._retry_later(spec, msg, exc, worker)
+                _forget(unsettled, ready)
                 return
-            break
-        took = metrics.handler_timed(spec.name, "batch", started)
-        for msg, _ in ready:
-            await msg.ack()  # only now: the transaction has committed
-            settled.add(id(msg))
-        unsettled[:] = [msg for msg in unsettled if id(msg) not in settled]
-        self.processed[spec.name] += len(ready)
-        self.duplicates[spec.name] += len(applied) - sum(applied)
-        metrics.handled(spec.name, processed=sum(applied), duplicates=len(applied) - sum(applied))
-        for (msg, item), is_new in zip(ready, applied, strict=True):
-            self._log_handled(spec, msg, item.event, is_new, took, batch_size=len(ready))
-        replays = [dict(msg.headers or {}) for msg, item in ready if msg.subject != item.subject]
-        for headers in replays:
-            with contextlib.suppress(Exception):
-                await self._orm(executor, dead_letter_resolve, consumer=spec.name, headers=headers)
-        logger.debug(  # the per-event lines above say it at INFO
+            logger.warning(
+                "consumer %s: batch of %d failed (%s: %s); retrying one by one",
+                spec.name, len(ready), type(exc).__name__, exc,
+            )
+            return
+        if done is None:
+            return  # stopping: the batch handler hands the messages back
+        applied, took = done
+        _forget(unsettled, ready)
+        await self._settle_applied(spec, worker, ready, applied, took, batch_size=len(ready))
+        logger.debug(  # the per-event lines say it at INFO
             "consumer %s: processed %d event(s) in one transaction (%d duplicate(s) skipped) "
             "seq %s-%s", spec.name, sum(applied), len(applied) - sum(applied),
             ready[0][1].stream_seq, ready[-1][1].stream_seq,
@@ -485,68 +553,38 @@ class ConsumerRunner:
 
     # -- one message -------------------------------------------------------------------------
 
-    async def _handle(self, spec: ConsumerSpec, msg, executor, in_hand: list) -> bool:
+    async def _handle(self, spec: ConsumerSpec, msg, worker, in_hand: list) -> bool:
         """Settle ``msg`` (ack, nak or dead letter); False if a stop came first (unsettled)."""
         meta = msg.metadata
-        seq, delivery = meta.sequence.stream, meta.num_delivered
-        event_id = event_id_of(msg)
-        subject = original_subject(spec.name, msg.subject)
-        limit = settings.CONSUMER_MAX_DELIVER * CRASH_LOOP_FACTOR
-        if delivery > limit:
-            error = MaxDeliveriesExceeded(
-                f"delivered {delivery} times without being settled; the consumer keeps dying "
-                "while handling it"
-            )
+        seq, event_id = meta.sequence.stream, event_id_of(msg)
+        error = crash_loop(meta.num_delivered)
+        if error is not None:
             logger.error("consumer %s: dead-lettering seq=%s event_id=%s: %s",
                          spec.name, seq, event_id, error,
                          extra=event_fields(spec.name, msg, "dead_lettered"))
-            await self._dead_letter(spec, msg, error, executor)
+            await self._dead_letter(spec, msg, error, worker)
             return True
-        while True:
-            started = None
-            try:
-                event = parse_event(subject, msg.data, msg.headers)
-                started = time.perf_counter()
-                (applied,) = await self._orm(
-                    executor, process_events, spec, [Incoming(event, event_id, subject, seq)]
-                )
-            except PERMANENT_ERRORS as exc:
-                metrics.handler_timed(spec.name, "message", started)
-                metrics.failed(spec.name, permanent=True)
-                logger.error(
-                    "consumer %s: permanent failure, dead-lettering seq=%s event_id=%s: %s: %s",
-                    spec.name, seq, event_id, type(exc).__name__, exc,
-                    extra=event_fields(spec.name, msg, "dead_lettered"),
-                )
-                await self._dead_letter(spec, msg, exc, executor)
-                return True
-            except DATABASE_ERRORS as exc:
-                metrics.handler_timed(spec.name, "message", started)
-                if await self._database_available(spec, executor):
-                    await self._retry_later(spec, msg, exc, executor)  # this message's problem
-                    return True
-                logger.warning(
-                    "consumer %s: database %r unavailable (%s: %s); pausing with %d message(s) "
-                    "in hand", spec.name, spec.database, type(exc).__name__, exc, len(in_hand),
-                )
-                if not await self._await_database(spec, executor):
-                    return False  # stopping: the batch handler hands the messages back
-                continue  # the same delivery, again: an outage costs no delivery attempts
-            except Exception as exc:
-                metrics.handler_timed(spec.name, "message", started)
-                await self._retry_later(spec, msg, exc, executor)
-                return True
-            break
-        took = metrics.handler_timed(spec.name, "message", started)
-        await msg.ack()  # only now: the transaction has committed
-        self.processed[spec.name] += 1
-        self.duplicates[spec.name] += not applied
-        metrics.handled(spec.name, processed=int(applied), duplicates=int(not applied))
-        if msg.subject != subject:  # a replay: its dead letter is resolved
-            with contextlib.suppress(Exception):
-                await self._orm(executor, dead_letter_resolve, consumer=spec.name,
-                                headers=dict(msg.headers or {}))
-        self._log_handled(spec, msg, event, applied, took)
+        subject = original_subject(spec.name, msg.subject)
+        try:
+            item = Incoming(parse_event(subject, msg.data, msg.headers), event_id, subject, seq)
+            done = await self._transaction(spec, worker, [item], mode="message",
+                                           in_hand=in_hand)
+        except PERMANENT_ERRORS as exc:
+            metrics.failed(spec.name, permanent=True)
+            logger.error(
+                "consumer %s: permanent failure, dead-lettering seq=%s event_id=%s: %s: %s",
+                spec.name, seq, event_id, type(exc).__name__, exc,
+                extra=event_fields(spec.name, msg, "dead_lettered"),
+            )
+            await self._dead_letter(spec, msg, exc, worker)
+            return True
+        except Exception as exc:
+            await self._retry_later(spec, msg, exc, worker)
+            return True
+        if done is None:
+            return False  # stopping: the batch handler hands the messages back
+        applied, took = done
+        await self._settle_applied(spec, worker, [(msg, item)], applied, took)
         return True
 
     @staticmethod
@@ -561,7 +599,7 @@ class ConsumerRunner:
             fields["event_id"], fields["user_id"], took * 1000, extra=fields,
         )
 
-    async def _retry_later(self, spec: ConsumerSpec, msg, error: BaseException, executor):
+    async def _retry_later(self, spec: ConsumerSpec, msg, error: BaseException, worker):
         meta = msg.metadata
         delivery, seq = meta.num_delivered, meta.sequence.stream
         metrics.failed(spec.name, permanent=False)
@@ -572,7 +610,7 @@ class ConsumerRunner:
                 type(error).__name__, error,
                 extra=event_fields(spec.name, msg, "dead_lettered"),
             )
-            await self._dead_letter(spec, msg, error, executor)
+            await self._dead_letter(spec, msg, error, worker)
             return
         delay = retry_delay(delivery)
         logger.warning(
@@ -583,30 +621,23 @@ class ConsumerRunner:
         metrics.retried(spec.name)
         await msg.nak(delay=delay)
 
-    async def _database_available(self, spec: ConsumerSpec, executor) -> bool:
-        try:
-            await self._orm(executor, database_probe, spec.database)
-        except Exception:
-            return False
-        return True
-
-    async def _await_database(self, spec: ConsumerSpec, executor) -> bool:
+    async def _await_database(self, spec: ConsumerSpec, worker) -> bool:
         """Probe with backoff until the database is back (True) or a stop comes (False)."""
         self.outages[spec.name] += 1
         backoff = Backoff(initial=0.5, maximum=15.0)
         while not self.stopper.stopped:
             metrics.consumer_tick(spec.name)  # waiting out an outage on purpose: not stuck
             await self.stopper.sleep(backoff.next())
-            if await self._database_available(spec, executor):
+            if await worker.probe(spec.database):
                 logger.info("consumer %s: database %r is back; resuming", spec.name, spec.database)
                 return True
         return False
 
-    async def _dead_letter(self, spec: ConsumerSpec, msg, error: BaseException, executor) -> None:
+    async def _dead_letter(self, spec: ConsumerSpec, msg, error: BaseException, worker) -> None:
         meta = msg.metadata
         try:
-            await self._orm(
-                executor, dead_letter_store,
+            await worker.call(
+                dead_letter_store,
                 consumer=spec.name, subject=original_subject(spec.name, msg.subject),
                 stream=meta.stream, stream_seq=meta.sequence.stream, event_id=event_id_of(msg),
                 payload=bytes(msg.data), headers=dict(msg.headers or {}),

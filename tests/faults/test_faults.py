@@ -139,7 +139,11 @@ def test_a_context_database_outage_dead_letters_nothing(manage):
     shared_with_accounts = target == "default"
     before, during = 20, 20
     relay = manage("outbox_relay", **PROCESS_ENV)
-    consumer = manage("consume", "--all")
+    # SQLite's outage here is another process holding the write lock; a transaction waits for it
+    # up to the 20 s busy timeout, so a shorter outage would pass for contention. The cap makes
+    # the consumer notice any outage longer than a few seconds (FAULT_OUTAGE_SECONDS=5, 10, 60):
+    # after it, a transaction the database never let begin is worth a probe, which fails.
+    consumer = manage("consume", "--all", CONSUMER_BATCH_TIMEOUT="2")
     for i in range(before):
         user_register(username=f"pre{i}", email=f"pre{i}@example.com", password="x")
     if shared_with_accounts:  # the outage takes accounts down too: publish everything first
