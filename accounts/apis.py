@@ -7,7 +7,7 @@ Errors are raised, never built here: onboarding.exceptions gives every one the d
 from django.contrib.auth import password_validation
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.validators import MaxLengthValidator
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound, PermissionDenied
 from rest_framework.permissions import AllowAny
@@ -36,6 +36,16 @@ THROTTLED = error_response("Too many requests from this address; see Retry-After
 UNAUTHENTICATED = error_response(
     "No valid `Authorization: Token <token>` header: none, an unknown or revoked token, or an "
     "expired one (older than AUTH_TOKEN_TTL; log in again)."
+)
+
+# Request examples (Swagger UI shows them; the fuzzer in tests/test_fuzz_api.py sends them too).
+EXAMPLE_PASSWORD = "correct-horse-battery"
+REGISTER_EXAMPLE = OpenApiExample(
+    "register", request_only=True,
+    value={"username": "sam", "email": "sam@example.com", "password": EXAMPLE_PASSWORD},
+)
+TOKEN_EXAMPLE = OpenApiExample(
+    "log in", request_only=True, value={"username": "sam", "password": EXAMPLE_PASSWORD},
 )
 
 # Hashing a huge password costs seconds: refuse it before it gets there.
@@ -123,7 +133,7 @@ class UserRegisterApi(APIView):
 
     @extend_schema(
         operation_id="auth_register", tags=["auth"],
-        request=InputSerializer,
+        request=InputSerializer, examples=[REGISTER_EXAMPLE],
         responses={
             201: OpenApiResponse(UserOutputSerializer, description="Registered."),
             400: error_response(
@@ -184,7 +194,7 @@ class TokenObtainApi(APIView):
 
     @extend_schema(
         operation_id="auth_token", tags=["auth"],
-        request=InputSerializer,
+        request=InputSerializer, examples=[TOKEN_EXAMPLE],
         responses={
             200: OpenApiResponse(OutputSerializer, description="The user's API token."),
             400: error_response(

@@ -371,6 +371,44 @@ def test_the_register_throttle_holds_across_workers_only_with_a_shared_cache(
     assert code == 0, output
 
 
+def login(server: Gunicorn, username: str, password: str) -> int:
+    """POST /api/auth/token on a connection of its own; the response's status."""
+    client = http.client.HTTPConnection("127.0.0.1", server.port, timeout=15)
+    try:
+        client.request("POST", "/api/auth/token",
+                       json.dumps({"username": username, "password": password}),
+                       {"Content-Type": "application/json"})
+        response = client.getresponse()
+        response.read()
+        return response.status
+    finally:
+        client.close()
+
+
+def test_the_per_username_login_throttle_holds_across_workers(database_cache_table, gunicorn):
+    """The token endpoint's limit per username (accounts.throttles) counts in the shared cache:
+    three guesses at one account in all, whichever worker serves them."""
+    server = gunicorn(
+        workers=2, **PRODUCTION_SETTINGS,
+        DJANGO_PASSWORD_HASHERS="django.contrib.auth.hashers.MD5PasswordHasher",
+        CACHE_URL="dbcache://onboarding_cache",
+        REGISTER_THROTTLE_RATE="", TOKEN_THROTTLE_RATE="", TOKEN_USERNAME_THROTTLE_RATE="3/minute",
+    )
+    statuses = []
+    with OneWorkerAtATime(server) as steer:
+        statuses += [server.register("guessed")]
+        statuses += [login(server, "guessed", "wrong") for _ in range(2)]
+        steer.next_worker()
+        statuses += [login(server, "GUESSED", "wrong") for _ in range(2)]
+        statuses += [login(server, "guessed", "correct-horse-battery")]
+    code, output = server.stop()
+
+    served_by = turns(server, 3)
+    assert len(served_by) == 2 and served_by[0] != served_by[1], server.served()
+    assert statuses == [201, 400, 400, 400, 429, 429], output
+    assert code == 0, output
+
+
 # --- PostgreSQL's fast path: no NATS in the web workers --------------------------------------
 
 
