@@ -89,10 +89,10 @@ def lockout_response(request, original_response=None, credentials=None):
     """
     cool_off = get_cool_off(request)
     seconds = max(1, math.ceil(cool_off.total_seconds())) if cool_off else None
+    minutes = math.ceil(seconds / 60) if seconds else None
     response = render(
         request, "accounts/admin_lockout.html",
-        {"title": "Too many failed logins", "minutes": math.ceil(seconds / 60) if seconds else None},
-        status=429,
+        {"title": "Too many failed logins", "minutes": minutes}, status=429,
     )
     if seconds:
         response["Retry-After"] = str(seconds)

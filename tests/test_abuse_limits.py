@@ -88,6 +88,22 @@ def test_a_body_without_a_username_is_not_counted_against_anyone(client, rates):
     assert_throttled(login(client, "sam", "wrong"), most=60)
 
 
+def test_with_the_throttle_on_bad_bodies_keep_their_own_answers(client, rates, settings):
+    """The throttle reads the body before the view does: what the body's parsing answers
+    (400, 413, 415) must come out as the view's would, in the error shape."""
+    rates(token_username="5/minute")
+    response = post_json(client, "/api/auth/token", "not json")
+    assert response.status_code == 400
+    assert "JSON parse error" in assert_error_shape(response)["detail"][0]
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 64
+    response = post_json(client, "/api/auth/token", {"username": "x" * 100, "password": "y"})
+    assert response.status_code == 413
+    assert_error_shape(response)
+    response = client.post("/api/auth/token", {"username": "sam", "password": "x"})  # a form
+    assert response.status_code == 415
+    assert_error_shape(response)
+
+
 # --- 2. the admin login's lockout (django-axes) -----------------------------------------------
 
 
