@@ -15,6 +15,7 @@ cases run, per status, are printed at the end of the module (``-s`` to see them)
 from __future__ import annotations
 
 import collections
+import os
 
 import pytest
 import schemathesis
@@ -31,7 +32,8 @@ from accounts.apis import EXAMPLE_PASSWORD
 from accounts.models import User
 from accounts.throttles import UsernameRateThrottle
 
-MAX_EXAMPLES = 100
+# A longer run by hand: FUZZ_MAX_EXAMPLES=2000 pytest tests/test_fuzz_api.py -s
+MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "100"))
 # The production defaults (onboarding/settings.py): each operation's test starts with an empty
 # cache, so its first requests get past the throttles to the validation they probe, and its
 # last ones meet the 429.
