@@ -131,11 +131,14 @@ def user_token_get_or_create(*, user: User) -> Token:
     revoking it (``user_token_revoke``) logs them all out. An expired token is replaced, never
     extended: its key is dead for good.
     """
+    token = Token.objects.filter(user=user).first()
+    if token is not None and not token_is_expired(token):
+        return token  # the common case reads only: no write transaction (SQLite's write lock)
     with transaction.atomic():
-        token, created = Token.objects.select_for_update().get_or_create(user=user)
-        if not created and token_is_expired(token):
-            token.delete()
-            token = Token.objects.create(user=user)
+        if token is not None:
+            # That expired key only: a fresh token a concurrent login just created stays.
+            Token.objects.filter(pk=token.pk).delete()
+        token, _ = Token.objects.get_or_create(user=user)
     return token
 
 
