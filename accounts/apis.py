@@ -7,7 +7,7 @@ Errors are raised, never built here: onboarding.exceptions gives every one the d
 from django.contrib.auth import password_validation
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.validators import MaxLengthValidator
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound, PermissionDenied
 from rest_framework.permissions import AllowAny
@@ -15,14 +15,17 @@ from rest_framework.response import Response
 from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
+from accounts.authentication import ExpiringTokenAuthentication
 from accounts.models import User
-from accounts.selectors import UserOnboarding, user_onboarding_get
+from accounts.selectors import UserOnboarding, token_expires_at, user_onboarding_get
 from accounts.services import (
     RegistrationConflict,
     user_authenticate,
     user_register,
     user_token_get_or_create,
+    user_token_revoke,
 )
+from accounts.throttles import UsernameRateThrottle
 from onboarding.contracts import UserRegistered
 from onboarding.openapi import RETRY_AFTER, error_response, error_serializer
 
@@ -30,7 +33,20 @@ from onboarding.openapi import RETRY_AFTER, error_response, error_serializer
 TOO_LARGE = error_response("The body is larger than DATA_UPLOAD_MAX_MEMORY_SIZE.")
 UNSUPPORTED = error_response("The body is not application/json.")
 THROTTLED = error_response("Too many requests from this address; see Retry-After.")
-UNAUTHENTICATED = error_response("No valid `Authorization: Token <token>` header.")
+UNAUTHENTICATED = error_response(
+    "No valid `Authorization: Token <token>` header: none, an unknown or revoked token, or an "
+    "expired one (older than AUTH_TOKEN_TTL; log in again)."
+)
+
+# Request examples (Swagger UI shows them; the fuzzer in tests/test_fuzz_api.py sends them too).
+EXAMPLE_PASSWORD = "correct-horse-battery"
+REGISTER_EXAMPLE = OpenApiExample(
+    "register", request_only=True,
+    value={"username": "sam", "email": "sam@example.com", "password": EXAMPLE_PASSWORD},
+)
+TOKEN_EXAMPLE = OpenApiExample(
+    "log in", request_only=True, value={"username": "sam", "password": EXAMPLE_PASSWORD},
+)
 
 # Hashing a huge password costs seconds: refuse it before it gets there.
 PASSWORD_MAX_LENGTH = 1024
@@ -117,7 +133,7 @@ class UserRegisterApi(APIView):
 
     @extend_schema(
         operation_id="auth_register", tags=["auth"],
-        request=InputSerializer,
+        request=InputSerializer, examples=[REGISTER_EXAMPLE],
         responses={
             201: OpenApiResponse(UserOutputSerializer, description="Registered."),
             400: error_response(
@@ -151,7 +167,8 @@ class TokenObtainApi(APIView):
 
     authentication_classes = []
     permission_classes = [AllowAny]
-    throttle_classes = [ScopedRateThrottle]
+    # Per client address, and per username from all addresses together (a distributed guess).
+    throttle_classes = [ScopedRateThrottle, UsernameRateThrottle]
     throttle_scope = "token"
 
     class InputSerializer(serializers.Serializer):
@@ -165,13 +182,19 @@ class TokenObtainApi(APIView):
 
     class OutputSerializer(serializers.Serializer):
         token = serializers.CharField(help_text="Send as `Authorization: Token <token>`.")
+        expiresAt = serializers.DateTimeField(
+            allow_null=True,
+            help_text="When the token stops working (UTC, ISO 8601, ending in Z): "
+            "AUTH_TOKEN_TTL after it was issued; null where tokens never expire. Log in again "
+            "then: a new token replaces it.",
+        )
 
         class Meta:
             ref_name = "Token"
 
     @extend_schema(
         operation_id="auth_token", tags=["auth"],
-        request=InputSerializer,
+        request=InputSerializer, examples=[TOKEN_EXAMPLE],
         responses={
             200: OpenApiResponse(OutputSerializer, description="The user's API token."),
             400: error_response(
@@ -180,7 +203,10 @@ class TokenObtainApi(APIView):
             ),
             413: TOO_LARGE,
             415: UNSUPPORTED,
-            429: THROTTLED,
+            429: error_response(
+                "Too many attempts from this address, or at this username from any address "
+                "(TOKEN_THROTTLE_RATE, TOKEN_USERNAME_THROTTLE_RATE); see Retry-After."
+            ),
         },
         parameters=[RETRY_AFTER],
     )
@@ -192,7 +218,31 @@ class TokenObtainApi(APIView):
             # Not about one field: which of the two was wrong is not for the client to learn.
             raise serializers.ValidationError("Unable to log in with provided credentials.")
         token = user_token_get_or_create(user=user)
-        return Response(self.OutputSerializer({"token": token}).data)
+        return Response(self.OutputSerializer(
+            {"token": token.key, "expiresAt": token_expires_at(token)}
+        ).data)
+
+
+class LogoutApi(APIView):
+    """POST /api/auth/logout — revoke the token the request carries.
+
+    Every later request with it gets a 401; the next login issues a new one. Token
+    authentication only: it is the token that is revoked (one per user, so every client of
+    the user is logged out).
+    """
+
+    authentication_classes = [ExpiringTokenAuthentication]
+
+    @extend_schema(
+        operation_id="auth_logout", tags=["auth"], request=None,
+        responses={
+            204: OpenApiResponse(description="Revoked: the token no longer works."),
+            401: UNAUTHENTICATED,
+        },
+    )
+    def post(self, request):
+        user_token_revoke(token=request.auth)
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 class MeApi(APIView):

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from dataclasses import dataclass
+
+from django.conf import settings
+from django.utils import timezone
+from rest_framework.authtoken.models import Token
 
 from accounts.models import User
 from onboarding.readiness import user_readiness
@@ -38,3 +43,16 @@ def user_onboarding_get(*, user_id: uuid.UUID) -> UserOnboarding | None:
             name: defaults is not None and defaults.complete for name, defaults in found.items()
         },
     )
+
+
+def token_expires_at(token: Token) -> dt.datetime | None:
+    """When ``token`` stops working: ``AUTH_TOKEN_TTL`` seconds after its creation (None: 0,
+    tokens never expire)."""
+    if not settings.AUTH_TOKEN_TTL:
+        return None
+    return token.created + dt.timedelta(seconds=settings.AUTH_TOKEN_TTL)
+
+
+def token_is_expired(token: Token) -> bool:
+    expires_at = token_expires_at(token)
+    return expires_at is not None and expires_at <= timezone.now()

@@ -13,6 +13,7 @@ from django.db.models.functions import Lower
 from rest_framework.authtoken.models import Token
 
 from accounts.models import User
+from accounts.selectors import token_is_expired
 from onboarding.contracts import UserRegistered
 from onboarding.eventbus.outbox import outbox_publish_on_commit
 
@@ -123,7 +124,25 @@ def user_authenticate(*, username: str, password: str, request=None) -> User | N
     return authenticate(request, username=stored or username, password=password)
 
 
-def user_token_get_or_create(*, user: User) -> str:
-    """The user's API token (one per user, created on first login)."""
-    token, _ = Token.objects.get_or_create(user=user)
-    return token.key
+def user_token_get_or_create(*, user: User) -> Token:
+    """The user's API token: the current one, or a new one when there is none or it expired.
+
+    One token per user (DRF's ``authtoken``): every client of the user shares it, and
+    revoking it (``user_token_revoke``) logs them all out. An expired token is replaced, never
+    extended: its key is dead for good.
+    """
+    token = Token.objects.filter(user=user).first()
+    if token is not None and not token_is_expired(token):
+        return token  # the common case reads only: no write transaction (SQLite's write lock)
+    with transaction.atomic():
+        if token is not None:
+            # That expired key only: a fresh token a concurrent login just created stays.
+            Token.objects.filter(pk=token.pk).delete()
+        token, _ = Token.objects.get_or_create(user=user)
+    return token
+
+
+def user_token_revoke(*, token: Token) -> None:
+    """Revoke ``token`` at once: every request that carries it gets a 401 from now on."""
+    deleted, _ = Token.objects.filter(pk=token.pk).delete()
+    logger.info("api token revoked user_id=%s revoked=%s", token.user_id, bool(deleted))

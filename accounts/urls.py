@@ -1,6 +1,7 @@
 from django.urls import path
 
 from accounts.apis import (
+    LogoutApi,
     MeApi,
     MeOnboardingApi,
     TokenObtainApi,
@@ -13,6 +14,7 @@ app_name = "accounts"
 urlpatterns = [
     path("register", UserRegisterApi.as_view(), name="register"),
     path("token", TokenObtainApi.as_view(), name="token"),
+    path("logout", LogoutApi.as_view(), name="logout"),
     path("me", MeApi.as_view(), name="me"),
     path("me/onboarding", MeOnboardingApi.as_view(), name="me-onboarding"),
 ]

@@ -64,7 +64,9 @@ class Error(ErrorSerializer):
     """``{"detail": ["<problem>", ...]}``: the component named ``Error`` in the schema."""
 
 # Documented on the endpoints that throttle: when the client may try again.
+# Required: every 429 carries it (a client must never be left to guess, or retry at once).
 RETRY_AFTER = OpenApiParameter(
-    "Retry-After", type=int, location=OpenApiParameter.HEADER, response=[429],
-    description="Seconds to wait before the next request.",
+    "Retry-After", type={"type": "integer", "minimum": 1}, location=OpenApiParameter.HEADER,
+    response=[429], required=True,
+    description="Seconds to wait before the next request (at least 1).",
 )

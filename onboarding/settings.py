@@ -6,6 +6,7 @@ set, the project runs on embedded defaults: one SQLite file per bounded context 
 and this checkout's own embedded NATS server (``make run`` starts it; see NATS_DEV_URL).
 """
 
+import datetime as dt
 import zlib
 from pathlib import Path
 
@@ -77,6 +78,7 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "drf_spectacular",  # the OpenAPI schema (/api/schema/)
     "drf_spectacular_sidecar",  # Swagger UI's files, served from here: no CDN (/api/docs/)
+    "axes",  # the admin login's lockout (accounts/admin_lockout.py)
     "onboarding.eventbus",
     # Bounded contexts. They share nothing but the event contract (onboarding.contracts).
     "accounts",
@@ -94,6 +96,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as axes requires: turns a refused admin login into the lockout page (429).
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "onboarding.urls"
@@ -154,6 +158,38 @@ PASSWORD_HASHERS = env.list(
     ],
 )
 
+# The admin login's lockout (django-axes) checks first; ModelBackend then checks the password.
+AUTHENTICATION_BACKENDS = [
+    "accounts.admin_lockout.AdminLoginLockoutBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+# API tokens (Authorization: Token <key>) stop working this many seconds after they were issued
+# (the next login issues a new one); 0: they never expire. POST /api/auth/logout revokes one.
+AUTH_TOKEN_TTL = env.int("AUTH_TOKEN_TTL", default=30 * 24 * 3600)
+
+# --- Admin login lockout (django-axes) ------------------------------------------------------
+# After AXES_FAILURE_LIMIT failed admin logins from one address, or at one username from any
+# address, every admin login for them is refused (429, the right password too) for
+# AXES_COOLOFF_SECONDS; each attempt meanwhile starts the wait again, a successful login resets
+# the count. Attempts live in the default database (`manage.py axes_reset` unlocks everyone).
+# Only the admin: the API's login has its own throttles (TOKEN_*_THROTTLE_RATE).
+AXES_ENABLED = env.bool("AXES_ENABLED", default=True)
+AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = dt.timedelta(seconds=env.int("AXES_COOLOFF_SECONDS", default=15 * 60))
+# "ip_address,username": either one locks (an address guessing at many accounts, many
+# addresses guessing at one); "ip_address+username" locks only that pair.
+AXES_LOCKOUT_PARAMETERS = [
+    item.split("+") if "+" in item else item
+    for item in env.list("AXES_LOCKOUT_PARAMETERS", default=["ip_address", "username"])
+]
+AXES_RESET_ON_SUCCESS = True
+AXES_HANDLER = "accounts.admin_lockout.AdminOnlyAxesHandler"
+AXES_CLIENT_IP_CALLABLE = "accounts.admin_lockout.client_ip"
+AXES_USERNAME_CALLABLE = "accounts.admin_lockout.lockout_username"
+AXES_LOCKOUT_CALLABLE = "accounts.admin_lockout.lockout_response"
+AXES_ONLY_ADMIN_SITE = True
+AXES_VERBOSE = False  # its own startup banner; lockouts are logged either way
+
 # --- Admin ---------------------------------------------------------------------------------
 # The contexts' rows (players, characters, progression, buildings) come from events: the admin
 # shows them read-only. True lets superusers edit them by hand (repairs; the events don't know).
@@ -172,7 +208,7 @@ CACHES = {"default": env.cache_url("CACHE_URL", default="locmemcache://")}
 REST_FRAMEWORK = {
     "DEFAULT_PARSER_CLASSES": ["onboarding.parsers.SafeJSONParser"],
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "accounts.authentication.ExpiringTokenAuthentication",  # AUTH_TOKEN_TTL
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -188,6 +224,9 @@ REST_FRAMEWORK = {
         # Per client IP. Deployments and load tests change them here, not in code.
         "register": env.str("REGISTER_THROTTLE_RATE", default="60/minute") or None,
         "token": env.str("TOKEN_THROTTLE_RATE", default="60/minute") or None,
+        # POST /api/auth/token per username (case-insensitive), from all addresses together:
+        # a distributed guess at one account gets this rate in all.
+        "token_username": env.str("TOKEN_USERNAME_THROTTLE_RATE", default="20/hour") or None,
     },
 }
 

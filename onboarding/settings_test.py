@@ -25,7 +25,7 @@ SECURE_SSL_REDIRECT = False
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 REST_FRAMEWORK = {
     **REST_FRAMEWORK,
-    "DEFAULT_THROTTLE_RATES": {"register": None, "token": None},
+    "DEFAULT_THROTTLE_RATES": {"register": None, "token": None, "token_username": None},
 }
 # Retries in tests wait fractions of a second, not minutes.
 CONSUMER_RETRY_BASE_DELAY = env.float("CONSUMER_RETRY_BASE_DELAY", default=0.2)

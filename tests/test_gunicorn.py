@@ -102,20 +102,24 @@ class Gunicorn:
             for pid, status in re.findall(r"<(\d+)> (\d+) ", self.access_log_path.read_text())
         ]
 
-    def register(self, name: str) -> int:
-        """POST /api/auth/register on a connection of its own; the response's status."""
-        body = json.dumps({
-            "username": name, "email": f"{name}@example.com", "password": "correct-horse-battery",
-        })
+    def post(self, path: str, body: dict) -> int:
+        """POST a JSON body on a connection of its own; the response's status."""
         client = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
         try:
-            client.request("POST", "/api/auth/register", body,
-                           {"Content-Type": "application/json"})
+            client.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
             response = client.getresponse()
             response.read()
             return response.status
         finally:
             client.close()
+
+    def register(self, name: str) -> int:
+        return self.post("/api/auth/register", {
+            "username": name, "email": f"{name}@example.com", "password": "correct-horse-battery",
+        })
+
+    def login(self, username: str, password: str) -> int:
+        return self.post("/api/auth/token", {"username": username, "password": password})
 
     def stop(self, timeout: float = 40.0) -> tuple[int, str]:
         """SIGTERM (graceful: workers finish and run their exit hooks), then wait."""
@@ -368,6 +372,30 @@ def test_the_register_throttle_holds_across_workers_only_with_a_shared_cache(
     served_by = turns(server, 6)
     assert len(served_by) == 2 and served_by[0] != served_by[1], server.served()
     assert statuses == expected, output
+    assert code == 0, output
+
+
+def test_the_per_username_login_throttle_holds_across_workers(database_cache_table, gunicorn):
+    """The token endpoint's limit per username (accounts.throttles) counts in the shared cache:
+    three guesses at one account in all, whichever worker serves them."""
+    server = gunicorn(
+        workers=2, **PRODUCTION_SETTINGS,
+        DJANGO_PASSWORD_HASHERS="django.contrib.auth.hashers.MD5PasswordHasher",
+        CACHE_URL="dbcache://onboarding_cache",
+        REGISTER_THROTTLE_RATE="", TOKEN_THROTTLE_RATE="", TOKEN_USERNAME_THROTTLE_RATE="3/minute",
+    )
+    statuses = []
+    with OneWorkerAtATime(server) as steer:
+        statuses += [server.register("guessed")]
+        statuses += [server.login("guessed", "wrong") for _ in range(2)]
+        steer.next_worker()
+        statuses += [server.login("GUESSED", "wrong") for _ in range(2)]
+        statuses += [server.login("guessed", "correct-horse-battery")]
+    code, output = server.stop()
+
+    served_by = turns(server, 3)
+    assert len(served_by) == 2 and served_by[0] != served_by[1], server.served()
+    assert statuses == [201, 400, 400, 400, 429, 429], output
     assert code == 0, output
 
 

@@ -27,6 +27,7 @@ from tests.flow import STRONG_PASSWORD, register, sample_event
 pytestmark = pytest.mark.django_db(databases="__all__")
 
 ME = "/api/auth/me"
+LOGOUT = "/api/auth/logout"
 ME_ONBOARDING = "/api/auth/me/onboarding"
 USER_ONBOARDING = "/api/users/{userId}/onboarding"
 
@@ -56,6 +57,10 @@ class World:
     def get(self, path, token=None):
         headers = {"HTTP_AUTHORIZATION": f"Token {token}"} if token else {}
         return self.client.get(path, **headers)
+
+    def logout(self, token=None):
+        headers = {"HTTP_AUTHORIZATION": f"Token {token}"} if token else {}
+        return self.client.post(LOGOUT, **headers)
 
     def post(self, path, data, content_type="application/json"):
         body = json.dumps(data) if content_type == "application/json" else data
@@ -123,6 +128,8 @@ CASES: dict[tuple[str, str, str], Callable[[World], object]] = {
     ("post", "/api/auth/token", "429"): lambda w: w.throttle_after_one(
         "token", "/api/auth/token", {"username": "sam", "password": "wrong"}
     ),
+    ("post", LOGOUT, "204"): lambda w: w.logout(w.token),
+    ("post", LOGOUT, "401"): lambda w: w.logout(),
     ("get", ME, "200"): lambda w: w.get(ME, w.token),
     ("get", ME, "401"): lambda w: w.get(ME),
     ("get", ME_ONBOARDING, "200"): lambda w: w.onboarded_get(ME_ONBOARDING),
@@ -162,6 +169,9 @@ def test_the_response_matches_the_schema(schema, key, client, settings, monkeypa
     assert str(response.status_code) == status, response.content[:300]
 
     documented_response = schema["paths"][path][method]["responses"][status]
+    if status == "204":
+        assert "content" not in documented_response and response.content == b""
+        return
     content = documented_response["content"]
     assert response["Content-Type"].split(";")[0] in content
     body_schema = content["application/json"]["schema"]
