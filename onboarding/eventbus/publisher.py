@@ -28,11 +28,14 @@ from django.conf import settings
 from django.db import close_old_connections, connections
 
 from onboarding.eventbus.connection import NatsAccessError, close, connect
-from onboarding.eventbus.outbox import OutboundMessage, outbox_mark_published
+from onboarding.eventbus.outbox import (
+    MARK_COALESCE_SECONDS,
+    OutboundMessage,
+    outbox_mark_published,
+)
 
 logger = logging.getLogger(__name__)
 
-MARK_COALESCE_SECONDS = 0.5
 REFUSED_RETRY_SECONDS = 30
 
 
@@ -206,9 +209,8 @@ class BackgroundPublisher:
             row_ids = marks.get()
             if row_ids is None:
                 break
-            # Wait a moment and coalesce whatever else arrives into one UPDATE: under load one
-            # write transaction per registration would compete with the registrations
-            # themselves (on SQLite, for its one write lock). The relay's grace is far longer.
+            # Wait a moment and coalesce whatever else arrives into one UPDATE (see
+            # MARK_COALESCE_SECONDS).
             time.sleep(MARK_COALESCE_SECONDS)
             while not marks.empty():
                 more = marks.get()
@@ -231,8 +233,16 @@ class BackgroundPublisher:
             logger.exception("could not mark %d published row(s)", len(row_ids))
 
 
-_publisher = BackgroundPublisher()
+# The process's on-commit publisher, built on first use: importing this module (the relay, the
+# system checks, a process that never publishes) starts and builds nothing.
+_publisher: BackgroundPublisher | None = None
+_publisher_lock = threading.Lock()
 
 
 def get_publisher() -> BackgroundPublisher:
+    global _publisher
+    if _publisher is None:
+        with _publisher_lock:
+            if _publisher is None:
+                _publisher = BackgroundPublisher()
     return _publisher

@@ -35,14 +35,14 @@ from onboarding.eventbus import metrics
 from onboarding.eventbus.connection import close, connect
 from onboarding.eventbus.leadership import relay_lock
 from onboarding.eventbus.lifecycle import Backoff, Stopper
+from onboarding.eventbus.oncommit import fast_path, message_from_notification, outbox_listen
 from onboarding.eventbus.outbox import (
     OutboundMessage,
-    fast_path,
-    outbox_listen,
     outbox_mark_published,
     outbox_record_failure,
     outbox_unpublished,
 )
+from onboarding.eventbus.publisher import BackgroundPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -187,8 +187,6 @@ class OutboxRelay:
     # -- notify mode (PostgreSQL): the fast path ---------------------------------------------
 
     async def _start_listening(self) -> None:
-        from onboarding.eventbus.publisher import BackgroundPublisher
-
         # The same publisher as a web process's on-commit path: one wake-up per burst,
         # publish_async pipelined, rows marked after their PubAcks in one UPDATE every 0.5 s
         # (well inside the grace period after which the scan would republish them).
@@ -230,7 +228,7 @@ class OutboxRelay:
 
     def _on_notification(self, loop: asyncio.AbstractEventLoop, body: str) -> None:
         try:
-            message = OutboundMessage.from_notification(body)
+            message = message_from_notification(body)
         except Exception:
             logger.warning("relay: unreadable notification %.200r; scanning instead", body)
             message = None
