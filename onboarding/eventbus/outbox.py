@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from django.db import connections
+from django.db import connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -53,14 +53,22 @@ def outbox_connection():
 
 
 def outbox_unpublished(*, older_than: float, limit: int) -> list[OutboundMessage]:
-    """The oldest unpublished rows created at least ``older_than`` seconds ago, in id order."""
+    """Up to ``limit`` rows due for publishing: unpublished, not set aside, created at least
+    ``older_than`` seconds ago.
+
+    Rows JetStream never refused come first, in id order (the order they were written in);
+    rows it refused before fill what is left of the batch, in id order too. A batch full of
+    rows that will never publish cannot hold back the healthy rows behind them, and each query
+    walks the partial index of unpublished rows in id order (no sort of the whole backlog).
+    """
     cutoff = timezone.now() - dt.timedelta(seconds=older_than)
-    rows = (
-        OutboxEvent.objects.using(OUTBOX_DATABASE)
-        .filter(published_at__isnull=True, created_at__lte=cutoff)
-        .order_by("id")
-        .values_list("id", "subject", "payload", "headers")[:limit]
+    due = OutboxEvent.objects.using(OUTBOX_DATABASE).filter(
+        published_at__isnull=True, set_aside_at__isnull=True, created_at__lte=cutoff
     )
+    fields = ("id", "subject", "payload", "headers")
+    rows = list(due.filter(attempts=0).order_by("id").values_list(*fields)[:limit])
+    if len(rows) < limit:
+        rows += due.filter(attempts__gt=0).order_by("id").values_list(*fields)[:limit - len(rows)]
     return [
         OutboundMessage(row_id=row_id, subject=subject, payload=payload.encode(), headers=headers)
         for row_id, subject, payload, headers in rows
@@ -85,15 +93,81 @@ def outbox_mark_published(*, row_ids: list[int]) -> int:
 
 
 def outbox_record_failure(*, row_ids: list[int], error: str) -> None:
-    """Note a failed relay attempt on rows that stay unpublished (shown in the admin)."""
+    """Note a failure that may pass (NATS down, no PubAck in time, a stream without a leader)
+    on rows that stay unpublished, for the admin. Not an attempt: counting it would set the
+    whole outbox aside during an outage."""
     if row_ids:
         OutboxEvent.objects.using(OUTBOX_DATABASE).filter(id__in=row_ids).update(
-            attempts=F("attempts") + 1, last_error=error[:2000]
+            last_error=error[:2000]
         )
 
 
+@dataclass(frozen=True)
+class SetAside:
+    """A row the relay stopped trying to publish (for its log line)."""
+
+    row_id: int
+    event_id: str
+    subject: str
+    attempts: int
+    error: str
+
+
+def outbox_record_refusals(*, refusals: dict[int, str], max_attempts: int) -> list[SetAside]:
+    """Count one attempt on each row JetStream refused (``{row id: why}``), and set aside those
+    refused ``max_attempts`` times: the relay's scan no longer takes them, until an operator
+    requeues them (:func:`outbox_requeue`). Returns the rows set aside now.
+    """
+    if not refusals:
+        return []
+    rows = OutboxEvent.objects.using(OUTBOX_DATABASE)
+    by_error: dict[str, list[int]] = {}
+    for row_id, error in refusals.items():
+        by_error.setdefault(error[:2000], []).append(row_id)
+    with transaction.atomic(using=OUTBOX_DATABASE):
+        for error, row_ids in by_error.items():
+            rows.filter(id__in=row_ids).update(attempts=F("attempts") + 1, last_error=error)
+        # A row published meanwhile (the fast path, another relay) is not set aside.
+        spent = rows.filter(
+            id__in=list(refusals), attempts__gte=max_attempts,
+            set_aside_at__isnull=True, published_at__isnull=True,
+        )
+        found = [
+            SetAside(row_id=i, event_id=str(e), subject=s, attempts=a, error=last)
+            for i, e, s, a, last in spent.values_list(
+                "id", "event_id", "subject", "attempts", "last_error"
+            )
+        ]
+        rows.filter(id__in=[row.row_id for row in found]).update(set_aside_at=timezone.now())
+    return found
+
+
+def outbox_requeue(*, row_ids: list[int]) -> int:
+    """Hand set-aside rows back to the relay, their attempts cleared (once their cause is
+    fixed: the stream takes their subject now, say). Returns how many were set aside."""
+    if not row_ids:
+        return 0
+    return (
+        OutboxEvent.objects.using(OUTBOX_DATABASE)
+        .filter(id__in=row_ids, set_aside_at__isnull=False, published_at__isnull=True)
+        .update(set_aside_at=None, attempts=0)
+    )
+
+
 def outbox_backlog() -> tuple[int, dt.datetime | None]:
-    """(number of unpublished rows, creation time of the oldest)."""
-    qs = OutboxEvent.objects.using(OUTBOX_DATABASE).filter(published_at__isnull=True)
+    """(number of rows waiting for the relay, creation time of the oldest); set-aside rows,
+    which wait for an operator instead, are counted by :func:`outbox_set_aside_count`."""
+    qs = OutboxEvent.objects.using(OUTBOX_DATABASE).filter(
+        published_at__isnull=True, set_aside_at__isnull=True
+    )
     oldest = qs.order_by("id").values_list("created_at", flat=True).first()
     return qs.count(), oldest
+
+
+def outbox_set_aside_count() -> int:
+    """Rows the relay set aside after JetStream refused them every attempt."""
+    return (
+        OutboxEvent.objects.using(OUTBOX_DATABASE)
+        .filter(published_at__isnull=True, set_aside_at__isnull=False)
+        .count()
+    )

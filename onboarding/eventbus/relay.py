@@ -4,8 +4,11 @@ It scans unpublished rows older than the grace period (``OUTBOX_RELAY_GRACE``: t
 publishes within milliseconds and marks within a second; the grace keeps the relay from
 publishing each event a second time), publishes them pipelined (``publish_async``) in id order
 with their original ``Nats-Msg-Id``, and marks them published only after their PubAck. A failure
-leaves rows unpublished and the relay backs off and tries again, for ever: an event in the outbox
-is never given up on.
+that may pass (NATS down, no PubAck in time) leaves rows unpublished and the relay backs off and
+tries again, for ever. A row JetStream refuses (a subject no stream takes, a message too large:
+see :func:`refusal`) is set aside after ``OUTBOX_MAX_ATTEMPTS``, so that it cannot hold back the
+rows behind it; it stays in the outbox, in the admin and in ``onboarding_status``, until an
+operator requeues it.
 
 On PostgreSQL (``OUTBOX_FAST_PATH=notify``) it is also the fast path: each registration's
 transaction sends a ``NOTIFY`` carrying its message, and a thread of the relay LISTENs and hands
@@ -40,9 +43,15 @@ from onboarding.eventbus.outbox import (
     OutboundMessage,
     outbox_mark_published,
     outbox_record_failure,
+    outbox_record_refusals,
     outbox_unpublished,
 )
-from onboarding.eventbus.publisher import BackgroundPublisher
+from onboarding.eventbus.publisher import (
+    BackgroundPublisher,
+    MessageTooLarge,
+    describe,
+    publish_pipelined,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +265,13 @@ class OutboxRelay:
         self._listener = self._publisher = None
 
     async def flush_batch(self, grace: float | None = None) -> int:
-        """Publish one batch of due rows; return how many were published."""
+        """Publish one batch of due rows; return how many rows it took (published or not).
+
+        A row JetStream refuses (see :func:`refusal`) counts an attempt, and is set aside after
+        ``OUTBOX_MAX_ATTEMPTS``; the others in the batch are published all the same, and the
+        relay carries on. Any other failure may pass (NATS down, no PubAck in time): it counts
+        no attempt, and raises, so that the relay backs off.
+        """
         if not self._nc.is_connected:
             raise ConnectionError("not connected to NATS")
         messages: list[OutboundMessage] = await self._orm(
@@ -265,28 +280,78 @@ class OutboxRelay:
         )
         if not messages:
             return 0
-        futures = []
-        for message in messages:  # pipelined, in id order, on one connection
-            futures.append(
-                await self._js.publish_async(
-                    message.subject, message.payload, headers=message.headers
-                )
-            )
-        results = await asyncio.gather(
-            *(asyncio.wait_for(f, settings.NATS_REQUEST_TIMEOUT * 2) for f in futures),
-            return_exceptions=True,
+        outcomes = await publish_pipelined(  # in id order, on one connection
+            self._nc, self._js, messages, timeout=settings.NATS_REQUEST_TIMEOUT * 2
         )
-        outcomes = list(zip(messages, results, strict=True))
-        acked = [m.row_id for m, r in outcomes if not isinstance(r, BaseException)]
-        failed = [(m.row_id, r) for m, r in outcomes if isinstance(r, BaseException)]
+        acked, refused, failed = [], {}, []
+        for message, error in zip(messages, outcomes, strict=True):
+            if error is None:
+                acked.append(message.row_id)
+            elif (why := refusal(message, error)) is not None:
+                refused[message.row_id] = why
+            else:
+                failed.append((message.row_id, error))
         await self._orm(outbox_mark_published, row_ids=acked)
         self.published += len(acked)
         metrics.relay_published(len(acked), path="scan")
         if acked:
             logger.info("relay published %d event(s)", len(acked))
+        if refused:
+            metrics.relay_publish_failed(len(refused))
+            set_aside = await self._orm(
+                outbox_record_refusals, refusals=refused,
+                max_attempts=settings.OUTBOX_MAX_ATTEMPTS,
+            )
+            logger.warning("relay: %d event(s) refused by JetStream: %s",
+                           len(refused), next(iter(refused.values())))
+            for row in set_aside:
+                logger.error(
+                    "relay: set aside outbox row id=%s event_id=%s subject=%s after %d refused "
+                    "attempt(s): %s (fix the cause, then requeue it in the admin)",
+                    row.row_id, row.event_id, row.subject, row.attempts, row.error,
+                )
         if failed:
             metrics.relay_publish_failed(len(failed))
-            error = f"{type(failed[0][1]).__name__}: {failed[0][1]}"
+            error = describe(failed[0][1])
             await self._orm(outbox_record_failure, row_ids=[i for i, _ in failed], error=error)
             raise RuntimeError(f"{len(failed)} publish(es) not acknowledged: {error}")
-        return len(acked)
+        return len(messages)
+
+
+def subject_matches(subject: str, pattern: str) -> bool:
+    """NATS subject matching: ``*`` stands for one token, a final ``>`` for one or more."""
+    tokens, wanted = subject.split("."), pattern.split(".")
+    for index, token in enumerate(wanted):
+        if token == ">":
+            return len(tokens) > index
+        if index >= len(tokens) or token not in ("*", tokens[index]):
+            return False
+    return len(tokens) == len(wanted)
+
+
+# JetStream's answers about the message itself, which no retry changes.
+REFUSING_API_CODES = {10054}  # message size exceeds the stream's max_msg_size
+
+
+def refusal(message: OutboundMessage, error: BaseException) -> str | None:
+    """Why JetStream will never take ``message`` as it is, or None when ``error`` may pass.
+
+    Refused: a subject the stream does not take (``NATS_STREAM_SUBJECTS``, the subjects
+    ``setup_jetstream`` gives it), a message over the server's ``max_payload`` or the stream's
+    ``max_msg_size``, a subject or header the client rejects. Everything else may pass and
+    counts no attempt: NATS down or slow, a stream without a leader or not created yet
+    (``NoStreamResponseError`` for a subject the stream is meant to take), a denied publish
+    (the server drops it silently: a timeout).
+    """
+    from nats.errors import BadHeaderError, BadSubjectError, MaxPayloadError
+    from nats.js.errors import APIError
+
+    subjects = settings.NATS_STREAM_SUBJECTS
+    if not any(subject_matches(message.subject, pattern) for pattern in subjects):
+        return (f"stream {settings.NATS_STREAM} does not take subject {message.subject!r} "
+                f"(it takes {', '.join(subjects)}): {describe(error)}")
+    if isinstance(error, MessageTooLarge | MaxPayloadError | BadSubjectError | BadHeaderError):
+        return describe(error)
+    if isinstance(error, APIError) and error.err_code in REFUSING_API_CODES:
+        return describe(error)
+    return None
