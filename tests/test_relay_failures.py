@@ -280,3 +280,34 @@ def test_the_admin_shows_set_aside_rows_and_requeues_them(client, django_user_mo
     assert (requeued.set_aside_at, requeued.attempts) == (None, 0)
     assert listed(published="set_aside") == set()
     assert refused.pk in listed(published="no")
+
+
+# -- the event loop never blocks ---------------------------------------------------------------
+
+
+def test_the_relay_releases_its_lock_and_connections_off_the_event_loop(relay_alone):
+    """Releasing the lock (a PostgreSQL session to close) and closing the ORM's connections
+    block on the database: on the loop, they froze everything else the loop runs."""
+    relay = OutboxRelay()
+    releasing, loop_ran, loop_ran_meanwhile = threading.Event(), threading.Event(), []
+    real_release = relay._lock.release
+
+    def slow_release():
+        releasing.set()
+        loop_ran_meanwhile.append(loop_ran.wait(10))  # True unless the loop waits on us
+        real_release()
+
+    relay._lock.release = slow_release
+
+    async def main():
+        async def witness():
+            while not releasing.is_set():
+                await asyncio.sleep(0.01)
+            loop_ran.set()
+
+        task = asyncio.create_task(witness())
+        await relay.run(once=True)
+        await task
+
+    asyncio.run(main())
+    assert loop_ran_meanwhile == [True]

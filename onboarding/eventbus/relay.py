@@ -131,9 +131,12 @@ class OutboxRelay:
         finally:
             await self._stop_listening_and_publishing()
             await close(self._nc)
-            self._db.submit(self._lock.release).result()
-            self._db.submit(connections.close_all).result()
-            self._db.shutdown()
+            # Both block on the database (closing the lock's session, the ORM's connections):
+            # on the ORM's thread, as every other database call of the relay, never the loop's.
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._db, self._lock.release)
+            await loop.run_in_executor(self._db, connections.close_all)
+            self._db.shutdown(wait=False)  # nothing left on it to wait for
         if self.stopper.error is not None:
             raise self.stopper.error
         return self.published
