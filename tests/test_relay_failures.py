@@ -311,3 +311,79 @@ def test_the_relay_releases_its_lock_and_connections_off_the_event_loop(relay_al
 
     asyncio.run(main())
     assert loop_ran_meanwhile == [True]
+
+
+# -- forged notifications (PostgreSQL) ---------------------------------------------------------
+
+
+@pytest.fixture
+def listening_relay(settings, jetstream):
+    from onboarding.eventbus.oncommit import fast_path
+
+    if fast_path() != "notify":
+        pytest.skip("the NOTIFY fast path is PostgreSQL's")
+    settings.OUTBOX_RELAY_GRACE = 60.0  # nothing leaves by the scan unless asked for
+    running = RunningRelay().start()
+    assert running.relay.listening.wait(10), "the relay never listened"
+    assert running.relay.scanned.wait(10), "the relay never scanned"
+    yield running
+    running.stop()
+
+
+def notify(body: str) -> None:
+    """NOTIFY from a session of its own, as any role that may connect to the database can."""
+    from onboarding.eventbus.oncommit import NOTIFY_CHANNEL
+    from onboarding.eventbus.outbox import outbox_connection
+
+    with outbox_connection() as session:
+        session.execute("SELECT pg_notify(%s, %s)", [NOTIFY_CHANNEL, body])
+
+
+async def stored(js):
+    """(Nats-Msg-Id, subject, payload) of every message in the stream."""
+    from django.conf import settings
+
+    last = (await js.stream_info(settings.NATS_STREAM)).state.last_seq
+    found = []
+    for seq in range(1, last + 1):
+        msg = await js.get_msg(settings.NATS_STREAM, seq)
+        found.append((msg.headers.get(MSG_ID_HEADER), msg.subject, msg.data.decode()))
+    return found
+
+
+def test_a_forged_notification_publishes_nothing_and_marks_nothing(listening_relay, settings):
+    import json
+
+    settings.OUTBOX_PUBLISH_ON_COMMIT = False  # written without a notification
+    register("ann")
+    settings.OUTBOX_PUBLISH_ON_COMMIT = True
+    real = OutboxEvent.objects.get()
+    forged_id = str(uuid.uuid4())
+    forged_payload = real.payload.replace(real.payload[-40:-2], "0" * 38)
+
+    def message(**changes):
+        return json.dumps({"id": real.pk, "subject": real.subject, "payload": real.payload,
+                           "headers": real.headers, **changes})
+
+    for body in (
+        message(headers={**real.headers, EVENT_ID_HEADER: forged_id, MSG_ID_HEADER: forged_id}),
+        message(payload=forged_payload),  # the real ids, another payload
+        message(subject="user.deleted"),
+        message(id=real.pk + 1000),  # no such row
+    ):
+        notify(body)
+    # A real registration notified after them: once it is in the stream, the relay has been
+    # through the forged ones (one channel, delivered in commit order).
+    register("bob")
+    bob = OutboxEvent.objects.exclude(pk=real.pk).get()
+    wait_until(lambda: run_async(stored) == [(str(bob.event_id), bob.subject, bob.payload)],
+               timeout=10, message="bob's event published through the fast path")
+    wait_until(lambda: row(bob.pk).published_at, timeout=10, message="bob's row marked")
+    assert row(real.pk).published_at is None  # nothing marked by the forgeries
+
+    notify("")  # a notification without a message: the relay scans at once
+    wait_until(lambda: row(real.pk).published_at, timeout=10, message="published by the scan")
+    assert run_async(stored) == [
+        (str(bob.event_id), bob.subject, bob.payload),
+        (str(real.event_id), real.subject, real.payload),
+    ]

@@ -16,6 +16,7 @@ from django.db import connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from onboarding.contracts import EVENT_ID_HEADER
 from onboarding.eventbus.models import OutboxEvent
 
 # The outbox lives with the producer's data (accounts), in the default database.
@@ -73,6 +74,41 @@ def outbox_unpublished(*, older_than: float, limit: int) -> list[OutboundMessage
         OutboundMessage(row_id=row_id, subject=subject, payload=payload.encode(), headers=headers)
         for row_id, subject, payload, headers in rows
     ]
+
+
+def outbox_check_messages(
+    messages: list[OutboundMessage],
+) -> tuple[list[OutboundMessage], list[tuple[OutboundMessage, str]]]:
+    """Split messages that claim to be outbox rows (a notification's) into those that are
+    exactly their row, unpublished and not set aside — same id, ``Event-Id``, subject, payload
+    and headers — and the others, each with why. One query for them all.
+
+    Whoever may connect to the outbox database may ``NOTIFY`` on its channel: a message is
+    trusted only as far as the row it names bears it out.
+    """
+    rows = {
+        row_id: (str(event_id), subject, payload.encode(), headers, published or set_aside)
+        for row_id, event_id, subject, payload, headers, published, set_aside in (
+            OutboxEvent.objects.using(OUTBOX_DATABASE)
+            .filter(id__in=[m.row_id for m in messages])
+            .values_list("id", "event_id", "subject", "payload", "headers", "published_at",
+                         "set_aside_at")
+        )
+    }
+    matching, others = [], []
+    for message in messages:
+        row = rows.get(message.row_id)
+        if row is None:
+            others.append((message, "no such outbox row"))
+        elif message.headers.get(EVENT_ID_HEADER) != row[0]:
+            others.append((message, f"Event-Id is not the row's ({row[0]})"))
+        elif (message.subject, message.payload, message.headers) != row[1:4]:
+            others.append((message, "subject, payload or headers differ from the row's"))
+        elif row[4]:
+            others.append((message, "published or set aside already"))
+        else:
+            matching.append(message)
+    return matching, others
 
 
 # Publishers gather the rows JetStream acknowledged for this long and mark them in one UPDATE:

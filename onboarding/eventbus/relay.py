@@ -12,7 +12,8 @@ operator requeues it.
 
 On PostgreSQL (``OUTBOX_FAST_PATH=notify``) it is also the fast path: each registration's
 transaction sends a ``NOTIFY`` carrying its message, and a thread of the relay LISTENs and hands
-the messages to a ``BackgroundPublisher`` as they commit. The web process does no NATS work.
+the messages to a ``BackgroundPublisher`` as they commit, once their outbox rows bear them out
+(anyone who may connect to the database may NOTIFY). The web process does no NATS work.
 Notifications sent while the relay was down or disconnected are lost to it, not the events: the
 scan publishes them after the grace period.
 
@@ -41,6 +42,7 @@ from onboarding.eventbus.lifecycle import Backoff, Stopper
 from onboarding.eventbus.oncommit import fast_path, message_from_notification, outbox_listen
 from onboarding.eventbus.outbox import (
     OutboundMessage,
+    outbox_check_messages,
     outbox_mark_published,
     outbox_record_failure,
     outbox_record_refusals,
@@ -225,9 +227,12 @@ class OutboxRelay:
                     if self.listening.is_set():  # a reconnection: scan what was missed meanwhile
                         loop.call_soon_threadsafe(self._scan_now.set)
                 self.listening.set()
-                # Returns every half second, to notice a stop.
-                for notification in connection.notifies(timeout=0.5):
-                    self._on_notification(loop, notification.payload)
+                # Returns with what the first packet brought (a burst comes in one), or after half
+                # a second without any, to notice a stop; what arrives meanwhile waits in the
+                # connection for the next call.
+                bodies = [n.payload for n in connection.notifies(timeout=0.5, stop_after=1)]
+                if bodies:
+                    self._on_notifications(loop, bodies)
             except Exception as exc:
                 # Commits notified meanwhile are not lost: the scan on reconnection (or after the
                 # grace period) publishes them.
@@ -237,17 +242,43 @@ class OutboxRelay:
                 self.listening.set()
                 stop.wait(1.0)
         self._close_quietly(connection)
+        connections.close_all()  # this thread's own, opened to check notifications
 
-    def _on_notification(self, loop: asyncio.AbstractEventLoop, body: str) -> None:
-        try:
-            message = message_from_notification(body)
-        except Exception:
-            logger.warning("relay: unreadable notification %.200r; scanning instead", body)
-            message = None
-        if message is None:
+    def _on_notifications(self, loop: asyncio.AbstractEventLoop, bodies: list[str]) -> None:
+        """Publish the notified messages that are exactly their outbox row; scan at once for a
+        notification without a readable message (one too large for NOTIFY goes out empty).
+
+        Any role that may connect to the outbox database may NOTIFY on the channel: a message
+        is published (and so its row marked) only if its row bears it out, id, Event-Id and
+        content (one query per burst). A forged one publishes and marks nothing; the row it
+        names, if any, is published by the scan as it is.
+        """
+        messages, scan = [], False
+        for body in bodies:
+            try:
+                message = message_from_notification(body)
+            except Exception:
+                logger.warning("relay: unreadable notification %.200r; scanning instead", body)
+                message = None
+            if message is None:
+                scan = True
+            else:
+                messages.append(message)
+        if messages:
+            try:
+                close_old_connections()
+                messages, others = outbox_check_messages(messages)
+            except Exception as exc:
+                logger.warning("relay: could not check %d notification(s) against the outbox "
+                               "(%s); scanning instead", len(messages), exc)
+                messages, others, scan = [], [], True
+            for message, why in others:
+                logger.warning("relay: ignored a notification naming outbox row id=%s: %s",
+                               message.row_id, why)
+            if messages:
+                self._publisher.submit(messages)
+        if scan:
             loop.call_soon_threadsafe(self._scan_now.set)
-        else:
-            self._publisher.submit([message])
 
     @staticmethod
     def _close_quietly(connection) -> None:
