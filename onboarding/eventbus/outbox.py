@@ -76,6 +76,10 @@ def outbox_unpublished(*, older_than: float, limit: int) -> list[OutboundMessage
     ]
 
 
+# Why a genuine notification may not match: its row went out another way first (the scan).
+ALREADY_DONE = "published or set aside already"
+
+
 def outbox_check_messages(
     messages: list[OutboundMessage],
 ) -> tuple[list[OutboundMessage], list[tuple[OutboundMessage, str]]]:
@@ -105,7 +109,7 @@ def outbox_check_messages(
         elif (message.subject, message.payload, message.headers) != row[1:4]:
             others.append((message, "subject, payload or headers differ from the row's"))
         elif row[4]:
-            others.append((message, "published or set aside already"))
+            others.append((message, ALREADY_DONE))
         else:
             matching.append(message)
     return matching, others

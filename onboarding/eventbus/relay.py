@@ -41,6 +41,7 @@ from onboarding.eventbus.leadership import relay_lock
 from onboarding.eventbus.lifecycle import Backoff, Stopper
 from onboarding.eventbus.oncommit import fast_path, message_from_notification, outbox_listen
 from onboarding.eventbus.outbox import (
+    ALREADY_DONE,
     OutboundMessage,
     outbox_check_messages,
     outbox_mark_published,
@@ -273,8 +274,9 @@ class OutboxRelay:
                                "(%s); scanning instead", len(messages), exc)
                 messages, others, scan = [], [], True
             for message, why in others:
-                logger.warning("relay: ignored a notification naming outbox row id=%s: %s",
-                               message.row_id, why)
+                logger.log(logging.INFO if why == ALREADY_DONE else logging.WARNING,
+                           "relay: ignored a notification naming outbox row id=%s: %s",
+                           message.row_id, why)
             if messages:
                 self._publisher.submit(messages)
         if scan:
