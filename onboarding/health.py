@@ -22,7 +22,8 @@ import os
 from django.db import connections
 
 from onboarding.eventbus.connection import NatsAccessError, close, connect_within
-from onboarding.eventbus.outbox import OUTBOX_DATABASE, fast_path
+from onboarding.eventbus.oncommit import fast_path
+from onboarding.eventbus.outbox import OUTBOX_DATABASE
 
 logger = logging.getLogger(__name__)
 

@@ -332,6 +332,10 @@ OUTBOX_RELAY_POLL_INTERVAL = env.float("OUTBOX_RELAY_POLL_INTERVAL", default=1.0
 # as a standby and retries the lock this often, so it takes over this soon after the active
 # relay dies.
 OUTBOX_RELAY_STANDBY_POLL = env.float("OUTBOX_RELAY_STANDBY_POLL", default=1.0)  # seconds
+# A row JetStream refuses this many times (a subject the stream does not take, a message over
+# the server's max payload) is set aside, so that it cannot hold back the rows behind it, until
+# an operator requeues it (admin). An outage counts no attempt.
+OUTBOX_MAX_ATTEMPTS = env.int("OUTBOX_MAX_ATTEMPTS", default=5)
 
 # --- Pruning (onboarding/eventbus/pruning.py) ----------------------------------------------
 

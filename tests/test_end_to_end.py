@@ -164,7 +164,7 @@ def test_relay_republish_of_a_published_row_is_dropped_by_jetstream(jetstream):
 
 
 def test_outbox_requires_a_transaction():
-    from onboarding.eventbus.outbox import outbox_publish_on_commit
+    from onboarding.eventbus.oncommit import outbox_publish_on_commit
 
     with pytest.raises(RuntimeError, match="inside transaction.atomic"):
         outbox_publish_on_commit(event=sample_event())
@@ -172,7 +172,7 @@ def test_outbox_requires_a_transaction():
 
 def test_notify_fast_path_wakes_the_relay_only_when_the_registration_commits():
     """PostgreSQL: the NOTIFY rides on the registration's own transaction."""
-    from onboarding.eventbus.outbox import NOTIFY_CHANNEL, fast_path, outbox_listen
+    from onboarding.eventbus.oncommit import NOTIFY_CHANNEL, fast_path, outbox_listen
 
     if fast_path() != "notify":
         pytest.skip("the NOTIFY fast path is PostgreSQL's")

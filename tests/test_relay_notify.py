@@ -12,7 +12,7 @@ from django.db import connections
 
 from accounts.services import user_register
 from conftest import RunningRelay, run_async, wait_until
-from onboarding.eventbus import outbox
+from onboarding.eventbus import oncommit
 from onboarding.eventbus.models import OutboxEvent
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
 @pytest.fixture
 def relay(settings, jetstream):
-    if outbox.fast_path() != "notify":
+    if oncommit.fast_path() != "notify":
         pytest.skip("the NOTIFY fast path is PostgreSQL's")
     settings.OUTBOX_RELAY_GRACE = 60.0
     running = RunningRelay().start()
@@ -67,13 +67,13 @@ def test_a_notification_without_a_readable_message_makes_the_relay_scan_at_once(
     register_silently(settings, "quiet")
     assert unpublished() == 1
     with connections["default"].cursor() as cursor:
-        cursor.execute("SELECT pg_notify(%s, %s)", [outbox.NOTIFY_CHANNEL, body])
+        cursor.execute("SELECT pg_notify(%s, %s)", [oncommit.NOTIFY_CHANNEL, body])
     wait_until(lambda: unpublished() == 0, timeout=10, message="published by a scan")
     assert run_async(stream_messages) == 1
 
 
 def test_an_event_too_large_for_a_notification_is_read_from_the_outbox(relay, monkeypatch):
-    monkeypatch.setattr(outbox, "NOTIFY_PAYLOAD_LIMIT", 10)
+    monkeypatch.setattr(oncommit, "NOTIFY_PAYLOAD_LIMIT", 10)
     user_register(username="large", email="large@example.com", password="x")
     wait_until(lambda: unpublished() == 0, timeout=10, message="published by a scan")
     assert run_async(stream_messages) == 1
@@ -88,7 +88,7 @@ def test_a_relay_that_lost_its_listening_connection_catches_up_on_reconnecting(r
         killed = admin.execute(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
             "WHERE query = %s AND datname = current_database() AND pid <> pg_backend_pid()",
-            [f"LISTEN {outbox.NOTIFY_CHANNEL}"],
+            [f"LISTEN {oncommit.NOTIFY_CHANNEL}"],
         ).fetchone()[0]
     assert killed >= 1
     wait_until(lambda: unpublished() == 0, timeout=15, message="published after reconnecting")

@@ -13,7 +13,7 @@ from django.db import connections
 
 from accounts.services import user_register
 from conftest import run_async, wait_until
-from onboarding.eventbus import outbox
+from onboarding.eventbus import oncommit, outbox
 from onboarding.eventbus.leadership import relay_lock
 from onboarding.eventbus.models import OutboxEvent
 
@@ -27,7 +27,7 @@ STANDBY = "relay: standby, another relay holds the outbox lock"
 @pytest.fixture
 def relays_publish_alone(settings):
     """Only the relays publish: on SQLite the test process's on-commit publisher would too."""
-    if outbox.fast_path() == "publish":
+    if oncommit.fast_path() == "publish":
         settings.OUTBOX_PUBLISH_ON_COMMIT = False
 
 
@@ -77,7 +77,7 @@ def test_a_second_relay_stands_by_and_takes_over_when_the_first_is_killed(
     first, second = active_and_standby(manage)
 
     register_and_wait_published("before", stored=1)
-    if outbox.fast_path() != "notify":  # with notify, it may have published through LISTEN
+    if oncommit.fast_path() != "notify":  # with notify, it may have published through LISTEN
         assert "relay published" in first.output()
     standing_by = second.output()
     # A standby does nothing but retry the lock: no LISTEN, no scan, no publish.

@@ -107,7 +107,7 @@ def test_healthy_stack_exit_0_and_json_keeps_its_keys(start_consumers, manage):
     # The keys scripts already read, and the new ones.
     assert {"healthy", "problems", "consumers", "outbox"} <= set(status)
     assert status["healthy"] is True and status["problems"] == []
-    assert set(status["outbox"]) == {"backlog", "oldest_age_seconds"}
+    assert set(status["outbox"]) == {"backlog", "oldest_age_seconds", "set_aside"}
     for name in settings.BOUNDED_CONTEXTS:
         entry = status["consumers"][name]
         assert {"pending", "ack_pending", "redelivered", "waiting", "dead_letters"} <= set(entry)

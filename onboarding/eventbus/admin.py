@@ -16,6 +16,7 @@ from onboarding.eventbus.deadletters import (
     dead_letters_replay,
 )
 from onboarding.eventbus.models import DeadLetter, OutboxEvent, ProcessedEvent
+from onboarding.eventbus.outbox import outbox_requeue
 from onboarding.eventbus.status import onboarding_status
 
 # The admin index gets an "Event flow" section linking to the dashboard (below).
@@ -40,23 +41,43 @@ class PublishedFilter(admin.SimpleListFilter):
     parameter_name = "published"
 
     def lookups(self, request, model_admin):
-        return [("yes", "Published"), ("no", "Waiting for the relay")]
+        return [("yes", "Published"), ("no", "Waiting for the relay"),
+                ("set_aside", "Set aside: refused, waiting for an operator")]
 
     def queryset(self, request, queryset):
         if self.value() == "yes":
             return queryset.filter(published_at__isnull=False)
         if self.value() == "no":
-            return queryset.filter(published_at__isnull=True)
+            return queryset.filter(published_at__isnull=True, set_aside_at__isnull=True)
+        if self.value() == "set_aside":
+            return queryset.filter(published_at__isnull=True, set_aside_at__isnull=False)
         return queryset
 
 
 @admin.register(OutboxEvent)
 class OutboxEventAdmin(ReadOnlyAdmin):
-    list_display = ("id", "subject", "event_id", "created_at", "published_at", "attempts")
+    list_display = ("id", "subject", "event_id", "created_at", "published_at", "attempts",
+                    "set_aside_at", "short_error")
     list_filter = (PublishedFilter, "subject", "created_at")
+    actions = ["requeue"]
     search_fields = ("=event_id", "payload")
     readonly_fields = [f.name for f in OutboxEvent._meta.fields]
     date_hierarchy = "created_at"
+
+    @admin.display(description="last error")
+    def short_error(self, obj):
+        return obj.last_error[:120]
+
+    def has_requeue_permission(self, request):
+        return request.user.is_superuser
+
+    @admin.action(description="Requeue: the relay tries them again (clears set aside, attempts)",
+                  permissions=["requeue"])
+    def requeue(self, request, queryset):
+        count = outbox_requeue(row_ids=list(queryset.values_list("id", flat=True)))
+        skipped = queryset.count() - count
+        note = f" ({skipped} not set aside, left as they are)" if skipped else ""
+        self.message_user(request, f"Requeued {count} outbox event(s){note}.", messages.SUCCESS)
 
 
 class ResolvedFilter(admin.SimpleListFilter):

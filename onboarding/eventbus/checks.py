@@ -16,7 +16,7 @@ def check_eventbus_settings(app_configs, **kwargs):
         )
     # The relay republishes a row the fast path published but could not mark after its grace
     # period; JetStream only drops that copy if it arrives within the duplicate window.
-    from onboarding.eventbus.publisher import MARK_COALESCE_SECONDS
+    from onboarding.eventbus.outbox import MARK_COALESCE_SECONDS
 
     marking = 4 * MARK_COALESCE_SECONDS
     if settings.OUTBOX_FAST_PATH not in ("auto", "notify", "publish"):

@@ -104,9 +104,19 @@ class AdvisoryLock:
             return False
 
     def release(self) -> None:
-        """Release the lock by ending its session (which releases it whatever else happened)."""
-        connection, self._connection, self._held = self._connection, None, False
+        """Release the lock by ending its session (which releases it whatever else happened).
+
+        Unlocked explicitly first, while the session answers: the server ends a closed session
+        a moment after the client let go, and until then a standby (or a test) that tries the
+        lock at once would still find it taken.
+        """
+        connection, held, self._connection, self._held = self._connection, self._held, None, False
         if connection is not None:
+            try:
+                if held:
+                    connection.execute("SELECT pg_advisory_unlock(%s)", [self.key])
+            except Exception:
+                pass
             try:
                 connection.close()
             except Exception:

@@ -1,25 +1,22 @@
-"""The transactional outbox: the producer side of every event.
+"""The transactional outbox's storage: the rows that wait to reach JetStream.
 
-``outbox_publish_on_commit`` is the only way code publishes an event. It writes the event in the
-caller's transaction; the commit then gets it out at once (the fast path, ``OUTBOX_FAST_PATH``):
-on PostgreSQL a ``NOTIFY`` wakes the relay, which publishes it; elsewhere a background thread of
-the web process publishes it. The relay (``manage.py outbox_relay``) also publishes whatever is
-still unpublished — after a crash, or while NATS was down. A rolled-back transaction publishes
-nothing, and a row is marked published only once JetStream has acknowledged it.
+Only the database side lives here: reading the rows due for publishing, marking them published
+once JetStream acknowledged them, recording failed attempts. It knows nothing of NATS. Writing an
+event and getting it out when its transaction commits is :mod:`onboarding.eventbus.oncommit`;
+publishing is :mod:`onboarding.eventbus.publisher` and the relay
+(:mod:`onboarding.eventbus.relay`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
-import uuid
 from dataclasses import dataclass
 
-from django.conf import settings
 from django.db import connections, transaction
+from django.db.models import F
 from django.utils import timezone
 
-from onboarding.contracts import event_headers
+from onboarding.contracts import EVENT_ID_HEADER
 from onboarding.eventbus.models import OutboxEvent
 
 # The outbox lives with the producer's data (accounts), in the default database.
@@ -41,114 +38,6 @@ class OutboundMessage:
             row_id=row.pk, subject=row.subject, payload=row.payload.encode(), headers=row.headers
         )
 
-    @classmethod
-    def from_notification(cls, body: str) -> OutboundMessage | None:
-        """The message a NOTIFY carried, or None if it carried none (too large, say)."""
-        if not body:
-            return None
-        data = json.loads(body)
-        row_id, subject, payload, headers = (
-            data["id"], data["subject"], data["payload"], data["headers"]
-        )
-        if not (
-            isinstance(row_id, int) and isinstance(subject, str) and isinstance(payload, str)
-            and isinstance(headers, dict)
-            and all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())
-        ):
-            raise ValueError("not an outbox message")
-        return cls(row_id=row_id, subject=subject, payload=payload.encode(), headers=headers)
-
-
-def outbox_publish_on_commit(*, event) -> OutboxEvent:
-    """Record ``event`` in the current transaction; publish it once that transaction commits.
-
-    Must be called inside ``transaction.atomic()`` together with the change the event announces:
-    outside one, the event would be published for a change that may still fail.
-    """
-    if not transaction.get_connection(OUTBOX_DATABASE).in_atomic_block:
-        raise RuntimeError("outbox_publish_on_commit() must run inside transaction.atomic()")
-    event_id = uuid.uuid4()
-    row = OutboxEvent(
-        event_id=event_id,
-        subject=event.subject,
-        payload=event.to_json().decode(),
-        headers=event_headers(event, event_id=event_id),
-    )
-    mode = fast_path()
-    if mode == "notify":
-        _insert_and_notify(row)
-        return row
-    row.save(using=OUTBOX_DATABASE, force_insert=True)
-    if mode == "publish":
-        from onboarding.eventbus.publisher import get_publisher
-
-        message = OutboundMessage.from_row(row)
-        transaction.on_commit(lambda: get_publisher().submit([message]), using=OUTBOX_DATABASE)
-    return row
-
-
-NOTIFY_CHANNEL = "onboarding_outbox"
-
-
-def fast_path() -> str | None:
-    """How committed events leave at once: "notify", "publish", or None (relay polling only)."""
-    if not settings.OUTBOX_PUBLISH_ON_COMMIT:
-        return None
-    mode = settings.OUTBOX_FAST_PATH
-    if mode == "auto":
-        vendor = connections[OUTBOX_DATABASE].vendor
-        return "notify" if vendor == "postgresql" else "publish"
-    return mode
-
-
-# PostgreSQL refuses a NOTIFY payload of 8000 bytes or more (default build).
-NOTIFY_PAYLOAD_LIMIT = 7900
-
-
-def _insert_and_notify(row: OutboxEvent) -> None:
-    """Insert ``row`` and hand it to the relay when the transaction commits: one round trip.
-
-    PostgreSQL's ``NOTIFY`` is delivered only if the transaction commits, and rides on that
-    commit; sent from ``on_commit`` it would be a second round trip and a second transaction,
-    whose commit (a NOTIFY takes a transaction id) waits for its own WAL flush. The notification
-    carries the whole message, so the relay publishes it without reading the row back; one too
-    large for a notification goes out empty, and the relay reads the outbox instead.
-    """
-    connection = connections[OUTBOX_DATABASE]
-    meta, quote = OutboxEvent._meta, connection.ops.quote_name
-    column = {f.name: quote(f.column) for f in meta.fields}
-    row.created_at = timezone.now()
-    headers = json.dumps(row.headers)
-    sql = f"""
-        WITH inserted AS (
-            INSERT INTO {quote(meta.db_table)}
-                ({column["event_id"]}, {column["subject"]}, {column["payload"]},
-                 {column["headers"]}, {column["created_at"]}, {column["attempts"]},
-                 {column["last_error"]})
-            VALUES (%(event_id)s, %(subject)s, %(payload)s, %(headers)s::jsonb, %(created_at)s,
-                    0, '')
-            RETURNING {column["id"]} AS id
-        ), message AS (
-            SELECT id, json_build_object(
-                'id', id, 'subject', %(subject)s::text, 'payload', %(payload)s::text,
-                'headers', %(headers)s::jsonb
-            )::text AS body FROM inserted
-        )
-        SELECT id, pg_notify(
-            %(channel)s, CASE WHEN octet_length(body) < %(limit)s THEN body ELSE '' END
-        ) FROM message
-    """
-    params = {
-        "event_id": row.event_id, "subject": row.subject, "payload": row.payload,
-        "headers": headers, "created_at": row.created_at, "channel": NOTIFY_CHANNEL,
-        "limit": NOTIFY_PAYLOAD_LIMIT,
-    }
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        row.pk = cursor.fetchone()[0]
-    row._state.adding = False
-    row._state.db = OUTBOX_DATABASE
-
 
 def outbox_connection():
     """A new autocommit psycopg connection to the outbox database (PostgreSQL), Django's aside.
@@ -164,26 +53,72 @@ def outbox_connection():
     return psycopg.connect(**params, autocommit=True)
 
 
-def outbox_listen():
-    """A new connection to the outbox database, LISTENing for commits."""
-    listener = outbox_connection()
-    listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
-    return listener
-
-
 def outbox_unpublished(*, older_than: float, limit: int) -> list[OutboundMessage]:
-    """The oldest unpublished rows created at least ``older_than`` seconds ago, in id order."""
+    """Up to ``limit`` rows due for publishing: unpublished, not set aside, created at least
+    ``older_than`` seconds ago.
+
+    Rows JetStream never refused come first, in id order (the order they were written in);
+    rows it refused before fill what is left of the batch, in id order too. A batch full of
+    rows that will never publish cannot hold back the healthy rows behind them, and each query
+    walks the partial index of unpublished rows in id order (no sort of the whole backlog).
+    """
     cutoff = timezone.now() - dt.timedelta(seconds=older_than)
-    rows = (
-        OutboxEvent.objects.using(OUTBOX_DATABASE)
-        .filter(published_at__isnull=True, created_at__lte=cutoff)
-        .order_by("id")
-        .values_list("id", "subject", "payload", "headers")[:limit]
+    due = OutboxEvent.objects.using(OUTBOX_DATABASE).filter(
+        published_at__isnull=True, set_aside_at__isnull=True, created_at__lte=cutoff
     )
+    fields = ("id", "subject", "payload", "headers")
+    rows = list(due.filter(attempts=0).order_by("id").values_list(*fields)[:limit])
+    if len(rows) < limit:
+        rows += due.filter(attempts__gt=0).order_by("id").values_list(*fields)[:limit - len(rows)]
     return [
         OutboundMessage(row_id=row_id, subject=subject, payload=payload.encode(), headers=headers)
         for row_id, subject, payload, headers in rows
     ]
+
+
+# Why a genuine notification may not match: its row went out another way first (the scan).
+ALREADY_DONE = "published or set aside already"
+
+
+def outbox_check_messages(
+    messages: list[OutboundMessage],
+) -> tuple[list[OutboundMessage], list[tuple[OutboundMessage, str]]]:
+    """Split messages that claim to be outbox rows (a notification's) into those that are
+    exactly their row, unpublished and not set aside — same id, ``Event-Id``, subject, payload
+    and headers — and the others, each with why. One query for them all.
+
+    Whoever may connect to the outbox database may ``NOTIFY`` on its channel: a message is
+    trusted only as far as the row it names bears it out.
+    """
+    rows = {
+        row_id: (str(event_id), subject, payload.encode(), headers, published or set_aside)
+        for row_id, event_id, subject, payload, headers, published, set_aside in (
+            OutboxEvent.objects.using(OUTBOX_DATABASE)
+            .filter(id__in=[m.row_id for m in messages])
+            .values_list("id", "event_id", "subject", "payload", "headers", "published_at",
+                         "set_aside_at")
+        )
+    }
+    matching, others = [], []
+    for message in messages:
+        row = rows.get(message.row_id)
+        if row is None:
+            others.append((message, "no such outbox row"))
+        elif message.headers.get(EVENT_ID_HEADER) != row[0]:
+            others.append((message, f"Event-Id is not the row's ({row[0]})"))
+        elif (message.subject, message.payload, message.headers) != row[1:4]:
+            others.append((message, "subject, payload or headers differ from the row's"))
+        elif row[4]:
+            others.append((message, ALREADY_DONE))
+        else:
+            matching.append(message)
+    return matching, others
+
+
+# Publishers gather the rows JetStream acknowledged for this long and mark them in one UPDATE:
+# one write transaction per event would compete with the registrations themselves (on SQLite,
+# for its one write lock). The relay's grace period must be well above it (eventbus.W003).
+MARK_COALESCE_SECONDS = 0.5
 
 
 def outbox_mark_published(*, row_ids: list[int]) -> int:
@@ -198,17 +133,81 @@ def outbox_mark_published(*, row_ids: list[int]) -> int:
 
 
 def outbox_record_failure(*, row_ids: list[int], error: str) -> None:
-    """Note a failed relay attempt on rows that stay unpublished (shown in the admin)."""
-    from django.db.models import F
-
+    """Note a failure that may pass (NATS down, no PubAck in time, a stream without a leader)
+    on rows that stay unpublished, for the admin. Not an attempt: counting it would set the
+    whole outbox aside during an outage."""
     if row_ids:
         OutboxEvent.objects.using(OUTBOX_DATABASE).filter(id__in=row_ids).update(
-            attempts=F("attempts") + 1, last_error=error[:2000]
+            last_error=error[:2000]
         )
 
 
+@dataclass(frozen=True)
+class SetAside:
+    """A row the relay stopped trying to publish (for its log line)."""
+
+    row_id: int
+    event_id: str
+    subject: str
+    attempts: int
+    error: str
+
+
+def outbox_record_refusals(*, refusals: dict[int, str], max_attempts: int) -> list[SetAside]:
+    """Count one attempt on each row JetStream refused (``{row id: why}``), and set aside those
+    refused ``max_attempts`` times: the relay's scan no longer takes them, until an operator
+    requeues them (:func:`outbox_requeue`). Returns the rows set aside now.
+    """
+    if not refusals:
+        return []
+    rows = OutboxEvent.objects.using(OUTBOX_DATABASE)
+    by_error: dict[str, list[int]] = {}
+    for row_id, error in refusals.items():
+        by_error.setdefault(error[:2000], []).append(row_id)
+    with transaction.atomic(using=OUTBOX_DATABASE):
+        for error, row_ids in by_error.items():
+            rows.filter(id__in=row_ids).update(attempts=F("attempts") + 1, last_error=error)
+        # A row published meanwhile (the fast path, another relay) is not set aside.
+        spent = rows.filter(
+            id__in=list(refusals), attempts__gte=max_attempts,
+            set_aside_at__isnull=True, published_at__isnull=True,
+        )
+        found = [
+            SetAside(row_id=i, event_id=str(e), subject=s, attempts=a, error=last)
+            for i, e, s, a, last in spent.values_list(
+                "id", "event_id", "subject", "attempts", "last_error"
+            )
+        ]
+        rows.filter(id__in=[row.row_id for row in found]).update(set_aside_at=timezone.now())
+    return found
+
+
+def outbox_requeue(*, row_ids: list[int]) -> int:
+    """Hand set-aside rows back to the relay, their attempts cleared (once their cause is
+    fixed: the stream takes their subject now, say). Returns how many were set aside."""
+    if not row_ids:
+        return 0
+    return (
+        OutboxEvent.objects.using(OUTBOX_DATABASE)
+        .filter(id__in=row_ids, set_aside_at__isnull=False, published_at__isnull=True)
+        .update(set_aside_at=None, attempts=0)
+    )
+
+
 def outbox_backlog() -> tuple[int, dt.datetime | None]:
-    """(number of unpublished rows, creation time of the oldest)."""
-    qs = OutboxEvent.objects.using(OUTBOX_DATABASE).filter(published_at__isnull=True)
+    """(number of rows waiting for the relay, creation time of the oldest); set-aside rows,
+    which wait for an operator instead, are counted by :func:`outbox_set_aside_count`."""
+    qs = OutboxEvent.objects.using(OUTBOX_DATABASE).filter(
+        published_at__isnull=True, set_aside_at__isnull=True
+    )
     oldest = qs.order_by("id").values_list("created_at", flat=True).first()
     return qs.count(), oldest
+
+
+def outbox_set_aside_count() -> int:
+    """Rows the relay set aside after JetStream refused them every attempt."""
+    return (
+        OutboxEvent.objects.using(OUTBOX_DATABASE)
+        .filter(published_at__isnull=True, set_aside_at__isnull=False)
+        .count()
+    )

@@ -28,11 +28,14 @@ from django.conf import settings
 from django.db import close_old_connections, connections
 
 from onboarding.eventbus.connection import NatsAccessError, close, connect
-from onboarding.eventbus.outbox import OutboundMessage, outbox_mark_published
+from onboarding.eventbus.outbox import (
+    MARK_COALESCE_SECONDS,
+    OutboundMessage,
+    outbox_mark_published,
+)
 
 logger = logging.getLogger(__name__)
 
-MARK_COALESCE_SECONDS = 0.5
 REFUSED_RETRY_SECONDS = 30
 
 
@@ -166,24 +169,14 @@ class BackgroundPublisher:
             except TimeoutError:
                 logger.info("nats not connected yet; %d event(s) left to the relay", len(messages))
                 return
-        futures = []
-        for message in messages:  # pipelined: every PubAck is awaited together
-            try:
-                futures.append(await self._js.publish_async(
-                    message.subject, message.payload, headers=message.headers
-                ))
-            except Exception as exc:
-                logger.warning("publish failed; the relay will retry: %s", exc)
-                return
-        results = await asyncio.gather(
-            *(asyncio.wait_for(f, settings.NATS_REQUEST_TIMEOUT) for f in futures),
-            return_exceptions=True,
+        outcomes = await publish_pipelined(
+            self._nc, self._js, messages, timeout=settings.NATS_REQUEST_TIMEOUT
         )
-        acked = [m.row_id for m, r in zip(messages, results, strict=False)
-                 if not isinstance(r, BaseException)]
+        acked = [m.row_id for m, error in zip(messages, outcomes, strict=True) if error is None]
         if len(acked) < len(messages):
-            logger.warning("%d publish(es) not acknowledged; the relay will retry them",
-                           len(messages) - len(acked))
+            error = next(e for e in outcomes if e is not None)
+            logger.warning("%d publish(es) not acknowledged; the relay will retry them: %s",
+                           len(messages) - len(acked), describe(error))
         if acked:
             self._marks.put(acked)
             if self._on_acked is not None:
@@ -206,9 +199,8 @@ class BackgroundPublisher:
             row_ids = marks.get()
             if row_ids is None:
                 break
-            # Wait a moment and coalesce whatever else arrives into one UPDATE: under load one
-            # write transaction per registration would compete with the registrations
-            # themselves (on SQLite, for its one write lock). The relay's grace is far longer.
+            # Wait a moment and coalesce whatever else arrives into one UPDATE (see
+            # MARK_COALESCE_SECONDS).
             time.sleep(MARK_COALESCE_SECONDS)
             while not marks.empty():
                 more = marks.get()
@@ -231,8 +223,96 @@ class BackgroundPublisher:
             logger.exception("could not mark %d published row(s)", len(row_ids))
 
 
-_publisher = BackgroundPublisher()
+class MessageTooLarge(Exception):
+    """The message exceeds the server's ``max_payload``: never sent (see ``publish_pipelined``)."""
+
+
+def describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def wire_size(message: OutboundMessage) -> int:
+    """What the server counts against its ``max_payload``: the payload and the header block.
+
+    nats-py checks the payload alone; a message whose headers take it over the limit reaches
+    the server, which answers with a protocol error and closes the connection.
+    """
+    block = "NATS/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in message.headers.items())
+    return len(message.payload) + len((block + "\r\n").encode())
+
+
+async def publish_pipelined(
+    nc, js, messages: list[OutboundMessage], *, timeout: float
+) -> list[BaseException | None]:
+    """Publish ``messages`` pipelined (``publish_async``, every PubAck awaited together), in
+    order; return, per message, None if JetStream acknowledged it, else the error.
+
+    Never leaves a PubAck future behind: each one is awaited up to ``timeout`` or cancelled,
+    whatever happens (a publish that raises, a cancellation). nats-py holds one of its pending
+    slots (``publish_async_max_pending``) per future until the future is done, so a future
+    dropped while its ack never comes (a silent server, a reply lost with the connection)
+    would hold it for ever, and once they are all held, ``publish_async`` waits for ever.
+    """
+    outcomes: list[BaseException | None] = [None] * len(messages)
+    futures: dict[int, asyncio.Future] = {}
+    try:
+        for index, message in enumerate(messages):
+            size = wire_size(message)
+            if size > nc.max_payload:
+                outcomes[index] = MessageTooLarge(
+                    f"{size} bytes exceed the server's max_payload ({nc.max_payload})"
+                )
+                continue
+            try:
+                futures[index] = await _publish_async(js, message)
+            except Exception as exc:
+                outcomes[index] = exc
+        if futures:
+            results = await asyncio.gather(
+                *(asyncio.wait_for(f, timeout) for f in futures.values()), return_exceptions=True
+            )
+            for index, result in zip(futures, results, strict=True):
+                if isinstance(result, BaseException):
+                    outcomes[index] = (
+                        TimeoutError(f"no PubAck within {timeout:g}s")
+                        if isinstance(result, asyncio.TimeoutError | asyncio.CancelledError)
+                        else result
+                    )
+    finally:
+        for future in futures.values():
+            if not future.done():
+                future.cancel()  # releases its pending slot
+    return outcomes
+
+
+async def _publish_async(js, message: OutboundMessage) -> asyncio.Future:
+    registered = set(getattr(js, "_publish_async_futures", {}))
+    try:
+        return await js.publish_async(message.subject, message.payload, headers=message.headers)
+    except BaseException:
+        # nats-py registers the PubAck's future before it sends, and leaves it registered when
+        # the send raises (a closed connection, a subject or header it rejects): nobody could
+        # resolve it, and it would hold its pending slot for ever. Nothing else runs between
+        # the two, bar a publish_async waiting for a free slot; cancelling one of those too
+        # leaves its row to the relay.
+        futures = getattr(js, "_publish_async_futures", {})
+        for token in set(futures) - registered:
+            future = futures.get(token)
+            if future is not None and not future.done():
+                future.cancel()
+        raise
+
+
+# The process's on-commit publisher, built on first use: importing this module (the relay, the
+# system checks, a process that never publishes) starts and builds nothing.
+_publisher: BackgroundPublisher | None = None
+_publisher_lock = threading.Lock()
 
 
 def get_publisher() -> BackgroundPublisher:
+    global _publisher
+    if _publisher is None:
+        with _publisher_lock:
+            if _publisher is None:
+                _publisher = BackgroundPublisher()
     return _publisher

@@ -4,12 +4,16 @@ It scans unpublished rows older than the grace period (``OUTBOX_RELAY_GRACE``: t
 publishes within milliseconds and marks within a second; the grace keeps the relay from
 publishing each event a second time), publishes them pipelined (``publish_async``) in id order
 with their original ``Nats-Msg-Id``, and marks them published only after their PubAck. A failure
-leaves rows unpublished and the relay backs off and tries again, for ever: an event in the outbox
-is never given up on.
+that may pass (NATS down, no PubAck in time) leaves rows unpublished and the relay backs off and
+tries again, for ever. A row JetStream refuses (a subject no stream takes, a message too large:
+see :func:`refusal`) is set aside after ``OUTBOX_MAX_ATTEMPTS``, so that it cannot hold back the
+rows behind it; it stays in the outbox, in the admin and in ``onboarding_status``, until an
+operator requeues it.
 
 On PostgreSQL (``OUTBOX_FAST_PATH=notify``) it is also the fast path: each registration's
 transaction sends a ``NOTIFY`` carrying its message, and a thread of the relay LISTENs and hands
-the messages to a ``BackgroundPublisher`` as they commit. The web process does no NATS work.
+the messages to a ``BackgroundPublisher`` as they commit, once their outbox rows bear them out
+(anyone who may connect to the database may NOTIFY). The web process does no NATS work.
 Notifications sent while the relay was down or disconnected are lost to it, not the events: the
 scan publishes them after the grace period.
 
@@ -35,13 +39,21 @@ from onboarding.eventbus import metrics, pruning
 from onboarding.eventbus.connection import close, connect
 from onboarding.eventbus.leadership import relay_lock
 from onboarding.eventbus.lifecycle import Backoff, Stopper
+from onboarding.eventbus.oncommit import fast_path, message_from_notification, outbox_listen
 from onboarding.eventbus.outbox import (
+    ALREADY_DONE,
     OutboundMessage,
-    fast_path,
-    outbox_listen,
+    outbox_check_messages,
     outbox_mark_published,
     outbox_record_failure,
+    outbox_record_refusals,
     outbox_unpublished,
+)
+from onboarding.eventbus.publisher import (
+    BackgroundPublisher,
+    MessageTooLarge,
+    describe,
+    publish_pipelined,
 )
 
 logger = logging.getLogger(__name__)
@@ -126,9 +138,12 @@ class OutboxRelay:
             await pruner.stop()
             await self._stop_listening_and_publishing()
             await close(self._nc)
-            self._db.submit(self._lock.release).result()
-            self._db.submit(connections.close_all).result()
-            self._db.shutdown()
+            # Both block on the database (closing the lock's session, the ORM's connections):
+            # on the ORM's thread, as every other database call of the relay, never the loop's.
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._db, self._lock.release)
+            await loop.run_in_executor(self._db, connections.close_all)
+            self._db.shutdown(wait=False)  # nothing left on it to wait for
         if self.stopper.error is not None:
             raise self.stopper.error
         return self.published
@@ -191,8 +206,6 @@ class OutboxRelay:
     # -- notify mode (PostgreSQL): the fast path ---------------------------------------------
 
     async def _start_listening(self) -> None:
-        from onboarding.eventbus.publisher import BackgroundPublisher
-
         # The same publisher as a web process's on-commit path: one wake-up per burst,
         # publish_async pipelined, rows marked after their PubAcks in one UPDATE every 0.5 s
         # (well inside the grace period after which the scan would republish them).
@@ -219,9 +232,12 @@ class OutboxRelay:
                     if self.listening.is_set():  # a reconnection: scan what was missed meanwhile
                         loop.call_soon_threadsafe(self._scan_now.set)
                 self.listening.set()
-                # Returns every half second, to notice a stop.
-                for notification in connection.notifies(timeout=0.5):
-                    self._on_notification(loop, notification.payload)
+                # Returns with what the first packet brought (a burst comes in one), or after half
+                # a second without any, to notice a stop; what arrives meanwhile waits in the
+                # connection for the next call.
+                bodies = [n.payload for n in connection.notifies(timeout=0.5, stop_after=1)]
+                if bodies:
+                    self._on_notifications(loop, bodies)
             except Exception as exc:
                 # Commits notified meanwhile are not lost: the scan on reconnection (or after the
                 # grace period) publishes them.
@@ -231,17 +247,44 @@ class OutboxRelay:
                 self.listening.set()
                 stop.wait(1.0)
         self._close_quietly(connection)
+        connections.close_all()  # this thread's own, opened to check notifications
 
-    def _on_notification(self, loop: asyncio.AbstractEventLoop, body: str) -> None:
-        try:
-            message = OutboundMessage.from_notification(body)
-        except Exception:
-            logger.warning("relay: unreadable notification %.200r; scanning instead", body)
-            message = None
-        if message is None:
+    def _on_notifications(self, loop: asyncio.AbstractEventLoop, bodies: list[str]) -> None:
+        """Publish the notified messages that are exactly their outbox row; scan at once for a
+        notification without a readable message (one too large for NOTIFY goes out empty).
+
+        Any role that may connect to the outbox database may NOTIFY on the channel: a message
+        is published (and so its row marked) only if its row bears it out, id, Event-Id and
+        content (one query per burst). A forged one publishes and marks nothing; the row it
+        names, if any, is published by the scan as it is.
+        """
+        messages, scan = [], False
+        for body in bodies:
+            try:
+                message = message_from_notification(body)
+            except Exception:
+                logger.warning("relay: unreadable notification %.200r; scanning instead", body)
+                message = None
+            if message is None:
+                scan = True
+            else:
+                messages.append(message)
+        if messages:
+            try:
+                close_old_connections()
+                messages, others = outbox_check_messages(messages)
+            except Exception as exc:
+                logger.warning("relay: could not check %d notification(s) against the outbox "
+                               "(%s); scanning instead", len(messages), exc)
+                messages, others, scan = [], [], True
+            for message, why in others:
+                logger.log(logging.INFO if why == ALREADY_DONE else logging.WARNING,
+                           "relay: ignored a notification naming outbox row id=%s: %s",
+                           message.row_id, why)
+            if messages:
+                self._publisher.submit(messages)
+        if scan:
             loop.call_soon_threadsafe(self._scan_now.set)
-        else:
-            self._publisher.submit([message])
 
     @staticmethod
     def _close_quietly(connection) -> None:
@@ -262,7 +305,13 @@ class OutboxRelay:
         self._listener = self._publisher = None
 
     async def flush_batch(self, grace: float | None = None) -> int:
-        """Publish one batch of due rows; return how many were published."""
+        """Publish one batch of due rows; return how many rows it took (published or not).
+
+        A row JetStream refuses (see :func:`refusal`) counts an attempt, and is set aside after
+        ``OUTBOX_MAX_ATTEMPTS``; the others in the batch are published all the same, and the
+        relay carries on. Any other failure may pass (NATS down, no PubAck in time): it counts
+        no attempt, and raises, so that the relay backs off.
+        """
         if not self._nc.is_connected:
             raise ConnectionError("not connected to NATS")
         messages: list[OutboundMessage] = await self._orm(
@@ -271,28 +320,78 @@ class OutboxRelay:
         )
         if not messages:
             return 0
-        futures = []
-        for message in messages:  # pipelined, in id order, on one connection
-            futures.append(
-                await self._js.publish_async(
-                    message.subject, message.payload, headers=message.headers
-                )
-            )
-        results = await asyncio.gather(
-            *(asyncio.wait_for(f, settings.NATS_REQUEST_TIMEOUT * 2) for f in futures),
-            return_exceptions=True,
+        outcomes = await publish_pipelined(  # in id order, on one connection
+            self._nc, self._js, messages, timeout=settings.NATS_REQUEST_TIMEOUT * 2
         )
-        outcomes = list(zip(messages, results, strict=True))
-        acked = [m.row_id for m, r in outcomes if not isinstance(r, BaseException)]
-        failed = [(m.row_id, r) for m, r in outcomes if isinstance(r, BaseException)]
+        acked, refused, failed = [], {}, []
+        for message, error in zip(messages, outcomes, strict=True):
+            if error is None:
+                acked.append(message.row_id)
+            elif (why := refusal(message, error)) is not None:
+                refused[message.row_id] = why
+            else:
+                failed.append((message.row_id, error))
         await self._orm(outbox_mark_published, row_ids=acked)
         self.published += len(acked)
         metrics.relay_published(len(acked), path="scan")
         if acked:
             logger.info("relay published %d event(s)", len(acked))
+        if refused:
+            metrics.relay_publish_failed(len(refused))
+            set_aside = await self._orm(
+                outbox_record_refusals, refusals=refused,
+                max_attempts=settings.OUTBOX_MAX_ATTEMPTS,
+            )
+            logger.warning("relay: %d event(s) refused by JetStream: %s",
+                           len(refused), next(iter(refused.values())))
+            for row in set_aside:
+                logger.error(
+                    "relay: set aside outbox row id=%s event_id=%s subject=%s after %d refused "
+                    "attempt(s): %s (fix the cause, then requeue it in the admin)",
+                    row.row_id, row.event_id, row.subject, row.attempts, row.error,
+                )
         if failed:
             metrics.relay_publish_failed(len(failed))
-            error = f"{type(failed[0][1]).__name__}: {failed[0][1]}"
+            error = describe(failed[0][1])
             await self._orm(outbox_record_failure, row_ids=[i for i, _ in failed], error=error)
             raise RuntimeError(f"{len(failed)} publish(es) not acknowledged: {error}")
-        return len(acked)
+        return len(messages)
+
+
+def subject_matches(subject: str, pattern: str) -> bool:
+    """NATS subject matching: ``*`` stands for one token, a final ``>`` for one or more."""
+    tokens, wanted = subject.split("."), pattern.split(".")
+    for index, token in enumerate(wanted):
+        if token == ">":
+            return len(tokens) > index
+        if index >= len(tokens) or token not in ("*", tokens[index]):
+            return False
+    return len(tokens) == len(wanted)
+
+
+# JetStream's answers about the message itself, which no retry changes.
+REFUSING_API_CODES = {10054}  # message size exceeds the stream's max_msg_size
+
+
+def refusal(message: OutboundMessage, error: BaseException) -> str | None:
+    """Why JetStream will never take ``message`` as it is, or None when ``error`` may pass.
+
+    Refused: a subject the stream does not take (``NATS_STREAM_SUBJECTS``, the subjects
+    ``setup_jetstream`` gives it), a message over the server's ``max_payload`` or the stream's
+    ``max_msg_size``, a subject or header the client rejects. Everything else may pass and
+    counts no attempt: NATS down or slow, a stream without a leader or not created yet
+    (``NoStreamResponseError`` for a subject the stream is meant to take), a denied publish
+    (the server drops it silently: a timeout).
+    """
+    from nats.errors import BadHeaderError, BadSubjectError, MaxPayloadError
+    from nats.js.errors import APIError
+
+    subjects = settings.NATS_STREAM_SUBJECTS
+    if not any(subject_matches(message.subject, pattern) for pattern in subjects):
+        return (f"stream {settings.NATS_STREAM} does not take subject {message.subject!r} "
+                f"(it takes {', '.join(subjects)}): {describe(error)}")
+    if isinstance(error, MessageTooLarge | MaxPayloadError | BadSubjectError | BadHeaderError):
+        return describe(error)
+    if isinstance(error, APIError) and error.err_code in REFUSING_API_CODES:
+        return describe(error)
+    return None

@@ -28,7 +28,7 @@ from onboarding.eventbus.deadletters import (
     dead_letters_open,
 )
 from onboarding.eventbus.models import OutboxEvent, ProcessedEvent
-from onboarding.eventbus.outbox import OUTBOX_DATABASE, outbox_backlog
+from onboarding.eventbus.outbox import OUTBOX_DATABASE, outbox_backlog, outbox_set_aside_count
 from onboarding.eventbus.registry import get_consumers
 from onboarding.readiness import user_readiness
 
@@ -189,7 +189,8 @@ def onboarding_status(
     seconds (JetStream counts a dead client's messages as ack-pending until some client
     pulls again, so rule one alone would miss a consumer killed with a batch in hand); more
     than ``max_dead_letters`` open dead letters of a consumer (discarded ones do not count);
-    the oldest unpublished outbox event older than ``max_outbox_age`` seconds; with
+    the oldest unpublished outbox event older than ``max_outbox_age`` seconds; any outbox
+    event the relay set aside (JetStream refused it every attempt); with
     ``max_pending``, a consumer lagging by more. ``count_processed`` adds each inbox's row
     count (a COUNT per context database).
     """
@@ -250,11 +251,18 @@ def onboarding_status(
             f"outbox: oldest unpublished event is {age:.0f}s old (> {max_outbox_age:g}s; "
             "is `manage.py outbox_relay` running?)"
         )
+    set_aside = outbox_set_aside_count()
+    if set_aside:
+        problems.append(
+            f"outbox: {set_aside} event(s) set aside after JetStream refused them "
+            f"{settings.OUTBOX_MAX_ATTEMPTS} time(s) (admin: Outbox events, state \"Set aside\": "
+            "fix the cause, then requeue them)"
+        )
     return {
         "healthy": not problems,
         "problems": problems,
         "consumers": consumers,
-        "outbox": {"backlog": backlog, "oldest_age_seconds": age},
+        "outbox": {"backlog": backlog, "oldest_age_seconds": age, "set_aside": set_aside},
         "nats": {"server": nats_label(), "stream": settings.NATS_STREAM,
                  "reachable": nats_error is None},
         "databases": checked_databases(),

@@ -10,7 +10,8 @@ class Command(BaseCommand):
         "The health of the event flow: per consumer pending, ack-pending, waiting pull "
         "requests, redelivered and open dead letters; the outbox backlog and its oldest age. "
         "Exits 1 when unhealthy (for probes): NATS unreachable, a durable missing, events "
-        "pending with no client pulling, open dead letters, an old unpublished outbox event.\n"
+        "pending with no client pulling, open dead letters, an old unpublished outbox event, "
+        "outbox events set aside after JetStream refused them.\n"
         "With --user: that user's story per service (records, inbox, durable, dead letters); "
         "exits 1 unless every service has set the user up.\n"
         "Examples: manage.py onboarding_status --json\n"
@@ -94,6 +95,7 @@ class Command(BaseCommand):
         self.stdout.write(
             f"outbox backlog: {outbox['backlog']}"
             + (f" (oldest {age:.1f}s old)" if age is not None else "")
+            + (f"; set aside: {outbox['set_aside']}" if outbox.get("set_aside") else "")
         )
         if status["healthy"]:
             self.stdout.write(self.style.SUCCESS("healthy"))
