@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from django.db import connections, transaction
 
@@ -28,6 +28,7 @@ class Incoming:
     event_id: str
     subject: str
     stream_seq: int
+    meta: object = field(default=None, compare=False, repr=False)  # the message's JetStream metadata
 
 
 class CommitGate:
