@@ -2,8 +2,8 @@ import logging
 import uuid
 from collections.abc import Iterable
 
-from progression.defaults import STARTER_SKILLS, STARTER_WEAPONS
 from onboarding.eventbus.rows import insert_ignoring_conflicts
+from progression.defaults import STARTER_SKILLS, STARTER_WEAPONS
 from progression.models import MetaProgression
 
 logger = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from django.db import connections, transaction
 
 from onboarding.eventbus.failures import Abandoned, PermanentError
 from onboarding.eventbus.models import ProcessedEvent
-from onboarding.eventbus.rows import insert_ignoring_conflicts
 from onboarding.eventbus.registry import ConsumerSpec
+from onboarding.eventbus.rows import insert_ignoring_conflicts
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Incoming:
     event_id: str
     subject: str
     stream_seq: int
-    meta: object = field(default=None, compare=False, repr=False)  # the message's JetStream metadata
+    meta: object = field(default=None, compare=False, repr=False)  # its JetStream metadata
 
 
 class CommitGate:

@@ -118,7 +118,8 @@ def _unnest_sql(model, fields: tuple[str, ...], shared: tuple[str, ...], returni
     columns, table = _column_names(model, fields, shared, connection)
     given = [model._meta.get_field(name) for name in fields]
     # Constants first, as scalars cast to their column's type; then one array per given field.
-    selected = [f"%s::{field.db_type(connection)}" for field in _constant_fields(model, fields, shared)]
+    selected = [f"%s::{field.db_type(connection)}"
+                for field in _constant_fields(model, fields, shared)]
     arrays = [f"%s::{field.db_type(connection)}[]" for field in given]
     names = [f"c{i}" for i in range(len(given))]
     return (
