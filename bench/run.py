@@ -599,6 +599,10 @@ PROFILE_ROWS = {
         ("onboarding/eventbus/inbox.py", "inbox_claim")],
     "bulk_create (ORM build + INSERT)": [("django/db/models/query.py", "bulk_create")],
     "  of which compiling SQL (as_sql)": [("django/db/models/sql/compiler.py", "as_sql")],
+    "insert_ignoring_conflicts (project: default rows and inbox, no ORM build)": [
+        ("onboarding/eventbus/rows.py", "insert_ignoring_conflicts")],
+    "the per-event log line (project: _log_handled)": [
+        ("onboarding/eventbus/runner.py", "_log_handled")],
     "every SQL statement (Django cursor, driver, round trip)": [
         ("django/db/backends/utils.py", "_execute")],
     "commit": [("django/db/backends/base/base.py", "commit")],
