@@ -596,9 +596,13 @@ PROFILE_ROWS = {
         ("faststream/nats/parser.py", "decode_batch"), ("fast_depends/core/model.py", "asolve"),
         ("-fast_depends/utils.py", "run_async")],  # asolve calls the handler through run_async
     "inbox statement (project: INSERT ... RETURNING)": [
-        ("onboarding/eventbus/runner.py", "inbox_claim")],
+        ("onboarding/eventbus/inbox.py", "inbox_claim")],
     "bulk_create (ORM build + INSERT)": [("django/db/models/query.py", "bulk_create")],
     "  of which compiling SQL (as_sql)": [("django/db/models/sql/compiler.py", "as_sql")],
+    "insert_ignoring_conflicts (project: default rows and inbox, no ORM build)": [
+        ("onboarding/eventbus/rows.py", "insert_ignoring_conflicts")],
+    "the per-event log line (project: _log_handled)": [
+        ("onboarding/eventbus/runner.py", "_log_handled")],
     "every SQL statement (Django cursor, driver, round trip)": [
         ("django/db/backends/utils.py", "_execute")],
     "commit": [("django/db/backends/base/base.py", "commit")],
@@ -931,6 +935,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="drain: run the consumers under cProfile and print where their "
                              "time goes per event (slows them: not for the ratios)")
+    parser.add_argument("--profile-dir", help="drain, with --profile: keep the .prof files "
+                        "there (pstats) instead of in the run's temporary folder")
     parser.add_argument("--rate", type=float, default=50.0, help="latency: registrations/s")
     parser.add_argument("--seconds", type=float, default=20.0, help="latency: duration")
     parser.add_argument("--requests", type=int, default=1000, help="register: per round")
@@ -983,7 +989,9 @@ def main() -> None:
                                 runs.append(scenario_drain(
                                     stack, events, args.batch, args.peer, run,
                                     nats_pid=nats.process.pid,
-                                    profile_dir=workdir / "profiles" if args.profile else None))
+                                    profile_dir=(Path(args.profile_dir) if args.profile_dir
+                                                 else workdir / "profiles")
+                                    if args.profile else None))
                             elif name == "latency":
                                 runs.append(scenario_latency(stack, args.rate, args.seconds,
                                                              port))
