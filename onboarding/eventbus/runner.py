@@ -86,6 +86,7 @@ from onboarding.eventbus.inbox import (  # noqa: F401
 )
 from onboarding.eventbus.lifecycle import Backoff, Stopper
 from onboarding.eventbus.registry import ConsumerSpec
+from onboarding.eventbus.warmup import consumer_warm_up
 
 logger = logging.getLogger(__name__)
 # One line per handled event (EVENT_LOG_LEVEL), with structured fields for JSON logs.
@@ -304,6 +305,10 @@ class ConsumerRunner:
         waiting_for_durable = False
         pending = metrics.watch_pending(js, spec.name, spec.durable)  # METRICS_PORT only
         try:
+            # Before the first fetch, so that a pull request waiting on the durable means a warm
+            # consumer, and its first events do not pay for the first connection (warmup.py).
+            await self.stopper.wait_for(
+                asyncio.ensure_future(worker.call(consumer_warm_up, spec)))
             while not self.stopper.stopped:
                 if not await worker.idle(self.stopper):
                     break
