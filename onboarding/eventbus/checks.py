@@ -19,9 +19,9 @@ def check_eventbus_settings(app_configs, **kwargs):
     from onboarding.eventbus.outbox import MARK_COALESCE_SECONDS
 
     marking = 4 * MARK_COALESCE_SECONDS
-    if settings.OUTBOX_FAST_PATH not in ("auto", "notify", "publish"):
+    if settings.OUTBOX_FAST_PATH not in ("auto", "notify", "wake", "publish"):
         problems.append(
-            Error("OUTBOX_FAST_PATH must be auto, notify or publish.", id="eventbus.E003")
+            Error("OUTBOX_FAST_PATH must be auto, notify, wake or publish.", id="eventbus.E003")
         )
     if settings.OUTBOX_FAST_PATH == "notify":
         from django.db import connections
@@ -34,6 +34,21 @@ def check_eventbus_settings(app_configs, **kwargs):
                     "OUTBOX_FAST_PATH=notify needs PostgreSQL (LISTEN/NOTIFY) for the outbox "
                     "database; use auto or publish.",
                     id="eventbus.E004",
+                )
+            )
+    if settings.OUTBOX_FAST_PATH == "wake":
+        from django.db import connections
+
+        from onboarding.eventbus.outbox import OUTBOX_DATABASE
+
+        # The relay reads the rows above the last it handed over: only SQLite, one writer at a
+        # time, commits rows in id order.
+        if connections[OUTBOX_DATABASE].vendor != "sqlite":
+            problems.append(
+                Error(
+                    "OUTBOX_FAST_PATH=wake needs SQLite for the outbox database; use auto "
+                    "(notify on PostgreSQL) or publish.",
+                    id="eventbus.E014",
                 )
             )
     if settings.OUTBOX_PUBLISH_ON_COMMIT and settings.OUTBOX_RELAY_GRACE < marking:

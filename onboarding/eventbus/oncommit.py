@@ -3,7 +3,8 @@
 ``outbox_publish_on_commit`` is the only way code publishes an event. It writes the event in the
 caller's transaction (the outbox, :mod:`onboarding.eventbus.outbox`); the commit then gets it
 out at once (the fast path, ``OUTBOX_FAST_PATH``): on PostgreSQL a ``NOTIFY`` wakes the relay,
-which publishes it; elsewhere a background thread of the web process publishes it
+which publishes it; on SQLite a datagram on a local socket wakes it (:mod:`onboarding.eventbus.wake`);
+with ``publish``, a background thread of the web process publishes it
 (:mod:`onboarding.eventbus.publisher`). The relay (``manage.py outbox_relay``) also publishes
 whatever is still unpublished — after a crash, or while NATS was down. A rolled-back transaction
 publishes nothing, and a row is marked published only once JetStream has acknowledged it.
@@ -22,6 +23,7 @@ from onboarding.contracts import event_headers
 from onboarding.eventbus.models import OutboxEvent
 from onboarding.eventbus.outbox import OUTBOX_DATABASE, OutboundMessage, outbox_connection
 from onboarding.eventbus.publisher import get_publisher
+from onboarding.eventbus.wake import wake_relay
 
 NOTIFY_CHANNEL = "onboarding_outbox"
 
@@ -49,20 +51,23 @@ def outbox_publish_on_commit(*, event) -> OutboxEvent:
         _insert_and_notify(row)
         return row
     row.save(using=OUTBOX_DATABASE, force_insert=True)
-    if mode == "publish":
+    if mode == "wake":
+        transaction.on_commit(lambda: wake_relay(row.pk), using=OUTBOX_DATABASE)
+    elif mode == "publish":
         message = OutboundMessage.from_row(row)
         transaction.on_commit(lambda: get_publisher().submit([message]), using=OUTBOX_DATABASE)
     return row
 
 
 def fast_path() -> str | None:
-    """How committed events leave at once: "notify", "publish", or None (relay polling only)."""
+    """How committed events leave at once: "notify", "wake", "publish", or None (relay polling
+    only)."""
     if not settings.OUTBOX_PUBLISH_ON_COMMIT:
         return None
     mode = settings.OUTBOX_FAST_PATH
     if mode == "auto":
         vendor = connections[OUTBOX_DATABASE].vendor
-        return "notify" if vendor == "postgresql" else "publish"
+        return {"postgresql": "notify", "sqlite": "wake"}.get(vendor, "publish")
     return mode
 
 
