@@ -157,6 +157,23 @@ def test_only_the_active_relay_binds_the_socket(
     assert not path.exists()  # removed when it stopped
 
 
+def test_a_wake_up_is_sent_only_when_the_registration_commits(settings, sqlite_wake, tmp_path):
+    from django.db import transaction
+
+    settings.OUTBOX_WAKE_SOCKET = str(tmp_path / "relay.sock")
+    listener = wake.WakeListener(wake.wake_socket_path())
+    try:
+        with pytest.raises(RuntimeError), transaction.atomic():
+            register("ghost")
+            raise RuntimeError("rolled back")
+        assert listener.receive(timeout=0.3) == []
+        register("real")
+        row = OutboxEvent.objects.get()
+        assert wake.row_ids_of(listener.receive(timeout=5)) == [row.pk]
+    finally:
+        listener.close()
+
+
 # --- where the socket is ------------------------------------------------------------------------
 
 
