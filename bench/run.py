@@ -17,7 +17,8 @@ Scenarios:
             in batches of the same size (one process, no NATS).
   latency   registrations over HTTP at a steady rate (fast MD5 hasher); time from the 201 to
             the last of the four services' default rows.
-  register  the register endpoint with and without event publishing (same hasher, same run).
+  register  the register endpoint with and without event publishing (same hasher, same run);
+            ``--hasher argon2`` measures it with the production hasher.
   relay     an outbox backlog of N rows flushed by the relay; events/s.
 
 Passwords are hashed with MD5 (``DJANGO_PASSWORD_HASHERS``) so that hashing does not hide the
@@ -53,6 +54,7 @@ from onboarding.databases import bounded_contexts_of  # noqa: E402
 # latency figures below read the four starter contexts' models).
 CONTEXTS = bounded_contexts_of()
 FAST_HASHER = "django.contrib.auth.hashers.MD5PasswordHasher"
+HASHERS = {"md5": FAST_HASHER, "argon2": "django.contrib.auth.hashers.Argon2PasswordHasher"}
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -140,7 +142,8 @@ def databases_label(engine: str, urls: dict[str, str]) -> str:
     return f"{distinct} {kind[1]}"
 
 
-def setup_django(engine: str, workdir: Path, nats_url: str, shared: bool = False) -> dict:
+def setup_django(engine: str, workdir: Path, nats_url: str, shared: bool = False,
+                 hasher: str = FAST_HASHER) -> dict:
     """Point this process (and the environment of what it starts) at the bench databases and
     nats-server, set Django up and migrate; return that environment."""
     env = {
@@ -148,7 +151,7 @@ def setup_django(engine: str, workdir: Path, nats_url: str, shared: bool = False
         **bench_databases(engine, workdir, shared),
         "NATS_URL": nats_url,
         "DJANGO_SETTINGS_MODULE": "onboarding.settings",
-        "DJANGO_PASSWORD_HASHERS": FAST_HASHER,
+        "DJANGO_PASSWORD_HASHERS": hasher,
         "REGISTER_THROTTLE_RATE": "",
         "LOG_LEVEL": "WARNING",
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
@@ -798,6 +801,16 @@ def closed_loop(port: int, requests: int, concurrency: int, prefix: str) -> floa
     return requests / (time.monotonic() - started)
 
 
+def web_cpu_ms(web: subprocess.Popen) -> float:
+    """CPU the gunicorn master and its workers have used, in ms (Linux; 0 elsewhere)."""
+    try:
+        out = subprocess.run(["pgrep", "-P", str(web.pid)], capture_output=True,
+                             text=True).stdout
+    except FileNotFoundError:
+        return 0.0
+    return cpu_ms(web.pid) + sum(cpu_ms(int(pid)) for pid in out.split())
+
+
 def sequential_times(port: int, requests: int, prefix: str) -> list[float]:
     """One client, one registration at a time: each request's time in ms, 201s only."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -817,6 +830,9 @@ def scenario_register(stack: Stack, requests: int, rounds: int, port: int) -> di
     # The endpoint's own time: one client at a time, so nothing queues and each request's time is
     # what the web worker spends on it (the relay and nats-server work beside it, not in it).
     times = {"with_events": [], "without_events": []}
+    # The web workers' CPU per sequential request: with a slow hasher, what bounds
+    # registrations per second per core.
+    web_cpu = {"with_events": [], "without_events": []}
     sequential = min(300, requests)
     for r in range(rounds):
         # ABBA order, so that drift over the run (caches, the disk, other load) cancels out.
@@ -826,11 +842,13 @@ def scenario_register(stack: Stack, requests: int, rounds: int, port: int) -> di
             # The relay runs in both modes, on the same cores: with OUTBOX_FAST_PATH=notify
             # (PostgreSQL) it is what publishes, and its CPU is part of the event's cost.
             stack.manage("outbox_relay")
-            stack.gunicorn(port, ACCOUNTS_PUBLISH_EVENTS="true" if mode == "with_events"
-                           else "false")
+            web = stack.gunicorn(port, ACCOUNTS_PUBLISH_EVENTS="true" if mode == "with_events"
+                                 else "false")
             closed_loop(port, min(200, requests), 4, f"warm{mode}{r}")  # warm up
+            cpu_before = web_cpu_ms(web)
             times[mode].append(statistics.median(sequential_times(port, sequential,
                                                                   f"seq{mode}{r}")))
+            web_cpu[mode].append((web_cpu_ms(web) - cpu_before) / sequential)
             rate = closed_loop(port, requests, 4, f"reg{mode}{r}")
             rates[mode].append(rate)
             progress("register", sum(map(len, rates.values())), rounds * 2, time.monotonic())
@@ -839,6 +857,7 @@ def scenario_register(stack: Stack, requests: int, rounds: int, port: int) -> di
     without = statistics.median(rates["without_events"])
     time_with = statistics.median(times["with_events"])
     time_without = statistics.median(times["without_events"])
+    cpu_with = statistics.median(web_cpu["with_events"])
     return {
         "sequential_requests_per_round": sequential,
         "with_events_ms_rounds": [round(x, 2) for x in times["with_events"]],
@@ -846,6 +865,11 @@ def scenario_register(stack: Stack, requests: int, rounds: int, port: int) -> di
         "with_events_ms": round(time_with, 2),
         "without_events_ms": round(time_without, 2),
         "event_time_fraction": round(time_with / time_without - 1, 3),
+        "web_cpu_ms_per_request_with_events": round(cpu_with, 2),
+        "web_cpu_ms_per_request_without_events": round(
+            statistics.median(web_cpu["without_events"]), 2),
+        # One core spends this much per registration in the web workers: how many it serves.
+        "registrations_per_s_per_core": round(1000 / cpu_with, 1) if cpu_with else None,
         "requests_per_round": requests,
         "concurrency": 4,
         "gunicorn_workers": 2,
@@ -934,6 +958,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=50.0, help="latency: registrations/s")
     parser.add_argument("--seconds", type=float, default=20.0, help="latency: duration")
     parser.add_argument("--requests", type=int, default=1000, help="register: per round")
+    parser.add_argument("--hasher", choices=sorted(HASHERS), default="md5",
+                        help="the password hasher (md5: fast, so that hashing does not hide the "
+                             "pipeline; argon2: production's, e.g. --only register --requests 40)")
     parser.add_argument("--rounds", type=int, default=4, help="register: rounds (median)")
     parser.add_argument("--relay-rows", type=int, default=20_000)
     parser.add_argument("--runs", type=int, default=3,
@@ -956,12 +983,13 @@ def main() -> None:
         nats = NatsServer(workdir / "nats", name="bench-onboarding").start(
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        env = setup_django(args.engine, workdir, nats.url, args.shared_database)
+        env = setup_django(args.engine, workdir, nats.url, args.shared_database,
+                           HASHERS[args.hasher])
         label = databases_label(args.engine, {
             key: value for key, value in env.items() if key.endswith("DATABASE_URL")
             and key in ("DATABASE_URL", *(f"{c.upper()}_DATABASE_URL" for c in CONTEXTS))})
         results = {"engine": args.engine, "databases": label, "machine": machine(),
-                   "hasher": FAST_HASHER, "runs": args.runs}
+                   "hasher": HASHERS[args.hasher], "runs": args.runs}
         if peer_version:
             results["peer"] = f"FastStream {peer_version}"
         port = free_port()
@@ -1007,7 +1035,8 @@ def main() -> None:
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    path = output / f"{args.engine}{'-shared' if args.shared_database else ''}.json"
+    path = output / (f"{args.engine}{'-shared' if args.shared_database else ''}"
+                     f"{'' if args.hasher == 'md5' else '-' + args.hasher}.json")
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))
     print(f"\n(results: {path})")
@@ -1033,9 +1062,16 @@ def markdown(results: dict) -> str:
                      f"p99 **{la['p99_ms']} ms**, max {la['max_ms']} | p50 ≤ 15, p99 ≤ 50 |")
     if "register" in results:
         r = results["register"]
-        lines.append(f"| register: the endpoint's time (1 client, median) | "
+        hasher = results.get("hasher", FAST_HASHER).rsplit(".", 1)[-1]
+        lines.append(f"| register: the endpoint's time (1 client, median; {hasher}) | "
                      f"{r['with_events_ms']} ms vs {r['without_events_ms']} ms without events: "
                      f"event costs **{r['event_time_fraction']:.1%}** | ≤ 10% |")
+        if r.get("registrations_per_s_per_core"):
+            lines.append(f"| register: web workers' CPU per registration ({hasher}) | "
+                         f"{r['web_cpu_ms_per_request_with_events']} ms with events, "
+                         f"{r['web_cpu_ms_per_request_without_events']} ms without: "
+                         f"**{r['registrations_per_s_per_core']:g} registrations/s per core** "
+                         "| — |")
         lines.append(f"| register: capacity (4 clients, everything on 2 cores) | "
                      f"{r['with_events_req_per_s']:,} vs {r['without_events_req_per_s']:,} "
                      f"req/s without events: event costs **{r['event_cost_fraction']:.1%}** "

@@ -11,7 +11,7 @@ import pytest
 from django.db import connections
 
 from accounts.services import user_register
-from conftest import RunningRelay, run_async, wait_until
+from conftest import RunningRelay, relay_flush, run_async, wait_until
 from onboarding.eventbus import oncommit
 from onboarding.eventbus.models import OutboxEvent
 
@@ -94,3 +94,18 @@ def test_a_relay_that_lost_its_listening_connection_catches_up_on_reconnecting(r
     wait_until(lambda: unpublished() == 0, timeout=15, message="published after reconnecting")
     user_register(username="after", email="after@example.com", password="x")
     wait_until(lambda: run_async(stream_messages) == 2, timeout=10, message="fast path again")
+
+
+def test_a_notification_that_fails_never_fails_the_registration(settings, jetstream, monkeypatch,
+                                                                caplog):
+    """The NOTIFY follows the commit, in a transaction of its own (the registration's commit
+    does not take PostgreSQL's server-wide notify lock): when it fails, the user and the event
+    are committed all the same, and the relay's scan publishes the event."""
+    if oncommit.fast_path() != "notify":
+        pytest.skip("the NOTIFY fast path is PostgreSQL's")
+    monkeypatch.setattr(oncommit, "NOTIFY_CHANNEL", "")  # pg_notify refuses an empty channel
+    user_register(username="unheard", email="unheard@example.com", password="x")
+    assert "could not notify the relay" in caplog.text
+    assert unpublished() == 1
+    assert relay_flush(grace=0) == 1
+    assert run_async(stream_messages) == 1

@@ -2,7 +2,7 @@
 
 ``outbox_publish_on_commit`` is the only way code publishes an event. It writes the event in the
 caller's transaction (the outbox, :mod:`onboarding.eventbus.outbox`); the commit then gets it
-out at once (the fast path, ``OUTBOX_FAST_PATH``): on PostgreSQL a ``NOTIFY`` wakes the relay,
+out at once (the fast path, ``OUTBOX_FAST_PATH``): on PostgreSQL a ``NOTIFY`` after the commit wakes the relay,
 which publishes it; on SQLite a datagram on a local socket wakes it (:mod:`onboarding.eventbus.wake`);
 with ``publish``, a background thread of the web process publishes it
 (:mod:`onboarding.eventbus.publisher`). The relay (``manage.py outbox_relay``) also publishes
@@ -13,6 +13,7 @@ publishes nothing, and a row is marked published only once JetStream has acknowl
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 
 from django.conf import settings
@@ -24,6 +25,8 @@ from onboarding.eventbus.models import OutboxEvent
 from onboarding.eventbus.outbox import OUTBOX_DATABASE, OutboundMessage, outbox_connection
 from onboarding.eventbus.publisher import get_publisher
 from onboarding.eventbus.wake import wake_relay
+
+logger = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "onboarding_outbox"
 
@@ -72,13 +75,20 @@ def fast_path() -> str | None:
 
 
 def _insert_and_notify(row: OutboxEvent) -> None:
-    """Insert ``row`` and hand it to the relay when the transaction commits: one round trip.
+    """Insert ``row`` (one statement), and hand it to the relay once the transaction committed.
 
-    PostgreSQL's ``NOTIFY`` is delivered only if the transaction commits, and rides on that
-    commit; sent from ``on_commit`` it would be a second round trip and a second transaction,
-    whose commit (a NOTIFY takes a transaction id) waits for its own WAL flush. The notification
-    carries the whole message, so the relay publishes it without reading the row back; one too
-    large for a notification goes out empty, and the relay reads the outbox instead.
+    The ``NOTIFY`` is sent after the commit, in a transaction of its own, not in the
+    registration's: PostgreSQL serialises the commits of every notifying transaction of the
+    whole server (a global lock held through the commit's WAL flush), so a registration that
+    notified would wait for every other one's disk flush — its own users', and any other
+    application's on the server — instead of sharing one flush with them (group commit). The
+    notification's own transaction commits asynchronously (``synchronous_commit`` off for it
+    alone: it writes nothing that must survive a crash), so it holds that lock for no flush, and
+    costs the request one round trip. It carries the whole message, so the relay publishes it
+    without reading the row back; one too large for a notification goes out empty, and the
+    relay reads the outbox instead. A notification that fails, or is lost with the process
+    between the two, delays the event until the relay's scan (``OUTBOX_RELAY_GRACE``); it never
+    fails the request.
     """
     connection = connections[OUTBOX_DATABASE]
     meta, quote = OutboxEvent._meta, connection.ops.quote_name
@@ -86,34 +96,36 @@ def _insert_and_notify(row: OutboxEvent) -> None:
     row.created_at = timezone.now()
     headers = json.dumps(row.headers)
     sql = f"""
-        WITH inserted AS (
-            INSERT INTO {quote(meta.db_table)}
-                ({column["event_id"]}, {column["subject"]}, {column["payload"]},
-                 {column["headers"]}, {column["created_at"]}, {column["attempts"]},
-                 {column["last_error"]})
-            VALUES (%(event_id)s, %(subject)s, %(payload)s, %(headers)s::jsonb, %(created_at)s,
-                    0, '')
-            RETURNING {column["id"]} AS id
-        ), message AS (
-            SELECT id, json_build_object(
-                'id', id, 'subject', %(subject)s::text, 'payload', %(payload)s::text,
-                'headers', %(headers)s::jsonb
-            )::text AS body FROM inserted
-        )
-        SELECT id, pg_notify(
-            %(channel)s, CASE WHEN octet_length(body) < %(limit)s THEN body ELSE '' END
-        ) FROM message
+        INSERT INTO {quote(meta.db_table)}
+            ({column["event_id"]}, {column["subject"]}, {column["payload"]},
+             {column["headers"]}, {column["created_at"]}, {column["attempts"]},
+             {column["last_error"]})
+        VALUES (%s, %s, %s, %s::jsonb, %s, 0, '')
+        RETURNING {column["id"]}
     """
-    params = {
-        "event_id": row.event_id, "subject": row.subject, "payload": row.payload,
-        "headers": headers, "created_at": row.created_at, "channel": NOTIFY_CHANNEL,
-        "limit": NOTIFY_PAYLOAD_LIMIT,
-    }
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(sql, [row.event_id, row.subject, row.payload, headers, row.created_at])
         row.pk = cursor.fetchone()[0]
     row._state.adding = False
     row._state.db = OUTBOX_DATABASE
+    body = json.dumps({"id": row.pk, "subject": row.subject, "payload": row.payload,
+                       "headers": row.headers})
+    if len(body.encode()) >= NOTIFY_PAYLOAD_LIMIT:
+        body = ""
+    transaction.on_commit(lambda: _notify(body, row.pk), using=OUTBOX_DATABASE)
+
+
+def _notify(body: str, row_id: int) -> None:
+    """Wake the relay: one statement, its own transaction, committed without a flush."""
+    try:
+        with connections[OUTBOX_DATABASE].cursor() as cursor:
+            cursor.execute(
+                "SELECT set_config('synchronous_commit', 'off', true), pg_notify(%s, %s)",
+                [NOTIFY_CHANNEL, body],
+            )
+    except Exception:  # the registration committed: the relay's scan publishes the row
+        logger.warning("could not notify the relay; its scan publishes outbox row id=%s",
+                       row_id, exc_info=True)
 
 
 def outbox_listen():
