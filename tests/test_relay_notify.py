@@ -11,7 +11,7 @@ import pytest
 from django.db import connections
 
 from accounts.services import user_register
-from conftest import RunningRelay, relay_flush, run_async, wait_until
+from conftest import relay_flush, run_async, start_fast_path_relay, wait_until
 from onboarding.eventbus import oncommit
 from onboarding.eventbus.models import OutboxEvent
 
@@ -22,12 +22,7 @@ pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 def relay(settings, jetstream):
     if oncommit.fast_path() != "notify":
         pytest.skip("the NOTIFY fast path is PostgreSQL's")
-    settings.OUTBOX_RELAY_GRACE = 60.0
-    running = RunningRelay().start()
-    assert running.relay.listening.wait(10), "the relay never listened"
-    # Its first scan publishes whatever waits, however fresh: let it pass, so that what a test
-    # sees published afterwards came through the path under test.
-    assert running.relay.scanned.wait(10), "the relay never scanned"
+    running = start_fast_path_relay(settings)
     yield running
     running.stop()
 

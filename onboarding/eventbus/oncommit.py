@@ -2,12 +2,13 @@
 
 ``outbox_publish_on_commit`` is the only way code publishes an event. It writes the event in the
 caller's transaction (the outbox, :mod:`onboarding.eventbus.outbox`); the commit then gets it
-out at once (the fast path, ``OUTBOX_FAST_PATH``): on PostgreSQL a ``NOTIFY`` after the commit wakes the relay,
-which publishes it; on SQLite a datagram on a local socket wakes it (:mod:`onboarding.eventbus.wake`);
-with ``publish``, a background thread of the web process publishes it
-(:mod:`onboarding.eventbus.publisher`). The relay (``manage.py outbox_relay``) also publishes
-whatever is still unpublished — after a crash, or while NATS was down. A rolled-back transaction
-publishes nothing, and a row is marked published only once JetStream has acknowledged it.
+out at once (the fast path, ``OUTBOX_FAST_PATH``): on PostgreSQL a ``NOTIFY`` after the commit
+wakes the relay, which publishes it; on SQLite a datagram on a local socket wakes it
+(:mod:`onboarding.eventbus.wake`); with ``publish``, a background thread of the web process
+publishes it (:mod:`onboarding.eventbus.publisher`). The relay (``manage.py outbox_relay``) also
+publishes whatever is still unpublished — after a crash, or while NATS was down. A rolled-back
+transaction publishes nothing, and a row is marked published only once JetStream has
+acknowledged it.
 """
 
 from __future__ import annotations
