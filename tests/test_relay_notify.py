@@ -104,3 +104,19 @@ def test_a_notification_that_fails_never_fails_the_registration(settings, jetstr
     assert unpublished() == 1
     assert relay_flush(grace=0) == 1
     assert run_async(stream_messages) == 1
+
+
+def test_in_a_request_the_notification_waits_until_the_response_is_sent(jetstream):
+    from django.core.signals import request_finished, request_started
+
+    if oncommit.fast_path() != "notify":
+        pytest.skip("the NOTIFY fast path is PostgreSQL's")
+    with oncommit.outbox_listen() as listener:
+        request_started.send(sender=None)
+        user_register(username="deferred", email="deferred@example.com", password="x")
+        assert list(listener.notifies(timeout=0.3)) == []  # committed, the response not yet sent
+        request_finished.send(sender=None)
+        woken = list(listener.notifies(timeout=5, stop_after=1))
+    assert len(woken) == 1
+    assert oncommit.message_from_notification(woken[0].payload).row_id == (
+        OutboxEvent.objects.get().pk)

@@ -169,6 +169,26 @@ def test_a_wake_up_is_sent_only_when_the_registration_commits(settings, sqlite_w
         listener.close()
 
 
+def test_in_a_request_the_wake_up_waits_until_the_response_is_sent(
+    settings, sqlite_wake, tmp_path
+):
+    from django.core.signals import request_finished, request_started
+
+    settings.OUTBOX_WAKE_SOCKET = str(tmp_path / "relay.sock")
+    listener = wake.WakeListener(wake.wake_socket_path())
+    try:
+        request_started.send(sender=None)
+        register("in-a-request")
+        assert listener.receive(timeout=0.3) == []  # committed, the response not yet sent
+        request_finished.send(sender=None)
+        row = OutboxEvent.objects.get()
+        assert wake.row_ids_of(listener.receive(timeout=5)) == [row.pk]
+        register("outside-a-request")  # a command, a consumer: at once
+        assert wake.row_ids_of(listener.receive(timeout=5)) == [row.pk + 1]
+    finally:
+        listener.close()
+
+
 # --- where the socket is ------------------------------------------------------------------------
 
 

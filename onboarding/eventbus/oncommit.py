@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import uuid
 
 from django.conf import settings
+from django.core.signals import request_finished, request_started
 from django.db import connections, transaction
 from django.utils import timezone
 
@@ -56,11 +58,50 @@ def outbox_publish_on_commit(*, event) -> OutboxEvent:
         return row
     row.save(using=OUTBOX_DATABASE, force_insert=True)
     if mode == "wake":
-        transaction.on_commit(lambda: wake_relay(row.pk), using=OUTBOX_DATABASE)
+        transaction.on_commit(lambda: after_response(wake_relay, row.pk), using=OUTBOX_DATABASE)
     elif mode == "publish":
         message = OutboundMessage.from_row(row)
         transaction.on_commit(lambda: get_publisher().submit([message]), using=OUTBOX_DATABASE)
     return row
+
+
+# -- waking the relay once the response is out ---------------------------------------------------
+
+# The hints that wake the relay (a NOTIFY, a datagram) wait, in a request, until its response
+# has been sent. Sent at the commit, they would wake the relay — and, for a NOTIFY, cost a round
+# trip — while the request still writes its response: on a machine whose cores the relay and
+# nats-server share with the web workers, the woken relay takes the core the response needs.
+# The event leaves a few hundred microseconds later; the client has its 201 that much sooner.
+_request = threading.local()
+
+
+def after_response(fn, *args) -> None:
+    """Call ``fn(*args)`` once the current request's response has been sent (Django's
+    ``request_finished``), or at once outside a request (a command, a consumer, a test)."""
+    pending = getattr(_request, "pending", None)
+    if pending is None:
+        fn(*args)
+    else:
+        pending.append((fn, args))
+
+
+def _flush_after_response(**kwargs) -> None:
+    pending, _request.pending = getattr(_request, "pending", None), None
+    for fn, args in pending or ():
+        try:
+            fn(*args)
+        except Exception:  # a hint: the relay's scan makes up for it
+            logger.warning("waking the relay failed; its scan publishes the event",
+                           exc_info=True)
+
+
+def _start_request(**kwargs) -> None:
+    _flush_after_response()  # a request that never finished (it should not happen) loses none
+    _request.pending = []
+
+
+request_started.connect(_start_request, dispatch_uid="eventbus.oncommit.start")
+request_finished.connect(_flush_after_response, dispatch_uid="eventbus.oncommit.flush")
 
 
 def fast_path() -> str | None:
@@ -113,7 +154,7 @@ def _insert_and_notify(row: OutboxEvent) -> None:
                        "headers": row.headers})
     if len(body.encode()) >= NOTIFY_PAYLOAD_LIMIT:
         body = ""
-    transaction.on_commit(lambda: _notify(body, row.pk), using=OUTBOX_DATABASE)
+    transaction.on_commit(lambda: after_response(_notify, body, row.pk), using=OUTBOX_DATABASE)
 
 
 def _notify(body: str, row_id: int) -> None:

@@ -43,9 +43,20 @@ def wake_socket_path() -> Path:
     Unix socket becomes one in the temporary folder, named after a hash of the database's path,
     so every process of one checkout still agrees on it.
     """
-    if settings.OUTBOX_WAKE_SOCKET:
-        return Path(settings.OUTBOX_WAKE_SOCKET)
-    database = os.path.abspath(str(connections[OUTBOX_DATABASE].settings_dict["NAME"]))
+    key = (settings.OUTBOX_WAKE_SOCKET, connections[OUTBOX_DATABASE].settings_dict["NAME"])
+    path = _paths.get(key)  # every committed row asks: derived once per process
+    if path is None:
+        path = _paths[key] = _derive_socket_path(*key)
+    return path
+
+
+_paths: dict[tuple[str, str], Path] = {}
+
+
+def _derive_socket_path(configured: str, database_name) -> Path:
+    if configured:
+        return Path(configured)
+    database = os.path.abspath(str(database_name))
     path = Path(f"{database}.relay.sock")
     if len(os.fsencode(path)) <= SOCKET_PATH_MAX:
         return path
