@@ -53,11 +53,10 @@ def outbox_publish_on_commit(*, event) -> OutboxEvent:
         headers=event_headers(event, event_id=event_id),
     )
     mode = fast_path()
+    _insert(row)
     if mode == "notify":
-        _insert_and_notify(row)
-        return row
-    row.save(using=OUTBOX_DATABASE, force_insert=True)
-    if mode == "wake":
+        _notify_on_commit(row)
+    elif mode == "wake":
         transaction.on_commit(lambda: after_response(wake_relay, row.pk), using=OUTBOX_DATABASE)
     elif mode == "publish":
         message = OutboundMessage.from_row(row)
@@ -116,8 +115,39 @@ def fast_path() -> str | None:
     return mode
 
 
-def _insert_and_notify(row: OutboxEvent) -> None:
-    """Insert ``row`` (one statement), and hand it to the relay once the transaction committed.
+# The columns the outbox INSERT writes (the others are null).
+_INSERTED = ("event_id", "subject", "payload", "headers", "created_at", "attempts", "last_error")
+_insert_sql: dict[str, tuple[str, bool]] = {}
+
+
+def _insert(row: OutboxEvent) -> None:
+    """INSERT ``row`` with one statement of its own, not through ``Model.save()``: the ORM's
+    save (signals, SQL compilation per call) was most of what the event cost the request."""
+    connection = connections[OUTBOX_DATABASE]
+    meta = OutboxEvent._meta
+    if connection.vendor not in _insert_sql:
+        quote = connection.ops.quote_name
+        returning = connection.features.can_return_columns_from_insert
+        _insert_sql[connection.vendor] = (
+            f"INSERT INTO {quote(meta.db_table)} "
+            f"({', '.join(quote(meta.get_field(name).column) for name in _INSERTED)}) "
+            f"VALUES ({', '.join(['%s'] * len(_INSERTED))})"
+            + (f" RETURNING {quote(meta.pk.column)}" if returning else ""),
+            returning,
+        )
+    sql, returning = _insert_sql[connection.vendor]
+    row.created_at = timezone.now()
+    params = [meta.get_field(name).get_db_prep_save(getattr(row, name), connection)
+              for name in _INSERTED]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row.pk = cursor.fetchone()[0] if returning else cursor.lastrowid
+    row._state.adding = False
+    row._state.db = OUTBOX_DATABASE
+
+
+def _notify_on_commit(row: OutboxEvent) -> None:
+    """Hand ``row`` to the relay once the transaction committed (PostgreSQL's NOTIFY).
 
     The ``NOTIFY`` is sent after the commit, in a transaction of its own, not in the
     registration's: PostgreSQL serialises the commits of every notifying transaction of the
@@ -126,30 +156,12 @@ def _insert_and_notify(row: OutboxEvent) -> None:
     application's on the server — instead of sharing one flush with them (group commit). The
     notification's own transaction commits asynchronously (``synchronous_commit`` off for it
     alone: it writes nothing that must survive a crash), so it holds that lock for no flush, and
-    costs the request one round trip. It carries the whole message, so the relay publishes it
-    without reading the row back; one too large for a notification goes out empty, and the
-    relay reads the outbox instead. A notification that fails, or is lost with the process
-    between the two, delays the event until the relay's scan (``OUTBOX_RELAY_GRACE``); it never
-    fails the request.
+    costs one round trip, after the response. It carries the whole message, so the relay
+    publishes it without reading the row back; one too large for a notification goes out
+    empty, and the relay reads the outbox instead. A notification that fails, or is lost with
+    the process between the two, delays the event until the relay's scan
+    (``OUTBOX_RELAY_GRACE``); it never fails the request.
     """
-    connection = connections[OUTBOX_DATABASE]
-    meta, quote = OutboxEvent._meta, connection.ops.quote_name
-    column = {f.name: quote(f.column) for f in meta.fields}
-    row.created_at = timezone.now()
-    headers = json.dumps(row.headers)
-    sql = f"""
-        INSERT INTO {quote(meta.db_table)}
-            ({column["event_id"]}, {column["subject"]}, {column["payload"]},
-             {column["headers"]}, {column["created_at"]}, {column["attempts"]},
-             {column["last_error"]})
-        VALUES (%s, %s, %s, %s::jsonb, %s, 0, '')
-        RETURNING {column["id"]}
-    """
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [row.event_id, row.subject, row.payload, headers, row.created_at])
-        row.pk = cursor.fetchone()[0]
-    row._state.adding = False
-    row._state.db = OUTBOX_DATABASE
     body = json.dumps({"id": row.pk, "subject": row.subject, "payload": row.payload,
                        "headers": row.headers})
     if len(body.encode()) >= NOTIFY_PAYLOAD_LIMIT:
