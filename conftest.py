@@ -154,6 +154,17 @@ class RunningRelay:
         assert not self.thread.is_alive(), "relay did not stop"
 
 
+def start_fast_path_relay(settings) -> RunningRelay:
+    """A relay whose scan publishes nothing fresh (a grace period longer than any test), so that
+    what it publishes within seconds came through its fast path (NOTIFY, wake-ups); returns once
+    it listens and its first scan (which publishes whatever waits, however fresh) is over."""
+    settings.OUTBOX_RELAY_GRACE = 60.0
+    running = RunningRelay().start()
+    assert running.relay.listening.wait(10), "the relay never listened"
+    assert running.relay.scanned.wait(10), "the relay never scanned"
+    return running
+
+
 @pytest.fixture
 def start_consumers(jetstream):
     """Start consumers on a thread; the first call also starts the relay, as a deployment runs

@@ -17,7 +17,8 @@ Scenarios:
             in batches of the same size (one process, no NATS).
   latency   registrations over HTTP at a steady rate (fast MD5 hasher); time from the 201 to
             the last of the four services' default rows.
-  register  the register endpoint with and without event publishing (same hasher, same run).
+  register  the register endpoint with and without event publishing (same hasher, same run);
+            ``--hasher argon2`` measures it with the production hasher.
   relay     an outbox backlog of N rows flushed by the relay; events/s.
 
 Passwords are hashed with MD5 (``DJANGO_PASSWORD_HASHERS``) so that hashing does not hide the
@@ -53,6 +54,7 @@ from onboarding.databases import bounded_contexts_of  # noqa: E402
 # latency figures below read the four starter contexts' models).
 CONTEXTS = bounded_contexts_of()
 FAST_HASHER = "django.contrib.auth.hashers.MD5PasswordHasher"
+HASHERS = {"md5": FAST_HASHER, "argon2": "django.contrib.auth.hashers.Argon2PasswordHasher"}
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -140,7 +142,8 @@ def databases_label(engine: str, urls: dict[str, str]) -> str:
     return f"{distinct} {kind[1]}"
 
 
-def setup_django(engine: str, workdir: Path, nats_url: str, shared: bool = False) -> dict:
+def setup_django(engine: str, workdir: Path, nats_url: str, shared: bool = False,
+                 hasher: str = FAST_HASHER) -> dict:
     """Point this process (and the environment of what it starts) at the bench databases and
     nats-server, set Django up and migrate; return that environment."""
     env = {
@@ -148,7 +151,7 @@ def setup_django(engine: str, workdir: Path, nats_url: str, shared: bool = False
         **bench_databases(engine, workdir, shared),
         "NATS_URL": nats_url,
         "DJANGO_SETTINGS_MODULE": "onboarding.settings",
-        "DJANGO_PASSWORD_HASHERS": FAST_HASHER,
+        "DJANGO_PASSWORD_HASHERS": hasher,
         "REGISTER_THROTTLE_RATE": "",
         "LOG_LEVEL": "WARNING",
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
@@ -964,54 +967,96 @@ def closed_loop(port: int, requests: int, concurrency: int, prefix: str) -> floa
     return requests / (time.monotonic() - started)
 
 
-def sequential_times(port: int, requests: int, prefix: str) -> list[float]:
-    """One client, one registration at a time: each request's time in ms, 201s only."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    times = []
+def web_cpu_ms(web: subprocess.Popen) -> float:
+    """CPU the gunicorn master and its workers have used, in ms (Linux; 0 elsewhere)."""
+    try:
+        out = subprocess.run(["pgrep", "-P", str(web.pid)], capture_output=True,
+                             text=True).stdout
+    except FileNotFoundError:
+        return 0.0
+    return cpu_ms(web.pid) + sum(cpu_ms(int(pid)) for pid in out.split())
+
+
+# The endpoint's own time is measured with this pause after each request: what the relay and
+# nats-server do for an event then happens beside the requests, not inside the next one (on two
+# shared cores they would otherwise take its core).
+REGISTER_GAP_SECONDS = 0.01
+
+
+def interleaved_times(ports: dict[str, int], requests: int, prefix: str,
+                      webs: dict[str, subprocess.Popen]) -> tuple[dict, dict]:
+    """One client, one registration at a time, alternating between the servers (ABBA order):
+    each mode's request times in ms, and its web workers' CPU per request in ms."""
+    conns = {mode: http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+             for mode, port in ports.items()}
+    modes = list(ports)
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    cpu_before = {mode: web_cpu_ms(web) for mode, web in webs.items()}
     for i in range(requests):
-        started = time.perf_counter()
-        status, payload, _ = http_register(conn, f"{prefix}{i}")
-        elapsed = (time.perf_counter() - started) * 1000
-        if status != 201:
-            raise RuntimeError(f"registration failed: {status} {payload}")
-        times.append(elapsed)
-    return times
+        for mode in modes if i % 2 == 0 else modes[::-1]:
+            started = time.perf_counter()
+            status, payload, _ = http_register(conns[mode], f"{prefix}{mode}{i}")
+            times[mode].append((time.perf_counter() - started) * 1000)
+            if status != 201:
+                raise RuntimeError(f"registration failed: {status} {payload}")
+            time.sleep(REGISTER_GAP_SECONDS)
+    cpu = {mode: (web_cpu_ms(web) - cpu_before[mode]) / requests for mode, web in webs.items()}
+    return times, cpu
 
 
 def scenario_register(stack: Stack, requests: int, rounds: int, port: int) -> dict:
-    rates = {"with_events": [], "without_events": []}
+    from onboarding.eventbus.natsserver import free_port
+
+    modes = ("with_events", "without_events")
+    rates = {mode: [] for mode in modes}
     # The endpoint's own time: one client at a time, so nothing queues and each request's time is
-    # what the web worker spends on it (the relay and nats-server work beside it, not in it).
-    times = {"with_events": [], "without_events": []}
+    # what the web worker spends on it. Both servers run at once and the requests alternate
+    # between them, so that both modes see the same machine: on a shared one, the time of a
+    # whole round moves by more than the event costs.
+    times = {mode: [] for mode in modes}
+    round_fractions = []
+    # The web workers' CPU per sequential request: with a slow hasher, what bounds
+    # registrations per second per core.
+    web_cpu = {mode: [] for mode in modes}
     sequential = min(300, requests)
+    ports = {"with_events": port, "without_events": free_port()}
     for r in range(rounds):
-        # ABBA order, so that drift over the run (caches, the disk, other load) cancels out.
-        modes = ("with_events", "without_events")
+        reset_data()
+        # The relay runs for both, on the same cores: with OUTBOX_FAST_PATH=notify (PostgreSQL)
+        # or wake (SQLite) it is what publishes, and its CPU is part of the event's cost.
+        stack.manage("outbox_relay")
+        webs = {mode: stack.gunicorn(ports[mode], ACCOUNTS_PUBLISH_EVENTS="true"
+                                     if mode == "with_events" else "false") for mode in modes}
+        for mode in modes:
+            closed_loop(ports[mode], min(200, requests), 4, f"warm{mode}{r}")  # warm up
+        got, cpu = interleaved_times(ports, sequential, f"seq{r}", webs)
+        for mode in modes:
+            times[mode] += got[mode]
+            web_cpu[mode].append(cpu[mode])
+        round_fractions.append(round(statistics.median(got["with_events"])
+                                     / statistics.median(got["without_events"]) - 1, 3))
+        # Capacity: each mode alone in a closed loop, ABBA order across rounds.
         for mode in modes if r % 2 == 0 else modes[::-1]:
-            reset_data()
-            # The relay runs in both modes, on the same cores: with OUTBOX_FAST_PATH=notify
-            # (PostgreSQL) it is what publishes, and its CPU is part of the event's cost.
-            stack.manage("outbox_relay")
-            stack.gunicorn(port, ACCOUNTS_PUBLISH_EVENTS="true" if mode == "with_events"
-                           else "false")
-            closed_loop(port, min(200, requests), 4, f"warm{mode}{r}")  # warm up
-            times[mode].append(statistics.median(sequential_times(port, sequential,
-                                                                  f"seq{mode}{r}")))
-            rate = closed_loop(port, requests, 4, f"reg{mode}{r}")
-            rates[mode].append(rate)
-            progress("register", sum(map(len, rates.values())), rounds * 2, time.monotonic())
-            stack.stop()
+            rates[mode].append(closed_loop(ports[mode], requests, 4, f"reg{mode}{r}"))
+        progress("register", r + 1, rounds, time.monotonic())
+        stack.stop()
     with_events = statistics.median(rates["with_events"])
     without = statistics.median(rates["without_events"])
     time_with = statistics.median(times["with_events"])
     time_without = statistics.median(times["without_events"])
+    cpu_with = statistics.median(web_cpu["with_events"])
     return {
         "sequential_requests_per_round": sequential,
-        "with_events_ms_rounds": [round(x, 2) for x in times["with_events"]],
-        "without_events_ms_rounds": [round(x, 2) for x in times["without_events"]],
+        "gap_after_each_request_s": REGISTER_GAP_SECONDS,
         "with_events_ms": round(time_with, 2),
         "without_events_ms": round(time_without, 2),
         "event_time_fraction": round(time_with / time_without - 1, 3),
+        "event_time_fraction_rounds": round_fractions,
+        "web_cpu_ms_per_request_with_events": round(cpu_with, 2),
+        "web_cpu_ms_per_request_without_events": round(
+            statistics.median(web_cpu["without_events"]), 2),
+        # One core spends this much per registration in the web workers: how many it serves.
+        "registrations_per_s_per_core": round(1000 / cpu_with, 1) if cpu_with else None,
         "requests_per_round": requests,
         "concurrency": 4,
         "gunicorn_workers": 2,
@@ -1107,6 +1152,9 @@ def main() -> None:
     parser.add_argument("--poll-ms", type=float, default=2.0,
                         help="latency: the database watcher's interval between queries")
     parser.add_argument("--requests", type=int, default=1000, help="register: per round")
+    parser.add_argument("--hasher", choices=sorted(HASHERS), default="md5",
+                        help="the password hasher (md5: fast, so that hashing does not hide the "
+                             "pipeline; argon2: production's, e.g. --only register --requests 40)")
     parser.add_argument("--rounds", type=int, default=4, help="register: rounds (median)")
     parser.add_argument("--relay-rows", type=int, default=20_000)
     parser.add_argument("--runs", type=int, default=3,
@@ -1129,12 +1177,13 @@ def main() -> None:
         nats = NatsServer(workdir / "nats", name="bench-onboarding").start(
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        env = setup_django(args.engine, workdir, nats.url, args.shared_database)
+        env = setup_django(args.engine, workdir, nats.url, args.shared_database,
+                           HASHERS[args.hasher])
         label = databases_label(args.engine, {
             key: value for key, value in env.items() if key.endswith("DATABASE_URL")
             and key in ("DATABASE_URL", *(f"{c.upper()}_DATABASE_URL" for c in CONTEXTS))})
         results = {"engine": args.engine, "databases": label, "machine": machine(),
-                   "hasher": FAST_HASHER, "runs": args.runs}
+                   "hasher": HASHERS[args.hasher], "runs": args.runs}
         if peer_version:
             results["peer"] = f"FastStream {peer_version}"
         port = free_port()
@@ -1183,7 +1232,8 @@ def main() -> None:
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    path = output / f"{args.engine}{'-shared' if args.shared_database else ''}.json"
+    path = output / (f"{args.engine}{'-shared' if args.shared_database else ''}"
+                     f"{'' if args.hasher == 'md5' else '-' + args.hasher}.json")
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))
     print(f"\n(results: {path})")
@@ -1218,9 +1268,17 @@ def markdown(results: dict) -> str:
                 f"{c['p95_ms']}, p99 {c['p99_ms']}, max **{c['max_ms']} ms** | ≤ 50 |")
     if "register" in results:
         r = results["register"]
-        lines.append(f"| register: the endpoint's time (1 client, median) | "
+        hasher = results.get("hasher", FAST_HASHER).rsplit(".", 1)[-1]
+        lines.append(f"| register: the endpoint's time (1 client, both modes interleaved, "
+                     f"median; {hasher}) | "
                      f"{r['with_events_ms']} ms vs {r['without_events_ms']} ms without events: "
                      f"event costs **{r['event_time_fraction']:.1%}** | ≤ 10% |")
+        if r.get("registrations_per_s_per_core"):
+            lines.append(f"| register: web workers' CPU per registration ({hasher}) | "
+                         f"{r['web_cpu_ms_per_request_with_events']} ms with events, "
+                         f"{r['web_cpu_ms_per_request_without_events']} ms without: "
+                         f"**{r['registrations_per_s_per_core']:g} registrations/s per core** "
+                         "| — |")
         lines.append(f"| register: capacity (4 clients, everything on 2 cores) | "
                      f"{r['with_events_req_per_s']:,} vs {r['without_events_req_per_s']:,} "
                      f"req/s without events: event costs **{r['event_cost_fraction']:.1%}** "

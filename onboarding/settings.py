@@ -320,9 +320,15 @@ OUTBOX_PUBLISH_ON_COMMIT = env.bool("OUTBOX_PUBLISH_ON_COMMIT", default=True)
 # How the on-commit hook gets the event out at once:
 #   notify  — PostgreSQL: NOTIFY the relay, which LISTENs and publishes at once. The web
 #             process does no NATS work at all (the cheapest for the request).
-#   publish — a publisher thread in the web process publishes it (any database).
-#   auto    — notify when the outbox database is PostgreSQL, else publish.
+#   wake    — SQLite: a datagram on a local socket wakes the relay, which publishes at once.
+#             The web process does no NATS work either.
+#   publish — a publisher thread in the web process publishes it (any database; no relay
+#             needed for speed).
+#   auto    — notify on PostgreSQL, wake on SQLite, else publish.
 OUTBOX_FAST_PATH = env.str("OUTBOX_FAST_PATH", default="auto")
+# wake: the relay's Unix datagram socket. Empty: <outbox database file>.relay.sock (a path too
+# long for a socket: one in the temporary folder, named after the database's path).
+OUTBOX_WAKE_SOCKET = env.str("OUTBOX_WAKE_SOCKET", default="")
 # The relay leaves rows younger than this to the on-commit path, or every event would go out
 # twice (JetStream would drop the copy, but the work doubles).
 OUTBOX_RELAY_GRACE = env.float("OUTBOX_RELAY_GRACE", default=5.0)  # seconds

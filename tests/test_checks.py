@@ -34,6 +34,13 @@ def test_notify_without_postgresql_is_an_error(settings):
     assert ("eventbus.E004" in ids()) is expected
 
 
+def test_wake_without_sqlite_is_an_error(settings):
+    settings.OUTBOX_FAST_PATH = "wake"
+    assert "eventbus.E003" not in ids()
+    expected = connections["default"].vendor != "sqlite"
+    assert ("eventbus.E014" in ids()) is expected
+
+
 def test_a_grace_shorter_than_marking_is_a_warning(settings):
     settings.OUTBOX_RELAY_GRACE = 0.1
     assert "eventbus.W003" in ids()

@@ -163,6 +163,26 @@ def test_relay_republish_of_a_published_row_is_dropped_by_jetstream(jetstream):
     assert not OutboxEvent.objects.filter(published_at__isnull=True).exists()
 
 
+def test_the_outbox_row_reads_back_as_written(settings):
+    """The row is INSERTed by one statement of its own (not Model.save()): every field reads
+    back through the ORM as written, and its creation time orders against the relay's cutoff."""
+    from onboarding.eventbus.oncommit import outbox_publish_on_commit
+    from onboarding.eventbus.outbox import outbox_unpublished
+
+    settings.OUTBOX_PUBLISH_ON_COMMIT = False  # the row alone
+    event = sample_event(username="readback")
+    with transaction.atomic():
+        written = outbox_publish_on_commit(event=event)
+    row = OutboxEvent.objects.get()
+    assert (row.pk, row.event_id, row.subject, row.payload, row.headers) == (
+        written.pk, written.event_id, event.subject, event.to_json().decode(),
+        event_headers(event, event_id=written.event_id))
+    assert (row.created_at, row.published_at, row.set_aside_at, row.attempts, row.last_error) == (
+        written.created_at, None, None, 0, "")
+    assert [m.row_id for m in outbox_unpublished(older_than=0, limit=10)] == [row.pk]
+    assert outbox_unpublished(older_than=60, limit=10) == []
+
+
 def test_outbox_requires_a_transaction():
     from onboarding.eventbus.oncommit import outbox_publish_on_commit
 

@@ -6,8 +6,8 @@ nats-server and the test databases.
   publishes in the child.
 - The register throttle holds across workers with a shared cache (``dbcache://``), and does not
   with a per-process one (``locmemcache://``), which is what makes the first case a test.
-- PostgreSQL's fast path (``OUTBOX_FAST_PATH=notify``): the web workers open no NATS connection
-  at all; the relay publishes every event.
+- PostgreSQL's fast path (``OUTBOX_FAST_PATH=notify``) and SQLite's (``wake``): the web workers
+  open no NATS connection at all; the relay publishes every event.
 
 Which worker the kernel hands a connection to is up to the kernel, so the tests steer requests
 (see ``OneWorkerAtATime``) to make "several workers served" certain rather than likely.
@@ -399,7 +399,7 @@ def test_the_per_username_login_throttle_holds_across_workers(database_cache_tab
     assert code == 0, output
 
 
-# --- PostgreSQL's fast path: no NATS in the web workers --------------------------------------
+# --- The relay's fast paths (PostgreSQL: notify, SQLite: wake): no NATS in the web workers -----
 
 
 class CountingListener:
@@ -437,25 +437,27 @@ def counting_listener():
     listener.close()
 
 
-def test_notify_fast_path_web_workers_open_no_nats_connection(
-    gunicorn, manage, counting_listener
-):
-    if connections["default"].vendor != "postgresql":
-        pytest.skip("the NOTIFY fast path is PostgreSQL's")
+RELAY_FAST_PATHS = {"postgresql": ("notify", "relay: listening for commits"),
+                    "sqlite": ("wake", "relay: listening for wake-ups")}
+
+
+def test_relay_fast_path_web_workers_open_no_nats_connection(gunicorn, manage, counting_listener):
+    # auto: notify on PostgreSQL, wake on SQLite.
+    mode, listening = RELAY_FAST_PATHS[connections["default"].vendor]
     # A grace period longer than the test: the relay's scan publishes nothing fresh, so every
-    # event it publishes came through LISTEN/NOTIFY.
-    relay = manage("outbox_relay", OUTBOX_FAST_PATH="notify", OUTBOX_RELAY_GRACE="600")
-    relay.wait_for_output("relay: listening for commits")
+    # event it publishes came through LISTEN/NOTIFY or the wake-ups.
+    relay = manage("outbox_relay", OUTBOX_FAST_PATH="auto", OUTBOX_RELAY_GRACE="600")
+    relay.wait_for_output(listening)
     # Any NATS connection attempt of the web processes would land on the counting listener.
     server = gunicorn(
-        workers=2, OUTBOX_FAST_PATH="notify", NATS_URL=f"nats://127.0.0.1:{counting_listener.port}"
+        workers=2, OUTBOX_FAST_PATH="auto", NATS_URL=f"nats://127.0.0.1:{counting_listener.port}"
     )
     per_worker = 3
     statuses = []
     with OneWorkerAtATime(server) as steer:
-        statuses += [server.register(f"notify{i}") for i in range(per_worker)]
+        statuses += [server.register(f"{mode}{i}") for i in range(per_worker)]
         steer.next_worker()
-        statuses += [server.register(f"notify{i}") for i in range(per_worker, 2 * per_worker)]
+        statuses += [server.register(f"{mode}{i}") for i in range(per_worker, 2 * per_worker)]
 
     assert statuses == [201] * 2 * per_worker, server.output()
     assert len(set.union(*turns(server, per_worker))) == 2, server.served()

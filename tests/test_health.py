@@ -113,10 +113,11 @@ def test_readyz_gives_up_on_a_nats_that_does_not_answer(client, settings, listen
     assert time.monotonic() - started < 3
 
 
-def test_readyz_in_notify_mode_never_touches_nats(client, settings, listener):
-    """PostgreSQL's fast path: the relay publishes, the web process opens no NATS connection,
-    so its readiness does not depend on NATS either."""
-    settings.OUTBOX_FAST_PATH = "notify"
+@pytest.mark.parametrize("mode", ["notify", "wake"])
+def test_readyz_in_a_relay_mode_never_touches_nats(client, settings, listener, mode):
+    """The relay's fast paths (PostgreSQL's NOTIFY, SQLite's wake-ups): the relay publishes,
+    the web process opens no NATS connection, so its readiness does not depend on NATS either."""
+    settings.OUTBOX_FAST_PATH = mode
     settings.NATS_URL = listener.url
     response = client.get("/readyz")
     assert response.status_code == 200

@@ -11,7 +11,7 @@ import pytest
 from django.db import connections
 
 from accounts.services import user_register
-from conftest import RunningRelay, run_async, wait_until
+from conftest import relay_flush, run_async, start_fast_path_relay, wait_until
 from onboarding.eventbus import oncommit
 from onboarding.eventbus.models import OutboxEvent
 
@@ -22,12 +22,7 @@ pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 def relay(settings, jetstream):
     if oncommit.fast_path() != "notify":
         pytest.skip("the NOTIFY fast path is PostgreSQL's")
-    settings.OUTBOX_RELAY_GRACE = 60.0
-    running = RunningRelay().start()
-    assert running.relay.listening.wait(10), "the relay never listened"
-    # Its first scan publishes whatever waits, however fresh: let it pass, so that what a test
-    # sees published afterwards came through the path under test.
-    assert running.relay.scanned.wait(10), "the relay never scanned"
+    running = start_fast_path_relay(settings)
     yield running
     running.stop()
 
@@ -94,3 +89,34 @@ def test_a_relay_that_lost_its_listening_connection_catches_up_on_reconnecting(r
     wait_until(lambda: unpublished() == 0, timeout=15, message="published after reconnecting")
     user_register(username="after", email="after@example.com", password="x")
     wait_until(lambda: run_async(stream_messages) == 2, timeout=10, message="fast path again")
+
+
+def test_a_notification_that_fails_never_fails_the_registration(settings, jetstream, monkeypatch,
+                                                                caplog):
+    """The NOTIFY follows the commit, in a transaction of its own (the registration's commit
+    does not take PostgreSQL's server-wide notify lock): when it fails, the user and the event
+    are committed all the same, and the relay's scan publishes the event."""
+    if oncommit.fast_path() != "notify":
+        pytest.skip("the NOTIFY fast path is PostgreSQL's")
+    monkeypatch.setattr(oncommit, "NOTIFY_CHANNEL", "")  # pg_notify refuses an empty channel
+    user_register(username="unheard", email="unheard@example.com", password="x")
+    assert "could not notify the relay" in caplog.text
+    assert unpublished() == 1
+    assert relay_flush(grace=0) == 1
+    assert run_async(stream_messages) == 1
+
+
+def test_in_a_request_the_notification_waits_until_the_response_is_sent(jetstream):
+    from django.core.signals import request_finished, request_started
+
+    if oncommit.fast_path() != "notify":
+        pytest.skip("the NOTIFY fast path is PostgreSQL's")
+    with oncommit.outbox_listen() as listener:
+        request_started.send(sender=None)
+        user_register(username="deferred", email="deferred@example.com", password="x")
+        assert list(listener.notifies(timeout=0.3)) == []  # committed, the response not yet sent
+        request_finished.send(sender=None)
+        woken = list(listener.notifies(timeout=5, stop_after=1))
+    assert len(woken) == 1
+    assert oncommit.message_from_notification(woken[0].payload).row_id == (
+        OutboxEvent.objects.get().pk)

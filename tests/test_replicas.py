@@ -3,9 +3,9 @@
 JetStream hands each message of a durable pull consumer to one of the pull requests waiting on
 it, so replicas of a consumer (on any machines) split its work; the inbox makes the redelivery
 of an event already committed (its replica died before the ack) a skipped duplicate. These
-tests run three real ``manage.py consume players`` processes and one ``outbox_relay`` (on
-PostgreSQL it publishes each commit; on SQLite this process's on-commit publisher does, and the
-relay is the safety net) against a paced burst of real registrations.
+tests run three real ``manage.py consume players`` processes and one ``outbox_relay`` (it
+publishes each commit: woken by NOTIFY on PostgreSQL, by a datagram on SQLite) against a paced
+burst of real registrations.
 
 Each replica says on stop what it did (``consumers stopped: players (processed N, D
 duplicate(s) skipped)``), and each batch it committed (``processed N event(s) in one
@@ -82,8 +82,10 @@ def start_replicas(manage, **first) -> tuple:
                 for extra in options]
     for replica in replicas:
         replica.wait_for_output("consumers started: players", timeout=30)
-    if fast_path() == "notify":  # PostgreSQL: the relay publishes each commit
-        relay.wait_for_output("relay: listening for commits", timeout=30)
+    # The relay publishes each commit (PostgreSQL: NOTIFY; SQLite: wake-ups).
+    listening = {"notify": "relay: listening for commits", "wake": "relay: listening for wake-ups"}
+    if fast_path() in listening:
+        relay.wait_for_output(listening[fast_path()], timeout=30)
     time.sleep(0.5)  # every replica has its first pull request waiting
     return relay, replicas
 

@@ -8,4 +8,7 @@ class EventbusConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self):
-        from onboarding.eventbus import checks  # noqa: F401  (registers system checks)
+        from onboarding.eventbus import (
+            checks,  # noqa: F401  (registers system checks)
+            oncommit,  # noqa: F401  (hears requests start and end)
+        )

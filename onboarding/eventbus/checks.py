@@ -19,23 +19,28 @@ def check_eventbus_settings(app_configs, **kwargs):
     from onboarding.eventbus.outbox import MARK_COALESCE_SECONDS
 
     marking = 4 * MARK_COALESCE_SECONDS
-    if settings.OUTBOX_FAST_PATH not in ("auto", "notify", "publish"):
+    if settings.OUTBOX_FAST_PATH not in ("auto", "notify", "wake", "publish"):
         problems.append(
-            Error("OUTBOX_FAST_PATH must be auto, notify or publish.", id="eventbus.E003")
+            Error("OUTBOX_FAST_PATH must be auto, notify, wake or publish.", id="eventbus.E003")
         )
-    if settings.OUTBOX_FAST_PATH == "notify":
+    # The relay's fast paths each need their database: notify, PostgreSQL's LISTEN/NOTIFY; wake,
+    # SQLite's one writer at a time, which commits rows in id order (the relay reads the rows
+    # above the last it handed over).
+    needs = {
+        "notify": ("postgresql", "needs PostgreSQL (LISTEN/NOTIFY) for the outbox database; use "
+                   "auto or publish.", "eventbus.E004"),
+        "wake": ("sqlite", "needs SQLite for the outbox database; use auto (notify on "
+                 "PostgreSQL) or publish.", "eventbus.E014"),
+    }
+    if settings.OUTBOX_FAST_PATH in needs:
         from django.db import connections
 
         from onboarding.eventbus.outbox import OUTBOX_DATABASE
 
-        if connections[OUTBOX_DATABASE].vendor != "postgresql":
-            problems.append(
-                Error(
-                    "OUTBOX_FAST_PATH=notify needs PostgreSQL (LISTEN/NOTIFY) for the outbox "
-                    "database; use auto or publish.",
-                    id="eventbus.E004",
-                )
-            )
+        vendor, why, check_id = needs[settings.OUTBOX_FAST_PATH]
+        if connections[OUTBOX_DATABASE].vendor != vendor:
+            problems.append(Error(f"OUTBOX_FAST_PATH={settings.OUTBOX_FAST_PATH} {why}",
+                                  id=check_id))
     if settings.OUTBOX_PUBLISH_ON_COMMIT and settings.OUTBOX_RELAY_GRACE < marking:
         problems.append(
             Warning(

@@ -76,6 +76,27 @@ def outbox_unpublished(*, older_than: float, limit: int) -> list[OutboundMessage
     ]
 
 
+def outbox_committed_after(*, after_id: int, limit: int) -> list[OutboundMessage]:
+    """Up to ``limit`` rows with an id above ``after_id``, unpublished and not set aside, in id
+    order, however fresh: what the relay's wake-ups (SQLite) hand over at once."""
+    rows = (
+        OutboxEvent.objects.using(OUTBOX_DATABASE)
+        .filter(id__gt=after_id, published_at__isnull=True, set_aside_at__isnull=True)
+        .order_by("id").values_list("id", "subject", "payload", "headers")[:limit]
+    )
+    return [
+        OutboundMessage(row_id=row_id, subject=subject, payload=payload.encode(), headers=headers)
+        for row_id, subject, payload, headers in rows
+    ]
+
+
+def outbox_last_id() -> int:
+    """The highest outbox row id written so far (0 for an empty outbox)."""
+    last = OutboxEvent.objects.using(OUTBOX_DATABASE).order_by("-id").values_list(
+        "id", flat=True).first()
+    return last or 0
+
+
 # Why a genuine notification may not match: its row went out another way first (the scan).
 ALREADY_DONE = "published or set aside already"
 

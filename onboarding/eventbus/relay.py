@@ -44,6 +44,8 @@ from onboarding.eventbus.outbox import (
     ALREADY_DONE,
     OutboundMessage,
     outbox_check_messages,
+    outbox_committed_after,
+    outbox_last_id,
     outbox_mark_published,
     outbox_record_failure,
     outbox_record_refusals,
@@ -55,6 +57,7 @@ from onboarding.eventbus.publisher import (
     describe,
     publish_pipelined,
 )
+from onboarding.eventbus.wake import WakeListener, row_ids_of, wake_socket_path
 from onboarding.eventbus.warmup import outbox_warm_up
 
 logger = logging.getLogger(__name__)
@@ -69,6 +72,7 @@ class OutboxRelay:
         poll_interval: float | None = None,
     ) -> None:
         self.notify = fast_path() == "notify"
+        self.wake = fast_path() == "wake"  # SQLite: web processes wake it over a local socket
         self.grace = settings.OUTBOX_RELAY_GRACE if grace is None else grace
         self.batch = batch or settings.OUTBOX_RELAY_BATCH
         self.poll_interval = poll_interval or settings.OUTBOX_RELAY_POLL_INTERVAL
@@ -175,7 +179,7 @@ class OutboxRelay:
             if acquired:
                 logger.info("relay: active (took the outbox lock)")
                 metrics.relay_active(True)
-                if self.notify and not once:
+                if (self.notify or self.wake) and not once:
                     await self._start_listening()
                 # Listening, the relay first publishes whatever is waiting, however fresh:
                 # commits notified before it listened are lost to it, and nobody else publishes
@@ -210,7 +214,8 @@ class OutboxRelay:
         # The same publisher as a web process's on-commit path: one wake-up per burst,
         # publish_async pipelined, rows marked after their PubAcks in one UPDATE every 0.5 s
         # (well inside the grace period after which the scan would republish them).
-        self._publisher = BackgroundPublisher(on_acked=metrics.relay_published_notify)
+        self._publisher = BackgroundPublisher(
+            on_acked=self._count_wake if self.wake else metrics.relay_published_notify)
         # Connected before the relay listens: the first commit's event need not wait for it.
         await asyncio.get_running_loop().run_in_executor(
             None, self._publisher.start, settings.NATS_REQUEST_TIMEOUT)
@@ -219,7 +224,8 @@ class OutboxRelay:
         self._stop_listening = threading.Event()
         self.listening.clear()
         self._listener = threading.Thread(
-            target=self._listen, args=(asyncio.get_running_loop(),),
+            target=self._listen_wake if self.wake else self._listen,
+            args=(asyncio.get_running_loop(),),
             name="outbox-relay-listen", daemon=True,
         )
         self._listener.start()
@@ -290,6 +296,65 @@ class OutboxRelay:
                 self._publisher.submit(messages)
         if scan:
             loop.call_soon_threadsafe(self._scan_now.set)
+
+    # -- wake mode (SQLite): the fast path -------------------------------------------------------
+
+    def _listen_wake(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Bind the wake-up socket (this relay holds the outbox lock: it alone binds it) and hand
+        the rows each burst of wake-ups announces to the publisher, at once.
+
+        The relay keeps the highest row id it has handed over (or that was there when it started
+        listening, which the first scan publishes): a wake-up reads every unpublished row above
+        it. SQLite commits one writer at a time, in id order, so a row whose wake-up arrived has
+        every row below it committed and visible: a wake-up dropped in a burst costs nothing
+        while another follows, and the scan publishes the last ones after the grace period.
+        """
+        stop, listener, last = self._stop_listening, None, 0
+        path = wake_socket_path()
+        while not stop.is_set():
+            try:
+                if listener is None:
+                    listener = WakeListener(path)
+                    close_old_connections()
+                    last = outbox_last_id()  # what is below it, the first scan publishes
+                    logger.info("relay: listening for wake-ups on %s", path)
+                    if self.listening.is_set():  # bound again: scan what was missed meanwhile
+                        loop.call_soon_threadsafe(self._scan_now.set)
+                self.listening.set()
+                woken = row_ids_of(listener.receive(timeout=0.5))
+                if woken and max(woken) > last:
+                    try:
+                        last = self._on_wakeups(last, max(woken))
+                    except Exception as exc:  # the database, not the socket: keep it bound
+                        logger.warning("relay: could not read the woken rows (%s); scanning "
+                                       "instead", exc)
+                        loop.call_soon_threadsafe(self._scan_now.set)
+            except Exception as exc:
+                logger.warning("relay: wake-up socket %s failed (%s); scanning the outbox "
+                               "meanwhile", path, exc)
+                if listener is not None:
+                    listener.close()
+                listener = None
+                self.listening.set()
+                stop.wait(1.0)
+        if listener is not None:
+            listener.close()
+        connections.close_all()  # this thread's own, opened to read the woken rows
+
+    @staticmethod
+    def _count_wake(count: int) -> None:
+        metrics.relay_published(count, path="wake")
+
+    def _on_wakeups(self, last: int, woken: int) -> int:
+        """Hand the unpublished rows above ``last`` to the publisher; return the new mark."""
+        close_old_connections()
+        while True:
+            messages = outbox_committed_after(after_id=last, limit=self.batch)
+            if messages:
+                self._publisher.submit(messages)
+                last = messages[-1].row_id
+            if len(messages) < self.batch:
+                return max(last, woken)
 
     @staticmethod
     def _close_quietly(connection) -> None:
