@@ -306,9 +306,12 @@ def reset_jetstream() -> None:
     call_command("setup_jetstream", stdout=open(os.devnull, "w"))
 
 
-def wait_for_counts(target: int, timeout: float, label: str) -> dict[str, float]:
-    """Poll until each context has ``target`` users' defaults; return when each got there."""
+def wait_for_counts(target: int, timeout: float, label: str,
+                    baseline: dict[str, int] | None = None) -> dict[str, float]:
+    """Poll until each context has ``target`` users' defaults (beyond ``baseline``'s rows, e.g.
+    the grown scenario's prefill); return when each got there."""
     models = default_models()
+    baseline = baseline or {}
     per_user = {"buildings": 2}
     started = time.monotonic()
     reached: dict[str, float] = {}
@@ -317,7 +320,7 @@ def wait_for_counts(target: int, timeout: float, label: str) -> dict[str, float]
             raise TimeoutError(f"{label}: not every default after {timeout}s: {reached}")
         done = 0
         for name, model in models.items():
-            count = model.objects.count() // per_user.get(name, 1)
+            count = (model.objects.count() - baseline.get(name, 0)) // per_user.get(name, 1)
             done += min(count, target)
             if count >= target and name not in reached:
                 reached[name] = time.monotonic()
@@ -500,7 +503,8 @@ def check_alive(processes: list[subprocess.Popen], label: str) -> None:
 
 def watch_drain(processes: list[subprocess.Popen], durables: list[str],
                 users: list[uuid.UUID], batch: int, timeout: float, label: str,
-                nats_pid: int | None = None, profiling: bool = False) -> dict:
+                nats_pid: int | None = None, profiling: bool = False,
+                prefilled: int = 0) -> dict:
     """Release the held durables and watch the backlog drain from outside, as a user sees it:
     the moment each context's rows are all visible (committed), polled every 20 ms.
 
@@ -536,7 +540,7 @@ def watch_drain(processes: list[subprocess.Popen], durables: list[str],
         check_alive(processes, label)
         for name, model in models.items():
             if name not in done and model.objects.filter(user_id=last_user).exists() and (
-                    model.objects.count() // per_user.get(name, 1) >= events):
+                    model.objects.count() // per_user.get(name, 1) >= events + prefilled):
                 done[name] = now
                 progress(label, len(done) * events // len(models), events, started)
         if len(done) < len(models):
@@ -556,8 +560,9 @@ def watch_drain(processes: list[subprocess.Popen], durables: list[str],
     }
 
 
-def check_drained(events: int, inbox: bool) -> None:
-    """Every default row once per user, nothing more (and one inbox row per event)."""
+def check_drained(events: int, inbox: bool, prefilled: int = 0) -> None:
+    """Every default row once per user, nothing more (and one inbox row per event), beside the
+    ``prefilled`` users' rows (the grown scenario's)."""
     from django.conf import settings
 
     from onboarding.eventbus.models import ProcessedEvent
@@ -565,15 +570,17 @@ def check_drained(events: int, inbox: bool) -> None:
     per_user = {"buildings": 2}
     for name, model in default_models().items():
         rows, users = model.objects.count(), model.objects.values("user_id").distinct().count()
-        expected = events * per_user.get(name, 1)
-        if rows != expected or users != events:
+        events_and_prefilled = events + prefilled
+        expected = events_and_prefilled * per_user.get(name, 1)
+        if rows != expected or users != events_and_prefilled:
             raise AssertionError(f"{name}: {rows} rows for {users} users, expected {expected} "
-                                 f"rows for {events}")
+                                 f"rows for {events_and_prefilled}")
         if inbox:
             handled = ProcessedEvent.objects.using(settings.CONTEXT_DATABASES[name]).filter(
                 consumer=name).count()
-            if handled != events:
-                raise AssertionError(f"{name}: {handled} inbox rows, expected {events}")
+            if handled != events_and_prefilled:
+                raise AssertionError(f"{name}: {handled} inbox rows, "
+                                     f"expected {events_and_prefilled}")
 
 
 def peer_available() -> str | None:
@@ -631,11 +638,14 @@ def profile_summary(prefix: Path, events: int) -> dict[str, float]:
 
 
 def drain_phase(stack: Stack, phase: str, batch: int, users: list[uuid.UUID],
-                nats_pid: int | None, profile_dir: Path | None = None) -> dict:
+                nats_pid: int | None, profile_dir: Path | None = None,
+                prefilled: int = 0) -> dict:
     """One drain of the published backlog (``users``' events) by the project's consumers or by
     the peer, on empty default tables (the stream's messages stay: each phase has its own
-    durables, and drains every event published so far)."""
-    reset_data()
+    durables, and drains every event published so far) — or, with ``prefilled``, on the grown
+    scenario's tables as they are."""
+    if not prefilled:
+        reset_data()
     if phase == "project":
         durables = list(CONTEXTS)  # setup_jetstream made them (reset_jetstream)
         hold_durables(durables)
@@ -651,9 +661,9 @@ def drain_phase(stack: Stack, phase: str, batch: int, users: list[uuid.UUID],
                      for context, durable in zip(default_models(), durables, strict=True)]
     wait_bound(durables, processes, timeout=60)
     result = watch_drain(processes, durables, users, batch, timeout=600, label=phase[:10],
-                         nats_pid=nats_pid, profiling=bool(profile_dir))
+                         nats_pid=nats_pid, profiling=bool(profile_dir), prefilled=prefilled)
     stack.stop()
-    check_drained(len(users), inbox=phase == "project")
+    check_drained(len(users), inbox=phase == "project", prefilled=prefilled)
     if profile_dir:
         # From the drain's start to the processes' exit, per event, the four processes summed.
         result["profile_ms_per_event"] = profile_summary(profile_dir / f"{phase}-",
@@ -701,6 +711,8 @@ def http_register(conn: http.client.HTTPConnection, username: str) -> tuple[int,
 
 
 def scenario_latency(stack: Stack, rate: float, seconds: float, port: int) -> dict:
+    # Rows already there (the grown scenario's prefill) are not this run's.
+    baseline = {name: model.objects.count() for name, model in default_models().items()}
     stack.gunicorn(port)
     stack.manage("outbox_relay")
     for context in CONTEXTS:
@@ -712,7 +724,7 @@ def scenario_latency(stack: Stack, rate: float, seconds: float, port: int) -> di
     for i in range(warmup):
         http_register(warm, f"warm{i}")
         time.sleep(1 / rate)
-    wait_for_counts(warmup, timeout=60, label="warm-up")
+    wait_for_counts(warmup, timeout=60, label="warm-up", baseline=baseline)
     total = int(rate * seconds)
     results: list[tuple[uuid.UUID, float]] = []
     errors = []
@@ -746,15 +758,19 @@ def scenario_latency(stack: Stack, rate: float, seconds: float, port: int) -> di
             if i % 25 == 0:
                 progress("latency", i, total, started)
     progress("latency", total, total, started)
-    wait_for_counts(warmup + len(results), timeout=120, label="defaults")
+    wait_for_counts(warmup + len(results), timeout=120, label="defaults", baseline=baseline)
     stack.stop()
 
     models = default_models()
     latest: dict[uuid.UUID, dt.datetime] = {}
+    measured = [user_id for user_id, _ in results]
     for model in models.values():
-        for user_id, created in model.objects.values_list("user_id", "created_at"):
-            if user_id not in latest or created > latest[user_id]:
-                latest[user_id] = created
+        for start in range(0, len(measured), 1000):
+            for user_id, created in model.objects.filter(
+                    user_id__in=measured[start:start + 1000]).values_list("user_id",
+                                                                          "created_at"):
+                if user_id not in latest or created > latest[user_id]:
+                    latest[user_id] = created
     latencies = [
         (latest[user_id].timestamp() - received) * 1000 for user_id, received in results
     ]
@@ -898,6 +914,61 @@ def scenario_relay(rows: int, batch: int) -> dict:
     return {"rows": rows, "batch": batch, "events_per_s": round(rows / elapsed)}
 
 
+def grown_latency(stack: Stack, rate: float, seconds: float, port: int) -> dict:
+    """The latency scenario's measurement, on the tables as they are (grown or empty)."""
+    return scenario_latency(stack, rate, seconds, port)
+
+
+def scenario_grown(stack: Stack, prefill: int, events: int, batch: int, run: int, port: int,
+                   rate: float, seconds: float, nats_pid: int | None = None) -> dict:
+    """The drain and the latency on empty tables and on tables grown by ``prefill`` users
+    (bench/grown.py: their inbox and outbox rows and their default rows, before any pruning),
+    in one run; the order alternates across runs, so drift over a run cancels out."""
+    import grown
+
+    parts = ["empty", "grown"] if run % 2 == 0 else ["grown", "empty"]
+    result: dict = {"prefill_users": prefill, "events": events, "batch": batch}
+    for part in parts:
+        print(f"  grown: {part} tables", file=sys.stderr)
+        reset_data()
+        reset_jetstream()
+        prefilled = prefill if part == "grown" else 0
+        if prefilled:
+            result["disk"] = grown.check_disk(prefill)
+            result["prefill"] = grown.prefill(prefill, CONTEXTS)
+            result["sizes"] = grown.sizes(prefill, CONTEXTS)
+        users = [uuid.uuid4() for _ in range(events)]
+        publish_backlog(events, users)
+        drained = drain_phase(stack, "project", batch, users, nats_pid, prefilled=prefilled)
+        latency = grown_latency(stack, rate, seconds, port)
+        if not prefilled:
+            reset_data()
+        # On grown tables the ceiling inserts beside the prefilled rows: how much of the fall
+        # the business tables' growth explains (the ceiling writes no inbox).
+        ceiling = ceiling_rate(events, batch)
+        result[part] = {
+            "drain_events_per_s": drained["events_per_s"],
+            "drain_seconds": drained["seconds"],
+            "drain_cpu_ms_per_event": drained["cpu_ms_per_event"],
+            "per_consumer_events_per_s": drained["per_consumer_events_per_s"],
+            "ceiling_events_per_s": round(ceiling),
+            "latency": latency,
+        }
+    if not prefill:
+        return result
+    empty_ceiling = result["empty"]["ceiling_events_per_s"]
+    for part in ("empty", "grown"):
+        # One ceiling for both (empty tables'): the ratios fall exactly as the drain rate does.
+        result[part]["ratio_to_ceiling"] = round(
+            result[part]["drain_events_per_s"] / empty_ceiling, 3)
+    result["drain_fall"] = round(
+        1 - result["grown"]["drain_events_per_s"] / result["empty"]["drain_events_per_s"], 3)
+    result["ceiling_fall"] = round(
+        1 - result["grown"]["ceiling_events_per_s"] / empty_ceiling, 3)
+    reset_data()  # TRUNCATE gives the prefill's gigabytes back to the disk
+    return result
+
+
 # -- main ---------------------------------------------------------------------------------------
 
 
@@ -938,12 +1009,24 @@ def main() -> None:
     parser.add_argument("--relay-rows", type=int, default=20_000)
     parser.add_argument("--runs", type=int, default=3,
                         help="drain, latency, relay: runs (the table shows their medians)")
-    parser.add_argument("--only", default="drain,latency,register,relay")
+    parser.add_argument("--prefill", type=int, default=1_000_000,
+                        help="grown: users prefilled (inbox, outbox, users, defaults); "
+                             "1,000 to 5,000,000")
+    parser.add_argument("--grown-events", type=int, default=50_000,
+                        help="grown: the backlog drained on empty and on grown tables")
+    parser.add_argument("--only", default="drain,latency,register,relay,grown")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     args.relay_rows = min(args.relay_rows, 200_000)
     args.runs = max(1, min(args.runs, 10))
     scenarios = set(args.only.split(","))
+    args.prefill = max(1_000, min(args.prefill, 5_000_000))
+    args.grown_events = max(args.batch, min(args.grown_events, 200_000))
+    if "grown" in scenarios and args.engine != "postgres":
+        # Prefilled with generate_series and sized with pg_relation_size; SQLite, the
+        # development database, is not what grows to a million users.
+        print("grown: skipped on SQLite (PostgreSQL only: --engine postgres)", file=sys.stderr)
+        scenarios.discard("grown")
     peer_version = peer_available() if "drain" in scenarios and args.peer else None
     if "drain" in scenarios and args.peer and not peer_version:
         raise SystemExit("the drain's FastStream peer needs bench/requirements.txt "
@@ -966,7 +1049,7 @@ def main() -> None:
             results["peer"] = f"FastStream {peer_version}"
         port = free_port()
         try:
-            for name in ("drain", "latency", "register", "relay"):
+            for name in ("drain", "latency", "register", "relay", "grown"):
                 if name not in scenarios:
                     continue
                 for events in args.events if name == "drain" else [None]:
@@ -990,6 +1073,10 @@ def main() -> None:
                             elif name == "register":
                                 runs.append(scenario_register(stack, args.requests,
                                                               args.rounds, port))
+                            elif name == "grown":
+                                runs.append(scenario_grown(
+                                    stack, args.prefill, args.grown_events, args.batch, run,
+                                    port, args.rate, args.seconds, nats_pid=nats.process.pid))
                             else:
                                 runs.append(scenario_relay(args.relay_rows, 500))
                     merged = median_of(runs)
@@ -1043,6 +1130,14 @@ def markdown(results: dict) -> str:
     if "relay" in results:
         rl = results["relay"]
         lines.append(f"| relay {rl['rows']:,} rows | **{rl['events_per_s']:,} ev/s** | ≥ 5,000 |")
+    if "grown" in results:
+        g = results["grown"]
+        grown_rate, empty_rate = (g[part]["drain_events_per_s"] for part in ("grown", "empty"))
+        lines.append(f"| grown: drain {g['events']:,} events after {g['prefill_users']:,} users "
+                     f"| {grown_rate:,} vs {empty_rate:,} ev/s on empty tables: falls "
+                     f"**{g['drain_fall']:.0%}**; p99 "
+                     f"{g['grown']['latency']['p99_ms']} vs {g['empty']['latency']['p99_ms']} ms "
+                     "| fall ≤ 20% |")
     if results.get("drain"):
         lines += ["", f"Drain, side by side ({results.get('databases', '')}): from the moment "
                   "the four consumers, already started, are let loose on the backlog until every "
@@ -1079,7 +1174,38 @@ def markdown(results: dict) -> str:
                 cells = [profiled[phase].get(part, 0) for phase in profiled]
                 if any(cells):
                     lines.append(f"| {part} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    if "grown" in results:
+        lines += grown_markdown(results["grown"])
     return "\n".join(lines)
+
+
+def grown_markdown(g: dict) -> list[str]:
+    """The grown scenario's tables: empty against grown, then what the grown tables weigh."""
+    lines = ["", f"Grown tables: the same {g['events']:,}-event drain (project, 4 consumers, batch "
+             f"{g['batch']}) and latency, on empty tables and after prefilling "
+             f"{g['prefill_users']:,} users (inbox and outbox rows, users, default rows); "
+             "ratios to the empty tables' ceiling:", "",
+             "| tables | drain ev/s | ratio to ceiling | consumers CPU ms/ev | ceiling ev/s | "
+             "latency p50 / p99 ms |", "| --- | --- | --- | --- | --- | --- |"]
+    for part in ("empty", "grown"):
+        x = g[part]
+        lines.append(f"| {part} | {x['drain_events_per_s']:,} | {x['ratio_to_ceiling']:.0%} | "
+                     f"{x['drain_cpu_ms_per_event']['consumers']:.2f} | "
+                     f"{x['ceiling_events_per_s']:,} | {x['latency']['p50_ms']} / "
+                     f"{x['latency']['p99_ms']} |")
+    lines.append(f"| fall | **{g['drain_fall']:.0%}** | | | {g['ceiling_fall']:.0%} | |")
+    lines += ["", f"Sizes per million users (prefill {g['prefill']['seconds']} s; MB; B-tree "
+              "levels in brackets):", "",
+              "| database.table | heap | indexes | total | each index |",
+              "| --- | --- | --- | --- | --- |"]
+    for table, x in g["sizes"].items():
+        each = ", ".join(
+            f"{name} {i['mb_per_million']}" + (f" [{i['btree_levels']}]" if "btree_levels" in i
+                                                else "")
+            for name, i in x["indexes"].items())
+        lines.append(f"| {table} | {x['table_mb_per_million']} | "
+                     f"{x['indexes_mb_per_million']} | {x['total_mb_per_million']} | {each} |")
+    return lines
 
 
 if __name__ == "__main__":
