@@ -239,3 +239,29 @@ def sizes(n: int, contexts: tuple[str, ...]) -> dict:
                     "indexes": per_index,
                 }
     return report
+
+
+def server_counters() -> dict[str, float]:
+    """The PostgreSQL server's cumulative counters that tell where a drain's time went: WAL
+    volume and full-page images (cluster-wide, so other sessions count too), checkpoints and
+    who wrote dirty buffers out, and the bench databases' buffer reads (from the OS, i.e. not
+    in shared_buffers) and hits."""
+    from django.conf import settings
+    from django.db import connections
+
+    names = sorted({db["NAME"] for db in settings.DATABASES.values()})
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT wal_records, wal_fpi, wal_bytes FROM pg_stat_wal")
+        records, fpi, wal_bytes = cursor.fetchone()
+        cursor.execute("SELECT checkpoints_timed + checkpoints_req, buffers_checkpoint, "
+                       "buffers_clean, buffers_backend FROM pg_stat_bgwriter")
+        checkpoints, by_checkpoint, by_bgwriter, by_backends = cursor.fetchone()
+        cursor.execute("SELECT sum(blks_read), sum(blks_hit) FROM pg_stat_database "
+                       "WHERE datname = ANY(%s)", [names])
+        read, hit = cursor.fetchone()
+    return {"wal_records": records, "wal_full_page_images": fpi, "wal_bytes": float(wal_bytes),
+            "checkpoints": checkpoints, "buffers_written_by_checkpoints": by_checkpoint,
+            "buffers_written_by_bgwriter": by_bgwriter,
+            "buffers_written_by_backends": by_backends,
+            "blocks_read": int(read or 0), "blocks_hit": int(hit or 0)}
+

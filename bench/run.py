@@ -504,7 +504,7 @@ def check_alive(processes: list[subprocess.Popen], label: str) -> None:
 def watch_drain(processes: list[subprocess.Popen], durables: list[str],
                 users: list[uuid.UUID], batch: int, timeout: float, label: str,
                 nats_pid: int | None = None, profiling: bool = False,
-                prefilled: int = 0) -> dict:
+                prefilled: int = 0, counters=None) -> dict:
     """Release the held durables and watch the backlog drain from outside, as a user sees it:
     the moment each context's rows are all visible (committed), polled every 20 ms.
 
@@ -512,7 +512,8 @@ def watch_drain(processes: list[subprocess.Popen], durables: list[str],
     waiting on its durable (so process start-up is not counted, and all four start together).
     The probe is cheap, so as not to compete with the consumers for the two cores: an index
     lookup of the backlog's last user (committed last when a consumer commits in order),
-    confirmed by a count. The consumers' CPU (``/proc``) is read over the same window.
+    confirmed by a count. The consumers' CPU (``/proc``) is read over the same window, and so
+    are ``counters()`` (cumulative numbers, e.g. the database server's), when given.
     """
     models = default_models()
     per_user = {"buildings": 2}
@@ -528,6 +529,7 @@ def watch_drain(processes: list[subprocess.Popen], durables: list[str],
         for process in processes:
             process.send_signal(signal.SIGUSR1)  # bench/profiled.py: start profiling
         time.sleep(0.2)
+    counted = counters() if counters else None
     cpu_start = cpu()
     started = time.monotonic()
     resume_durables(durables, users, batch)
@@ -547,7 +549,11 @@ def watch_drain(processes: list[subprocess.Popen], durables: list[str],
             time.sleep(POLL_SECONDS)
     cpu_end = cpu()
     seconds = max(done.values()) - started
+    if counters:
+        after = counters()
+        counted = {key: after[key] - counted[key] for key in after}
     return {
+        **({"counters": counted} if counters else {}),
         "events_drained": events,
         "events_per_s": round(events / max(seconds, 1e-6)),
         "per_consumer_events_per_s": {
@@ -639,7 +645,7 @@ def profile_summary(prefix: Path, events: int) -> dict[str, float]:
 
 def drain_phase(stack: Stack, phase: str, batch: int, users: list[uuid.UUID],
                 nats_pid: int | None, profile_dir: Path | None = None,
-                prefilled: int = 0) -> dict:
+                prefilled: int = 0, counters=None) -> dict:
     """One drain of the published backlog (``users``' events) by the project's consumers or by
     the peer, on empty default tables (the stream's messages stay: each phase has its own
     durables, and drains every event published so far) — or, with ``prefilled``, on the grown
@@ -661,7 +667,8 @@ def drain_phase(stack: Stack, phase: str, batch: int, users: list[uuid.UUID],
                      for context, durable in zip(default_models(), durables, strict=True)]
     wait_bound(durables, processes, timeout=60)
     result = watch_drain(processes, durables, users, batch, timeout=600, label=phase[:10],
-                         nats_pid=nats_pid, profiling=bool(profile_dir), prefilled=prefilled)
+                         nats_pid=nats_pid, profiling=bool(profile_dir), prefilled=prefilled,
+                         counters=counters)
     stack.stop()
     check_drained(len(users), inbox=phase == "project", prefilled=prefilled)
     if profile_dir:
@@ -939,7 +946,8 @@ def scenario_grown(stack: Stack, prefill: int, events: int, batch: int, run: int
             result["sizes"] = grown.sizes(prefill, CONTEXTS)
         users = [uuid.uuid4() for _ in range(events)]
         publish_backlog(events, users)
-        drained = drain_phase(stack, "project", batch, users, nats_pid, prefilled=prefilled)
+        drained = drain_phase(stack, "project", batch, users, nats_pid, prefilled=prefilled,
+                              counters=grown.server_counters)
         latency = grown_latency(stack, rate, seconds, port)
         if not prefilled:
             reset_data()
@@ -951,6 +959,9 @@ def scenario_grown(stack: Stack, prefill: int, events: int, batch: int, run: int
             "drain_seconds": drained["seconds"],
             "drain_cpu_ms_per_event": drained["cpu_ms_per_event"],
             "per_consumer_events_per_s": drained["per_consumer_events_per_s"],
+            # Where the database server's work went, per event drained (WAL, buffers).
+            "server_per_event": {key: round(value / drained["events_drained"], 3)
+                                 for key, value in drained["counters"].items()},
             "ceiling_events_per_s": round(ceiling),
             "latency": latency,
         }
@@ -1186,14 +1197,20 @@ def grown_markdown(g: dict) -> list[str]:
              f"{g['prefill_users']:,} users (inbox and outbox rows, users, default rows); "
              "ratios to the empty tables' ceiling:", "",
              "| tables | drain ev/s | ratio to ceiling | consumers CPU ms/ev | ceiling ev/s | "
-             "latency p50 / p99 ms |", "| --- | --- | --- | --- | --- | --- |"]
+             "latency p50 / p99 ms | server per event drained: WAL kB (full-page images), "
+             "blocks read from the OS, buffers written by backends, checkpoints in the drain |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for part in ("empty", "grown"):
         x = g[part]
+        server = x["server_per_event"]
         lines.append(f"| {part} | {x['drain_events_per_s']:,} | {x['ratio_to_ceiling']:.0%} | "
                      f"{x['drain_cpu_ms_per_event']['consumers']:.2f} | "
                      f"{x['ceiling_events_per_s']:,} | {x['latency']['p50_ms']} / "
-                     f"{x['latency']['p99_ms']} |")
-    lines.append(f"| fall | **{g['drain_fall']:.0%}** | | | {g['ceiling_fall']:.0%} | |")
+                     f"{x['latency']['p99_ms']} | {server['wal_bytes'] / 1000:.1f} "
+                     f"({server['wal_full_page_images']:.2f}), {server['blocks_read']:.1f}, "
+                     f"{server['buffers_written_by_backends']:.1f}, "
+                     f"{server['checkpoints'] * g['events']:.0f} |")
+    lines.append(f"| fall | **{g['drain_fall']:.0%}** | | | {g['ceiling_fall']:.0%} | | |")
     lines += ["", f"Sizes per million users (prefill {g['prefill']['seconds']} s; MB; B-tree "
               "levels in brackets):", "",
               "| database.table | heap | indexes | total | each index |",
