@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import secrets
 import shutil
 import threading
 import time
@@ -53,19 +54,35 @@ def _tables():
 
 
 # Every statement draws on the same series: user i's id, event id and time. The ids are random
-# (md5 of a counter, as uuid4 would be for the index) but the same in every database.
+# (md5 of a counter, as uuid4 would be for the index) but the same in every database; with
+# ``ordered`` ids they start with the row's time in milliseconds, as UUIDv7s do.
 SERIES = """
-    WITH s AS (
-        SELECT i, md5('user' || i)::uuid AS uid, md5('event' || i)::uuid AS eid,
-               %(t0)s::timestamptz + i * %(step)s::interval AS ts
+    WITH t AS (
+        SELECT i, %(t0)s::timestamptz + i * %(step)s::interval AS ts
         FROM generate_series(1, %(n)s) AS i
+    ), s AS (
+        SELECT i, ts, {uid} AS uid, {eid} AS eid FROM t
     )
 """
+RANDOM_ID = "md5('{kind}' || i)::uuid"
+ORDERED_ID = ("overlay(md5('{kind}' || i) placing lpad(to_hex((extract(epoch FROM ts) * 1000)"
+              "::bigint), 12, '0') from 1 for 12)::uuid")
 
 
-def statements(context: str | None, consumer: str | None = None) -> list[tuple[str, str, dict]]:
+def uuid7() -> uuid.UUID:
+    """A time-ordered UUID (RFC 9562 version 7: milliseconds since the epoch, then random)."""
+    value = (time.time_ns() // 1_000_000) << 80 | secrets.randbits(80)
+    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62  # the RFC's variant
+    return uuid.UUID(int=value)
+
+
+def statements(context: str | None, consumer: str | None = None,
+               ordered: bool = False) -> list[tuple[str, str, dict]]:
     """(label, SQL, extra params) for one database's part: the accounts' (``context`` None) or
     a context's (its inbox for ``consumer``, and its defaults when it is one of the four)."""
+    ids = ORDERED_ID if ordered else RANDOM_ID
+    series = SERIES.format(uid=ids.format(kind="user"), eid=ids.format(kind="event"))
     from buildings.defaults import STARTER_BUILDINGS
     from characters.defaults import DEFAULT_CHARACTER_NAME
     from onboarding.contracts import EVENT_ID_HEADER, MSG_ID_HEADER, VERSION_HEADER, UserRegistered
@@ -81,13 +98,13 @@ def statements(context: str | None, consumer: str | None = None) -> list[tuple[s
         # As wide as a deployment's Argon2 hash; nobody logs in as these users.
         password = "argon2$argon2id$v=19$m=102400,t=2,p=8$" + "s" * 22 + "$" + "h" * 43
         return [
-            ("users", f"""{SERIES}
+            ("users", f"""{series}
                 INSERT INTO {t['users']} (id, password, last_login, is_superuser, username,
                     first_name, last_name, email, is_staff, is_active, date_joined)
                 SELECT uid, %(password)s, NULL, false, 'grown' || i, '', '',
                     'grown' || i || '@example.com', false, true, ts FROM s""",
              {"password": password}),
-            ("outbox", f"""{SERIES}
+            ("outbox", f"""{series}
                 INSERT INTO {t['outbox']} (event_id, subject, payload, headers, created_at,
                     published_at, attempts, last_error, set_aside_at)
                 SELECT eid, 'user.registered',
@@ -98,7 +115,7 @@ def statements(context: str | None, consumer: str | None = None) -> list[tuple[s
              {"template": template, "msg_id": MSG_ID_HEADER, "event_id": EVENT_ID_HEADER,
               "version": VERSION_HEADER}),
         ]
-    work = [("inbox", f"""{SERIES}
+    work = [("inbox", f"""{series}
         INSERT INTO {t['inbox']} (consumer, event_id, subject, stream_seq, processed_at)
         SELECT %(consumer)s, eid::text, 'user.registered', i, ts + interval '20 ms' FROM s""",
              {"consumer": consumer})]
@@ -124,7 +141,7 @@ def statements(context: str | None, consumer: str | None = None) -> list[tuple[s
     }
     if context in defaults:
         sql, params = defaults[context]
-        work.append((context, f"{SERIES} {sql}", params))
+        work.append((context, f"{series} {sql}", params))
     return work
 
 
@@ -146,17 +163,17 @@ def check_disk(n: int) -> dict:
     return {"free_gb_before": round(free / 1e9, 1), "estimated_gb": round(needed / 1e9, 2)}
 
 
-def prefill(n: int, contexts: tuple[str, ...]) -> dict:
+def prefill(n: int, contexts: tuple[str, ...], ordered: bool = False) -> dict:
     """Write ``n`` users' rows in every database (one thread per database); VACUUM ANALYZE;
-    return the seconds each part took."""
+    return the seconds each part took. ``ordered``: time-ordered user and event ids."""
     from django.conf import settings
     from django.db import connections
 
     # One list of statements per database, so a shared database is written by one thread.
-    by_alias: dict[str, list] = {"default": statements(None)}
+    by_alias: dict[str, list] = {"default": statements(None, ordered=ordered)}
     for context in contexts:
         by_alias.setdefault(settings.CONTEXT_DATABASES[context], []).extend(
-            statements(context, consumer=context))
+            statements(context, consumer=context, ordered=ordered))
     now = dt.datetime.now(dt.UTC)
     common = {"n": n, "t0": now - SPREAD - dt.timedelta(minutes=5), "step": SPREAD / n}
     seconds: dict[str, float] = {}

@@ -332,9 +332,10 @@ def wait_for_counts(target: int, timeout: float, label: str,
 # -- scenarios ----------------------------------------------------------------------------------
 
 
-def publish_backlog(events: int, user_ids: list[uuid.UUID] | None = None) -> float:
-    """Publish ``events`` user.registered events (for ``user_ids`` when given), pipelined;
-    return events/s."""
+def publish_backlog(events: int, user_ids: list[uuid.UUID] | None = None,
+                    new_id=uuid.uuid4) -> float:
+    """Publish ``events`` user.registered events (for ``user_ids`` when given, with event ids
+    from ``new_id``), pipelined; return events/s."""
     import asyncio
 
     from onboarding.contracts import UserRegistered, event_headers
@@ -350,7 +351,7 @@ def publish_backlog(events: int, user_ids: list[uuid.UUID] | None = None) -> flo
             event = UserRegistered(user_id=user_id, username=f"drain{i}",
                                    email=f"drain{i}@example.com", registration_timestamp=now)
             await js.publish_async(event.subject, event.to_json(),
-                                   headers=event_headers(event, event_id=uuid.uuid4()))
+                                   headers=event_headers(event, event_id=new_id()))
             if i % 1000 == 0:
                 progress("publish", i, events, started)
         await js.publish_async_completed()
@@ -927,14 +928,22 @@ def grown_latency(stack: Stack, rate: float, seconds: float, port: int) -> dict:
 
 
 def scenario_grown(stack: Stack, prefill: int, events: int, batch: int, run: int, port: int,
-                   rate: float, seconds: float, nats_pid: int | None = None) -> dict:
+                   rate: float, seconds: float, nats_pid: int | None = None,
+                   ordered_ids: bool = False) -> dict:
     """The drain and the latency on empty tables and on tables grown by ``prefill`` users
     (bench/grown.py: their inbox and outbox rows and their default rows, before any pruning),
-    in one run; the order alternates across runs, so drift over a run cancels out."""
+    in one run; the order alternates across runs, so drift over a run cancels out.
+
+    ``ordered_ids``: an experiment — every user id and event id, prefilled and drained,
+    time-ordered (UUIDv7) instead of random (uuid4, what the project makes). The latency
+    scenario's registrations keep the project's ids.
+    """
     import grown
 
+    new_id = grown.uuid7 if ordered_ids else uuid.uuid4
     parts = ["empty", "grown"] if run % 2 == 0 else ["grown", "empty"]
-    result: dict = {"prefill_users": prefill, "events": events, "batch": batch}
+    result: dict = {"prefill_users": prefill, "events": events, "batch": batch,
+                    "ids": "time-ordered (UUIDv7)" if ordered_ids else "random (uuid4)"}
     for part in parts:
         print(f"  grown: {part} tables", file=sys.stderr)
         reset_data()
@@ -942,10 +951,10 @@ def scenario_grown(stack: Stack, prefill: int, events: int, batch: int, run: int
         prefilled = prefill if part == "grown" else 0
         if prefilled:
             result["disk"] = grown.check_disk(prefill)
-            result["prefill"] = grown.prefill(prefill, CONTEXTS)
+            result["prefill"] = grown.prefill(prefill, CONTEXTS, ordered=ordered_ids)
             result["sizes"] = grown.sizes(prefill, CONTEXTS)
-        users = [uuid.uuid4() for _ in range(events)]
-        publish_backlog(events, users)
+        users = [new_id() for _ in range(events)]
+        publish_backlog(events, users, new_id)
         drained = drain_phase(stack, "project", batch, users, nats_pid, prefilled=prefilled,
                               counters=grown.server_counters)
         latency = grown_latency(stack, rate, seconds, port)
@@ -1025,6 +1034,9 @@ def main() -> None:
                              "1,000 to 5,000,000")
     parser.add_argument("--grown-events", type=int, default=50_000,
                         help="grown: the backlog drained on empty and on grown tables")
+    parser.add_argument("--grown-ordered-ids", action="store_true",
+                        help="grown, an experiment: time-ordered (UUIDv7) user and event ids "
+                             "instead of the project's random uuid4")
     parser.add_argument("--only", default="drain,latency,register,relay,grown")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
@@ -1087,7 +1099,8 @@ def main() -> None:
                             elif name == "grown":
                                 runs.append(scenario_grown(
                                     stack, args.prefill, args.grown_events, args.batch, run,
-                                    port, args.rate, args.seconds, nats_pid=nats.process.pid))
+                                    port, args.rate, args.seconds, nats_pid=nats.process.pid,
+                                    ordered_ids=args.grown_ordered_ids))
                             else:
                                 runs.append(scenario_relay(args.relay_rows, 500))
                     merged = median_of(runs)
@@ -1194,8 +1207,8 @@ def grown_markdown(g: dict) -> list[str]:
     """The grown scenario's tables: empty against grown, then what the grown tables weigh."""
     lines = ["", f"Grown tables: the same {g['events']:,}-event drain (project, 4 consumers, batch "
              f"{g['batch']}) and latency, on empty tables and after prefilling "
-             f"{g['prefill_users']:,} users (inbox and outbox rows, users, default rows); "
-             "ratios to the empty tables' ceiling:", "",
+             f"{g['prefill_users']:,} users (inbox and outbox rows, users, default rows; "
+             f"{g['ids']} ids); ratios to the empty tables' ceiling:", "",
              "| tables | drain ev/s | ratio to ceiling | consumers CPU ms/ev | ceiling ev/s | "
              "latency p50 / p99 ms | server per event drained: WAL kB (full-page images), "
              "blocks read from the OS, buffers written by backends, checkpoints in the drain |",
