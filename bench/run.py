@@ -19,6 +19,11 @@ Scenarios:
             the last of the four services' default rows.
   register  the register endpoint with and without event publishing (same hasher, same run).
   relay     an outbox backlog of N rows flushed by the relay; events/s.
+  grown     PostgreSQL: a 50,000-event drain (``--grown-events``) and the latency, on empty
+            tables and on tables prefilled with N users (``--prefill``, 1,000,000: their inbox,
+            outbox, accounts and default rows, bench/grown.py), in one run; the fall in drain
+            rate, the database server's WAL and buffer traffic per event, and each table's and
+            index's size per million users.
 
 Passwords are hashed with MD5 (``DJANGO_PASSWORD_HASHERS``) so that hashing does not hide the
 pipeline; per-event INFO logs are off (``LOG_LEVEL=WARNING``), as they would be at volume.
