@@ -4,6 +4,7 @@ from collections.abc import Iterable
 
 from buildings.defaults import STARTER_BUILDINGS
 from buildings.models import Building
+from onboarding.eventbus.rows import insert_ignoring_conflicts
 
 logger = logging.getLogger(__name__)
 
@@ -15,13 +16,9 @@ def buildings_create_defaults(*, user_ids: Iterable[uuid.UUID]) -> None:
     their levels, are left alone.
     """
     wanted = set(user_ids)
-    Building.objects.bulk_create(
-        [
-            Building(user_id=user_id, kind=kind, level=level)
-            for user_id in wanted
-            for kind, level in STARTER_BUILDINGS
-        ],
-        ignore_conflicts=True,
+    insert_ignoring_conflicts(
+        Building, ("user_id", "kind", "level"),
+        [(user_id, kind, level) for user_id in sorted(wanted) for kind, level in STARTER_BUILDINGS],
     )
     logger.debug("default buildings ensured for %d user(s)", len(wanted))
 

@@ -4,6 +4,7 @@ from collections.abc import Iterable
 
 from characters.defaults import DEFAULT_CHARACTER_NAME
 from characters.models import Character
+from onboarding.eventbus.rows import insert_ignoring_conflicts
 
 logger = logging.getLogger(__name__)
 
@@ -18,12 +19,9 @@ def characters_create_defaults(*, user_ids: Iterable[uuid.UUID]) -> None:
     have = set(
         Character.objects.filter(user_id__in=wanted).values_list("user_id", flat=True)
     )
-    Character.objects.bulk_create(
-        [
-            Character(user_id=user_id, name=DEFAULT_CHARACTER_NAME, is_active=True)
-            for user_id in wanted - have
-        ],
-        ignore_conflicts=True,
+    insert_ignoring_conflicts(
+        Character, ("user_id",), [(user_id,) for user_id in sorted(wanted - have)],
+        same={"name": DEFAULT_CHARACTER_NAME, "is_active": True},
     )
     logger.debug("default characters ensured for %d user(s)", len(wanted))
 

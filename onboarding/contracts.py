@@ -42,6 +42,9 @@ EMAIL_MAX_LENGTH = 254  # RFC 5321 path limit, Django's EmailField default
 TIMESTAMP_MAX_LENGTH = 64
 
 _validate_email = EmailValidator()
+# Django compiles the validator's expressions on first use (~25 ms): at import instead, so that
+# a process's first event (or registration) does not wait for them.
+_validate_email("warm-up@example.com")
 
 # Canonical forms only: uuid.UUID() and int() also read braces, "urn:uuid:", missing hyphens,
 # surrounding blanks and non-ASCII digits (fullwidth, Arabic-Indic...), and fromisoformat()

@@ -2,6 +2,7 @@ import logging
 import uuid
 from collections.abc import Iterable
 
+from onboarding.eventbus.rows import insert_ignoring_conflicts
 from players.models import Player
 
 logger = logging.getLogger(__name__)
@@ -14,10 +15,7 @@ def players_create_defaults(*, users: Iterable[tuple[uuid.UUID, str]]) -> None:
     replayed or duplicated event creates nothing twice.
     """
     by_user = dict(users)
-    Player.objects.bulk_create(
-        [Player(user_id=user_id, username=name) for user_id, name in by_user.items()],
-        ignore_conflicts=True,
-    )
+    insert_ignoring_conflicts(Player, ("user_id", "username"), sorted(by_user.items()))
     logger.debug("default players ensured for %d user(s)", len(by_user))
 
 

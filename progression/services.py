@@ -2,6 +2,7 @@ import logging
 import uuid
 from collections.abc import Iterable
 
+from onboarding.eventbus.rows import insert_ignoring_conflicts
 from progression.defaults import STARTER_SKILLS, STARTER_WEAPONS
 from progression.models import MetaProgression
 
@@ -15,16 +16,9 @@ def progressions_create_defaults(*, user_ids: Iterable[uuid.UUID]) -> None:
     ``user_id`` are ignored, never overwritten.
     """
     wanted = set(user_ids)
-    MetaProgression.objects.bulk_create(
-        [
-            MetaProgression(
-                user_id=user_id,
-                unlocked_weapons=list(STARTER_WEAPONS),
-                unlocked_skills=list(STARTER_SKILLS),
-            )
-            for user_id in wanted
-        ],
-        ignore_conflicts=True,
+    insert_ignoring_conflicts(
+        MetaProgression, ("user_id",), [(user_id,) for user_id in sorted(wanted)],
+        same={"unlocked_weapons": list(STARTER_WEAPONS), "unlocked_skills": list(STARTER_SKILLS)},
     )
     logger.debug("default progressions ensured for %d user(s)", len(wanted))
 

@@ -42,8 +42,9 @@ def unreachable_nats(settings):
 def set_up_user(start_consumers, names=None):
     start_consumers(names)
     user = user_register(username="sam", email="sam@example.com", password="x")
-    wait_settled(names, timeout=20)
+    # Published first: before the event is in the stream, every durable looks settled.
     wait_until(lambda: not OutboxEvent.objects.filter(published_at__isnull=True).exists())
+    wait_settled(names, timeout=20)
     return user
 
 

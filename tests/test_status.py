@@ -14,7 +14,7 @@ from django.core.management import call_command
 from django.utils import timezone
 
 from accounts.services import user_register
-from conftest import consumer_state, run_async, wait_settled, wait_until
+from conftest import consumer_state, relay_flush, run_async, wait_settled, wait_until
 from onboarding.eventbus.connection import display_url
 from onboarding.eventbus.deadletters import dead_letter_store
 from onboarding.eventbus.models import OutboxEvent, ProcessedEvent
@@ -63,9 +63,9 @@ def test_a_stopped_consumer_with_pending_events_is_unhealthy_until_it_runs(
     """The reported bug: "healthy, exit 0" while buildings was stopped with 3 events pending."""
     start_consumers(RUNNING)
     users = register(3)
+    wait_until(all_published, message="outbox published")  # then settled means applied
     wait_settled(RUNNING, timeout=20)
     wait_until(lambda: consumer_state("buildings") == (3, 0), message="3 pending for buildings")
-    wait_until(all_published, message="outbox published")
 
     code, output = status_process(manage)
     assert code == 1, output
@@ -98,8 +98,8 @@ def test_a_stopped_consumer_with_pending_events_is_unhealthy_until_it_runs(
 def test_healthy_stack_exit_0_and_json_keeps_its_keys(start_consumers, manage):
     start_consumers()
     register(2)
+    wait_until(all_published, message="outbox published")  # then settled means applied
     wait_settled(timeout=20)
-    wait_until(all_published, message="outbox published")
 
     code, output = status_process(manage, "--json")
     assert code == 0, output
@@ -128,8 +128,11 @@ def test_healthy_stack_exit_0_and_json_keeps_its_keys(start_consumers, manage):
 def test_a_busy_consumer_is_never_called_stalled(start_consumers):
     """The rule must not flap: consumers draining a burst one message per transaction have
     instants with no pull request open and nothing unacknowledged."""
-    start_consumers(batch=2, per_message=True)
+    # The backlog is in the stream before the consumers start, so that the checks overlap the
+    # drain (registering while they run, a fast drain could end with the last registration).
     register(40, prefix="burst")
+    relay_flush()
+    start_consumers(batch=2, per_message=True)
     seen = []
     while counts() != complete_count(40):
         status = onboarding_status()
@@ -255,8 +258,8 @@ def test_unreachable_nats_is_unhealthy_and_names_the_server_without_its_password
 def test_user_story_follows_the_event_to_each_service(start_consumers, manage):
     start_consumers(RUNNING)
     [user] = register(1, prefix="story")
+    wait_until(all_published, message="outbox published")  # then settled means applied
     wait_settled(RUNNING, timeout=20)
-    wait_until(all_published, message="outbox published")
     event = OutboxEvent.objects.get()
     seq = ProcessedEvent.objects.using(settings.CONTEXT_DATABASES["players"]).get(
         consumer="players", event_id=str(event.event_id)).stream_seq

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import itertools
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from django.db import connections, transaction
-from django.utils import timezone
 
 from onboarding.eventbus.failures import Abandoned, PermanentError
 from onboarding.eventbus.models import ProcessedEvent
 from onboarding.eventbus.registry import ConsumerSpec
+from onboarding.eventbus.rows import insert_ignoring_conflicts
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class Incoming:
     event_id: str
     subject: str
     stream_seq: int
+    meta: object = field(default=None, compare=False, repr=False)  # its JetStream metadata
 
 
 class CommitGate:
@@ -124,23 +125,11 @@ def inbox_claim(alias: str, consumer: str, items: list[Incoming]) -> set[str]:
 
 
 def _claim_returning(connection, alias: str, consumer: str, items: list[Incoming]) -> set[str]:
-    meta, quote = ProcessedEvent._meta, connection.ops.quote_name
-    column = {f.name: quote(f.column) for f in meta.fields}
-    names = ("consumer", "event_id", "subject", "stream_seq", "processed_at")
-    now = connection.ops.adapt_datetimefield_value(timezone.now())
-    row = "(" + ", ".join(["%s"] * len(names)) + ")"
-    params = []
-    for item in items:
-        params += [consumer, item.event_id, item.subject, item.stream_seq, now]
-    sql = (
-        f"INSERT INTO {quote(meta.db_table)} ({', '.join(column[n] for n in names)}) "
-        f"VALUES {', '.join([row] * len(items))} "
-        f"ON CONFLICT ({column['consumer']}, {column['event_id']}) DO NOTHING "
-        f"RETURNING {column['event_id']}"
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return {event_id for (event_id,) in cursor.fetchall()}
+    return set(insert_ignoring_conflicts(
+        ProcessedEvent, ("event_id", "subject", "stream_seq"),
+        [(item.event_id, item.subject, item.stream_seq) for item in items],
+        same={"consumer": consumer}, using=alias, returning="event_id",
+    ))
 
 
 def _claim_read_then_write(connection, alias: str, consumer: str, items: list[Incoming]):

@@ -83,6 +83,20 @@ class BackgroundPublisher:
         except Exception:
             logger.exception("could not schedule publish; the relay will publish")
 
+    def start(self, timeout: float) -> bool:
+        """Start the thread now and wait up to ``timeout`` s for its connection; True if it
+        connected. For a process that knows it will publish (the relay): its first event then
+        does not wait for a NATS connection. Never raises; not connected yet, it goes on trying
+        as on first use."""
+        try:
+            self._ensure_started()
+            asyncio.run_coroutine_threadsafe(
+                asyncio.wait_for(self._connected.wait(), timeout), self._loop
+            ).result(timeout + 1)
+        except Exception:
+            return False
+        return True
+
     def close(self, timeout: float = 5.0) -> None:
         """Stop the thread and close the connection (atexit, tests); later submits are no-ops."""
         self._closed = True

@@ -55,6 +55,7 @@ from onboarding.eventbus.publisher import (
     describe,
     publish_pipelined,
 )
+from onboarding.eventbus.warmup import outbox_warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +211,9 @@ class OutboxRelay:
         # publish_async pipelined, rows marked after their PubAcks in one UPDATE every 0.5 s
         # (well inside the grace period after which the scan would republish them).
         self._publisher = BackgroundPublisher(on_acked=metrics.relay_published_notify)
+        # Connected before the relay listens: the first commit's event need not wait for it.
+        await asyncio.get_running_loop().run_in_executor(
+            None, self._publisher.start, settings.NATS_REQUEST_TIMEOUT)
         self._scan_now = asyncio.Event()
         # A fresh start (also after stepping down): a thread of an earlier term keeps its event.
         self._stop_listening = threading.Event()
@@ -227,6 +231,7 @@ class OutboxRelay:
         while not stop.is_set():
             try:
                 if connection is None:
+                    outbox_warm_up()  # before LISTEN: the first notification's check is warm
                     connection = outbox_listen()
                     logger.info("relay: listening for commits")
                     if self.listening.is_set():  # a reconnection: scan what was missed meanwhile

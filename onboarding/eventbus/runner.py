@@ -86,6 +86,7 @@ from onboarding.eventbus.inbox import (  # noqa: F401
 )
 from onboarding.eventbus.lifecycle import Backoff, Stopper
 from onboarding.eventbus.registry import ConsumerSpec
+from onboarding.eventbus.warmup import consumer_warm_up
 
 logger = logging.getLogger(__name__)
 # One line per handled event (EVENT_LOG_LEVEL), with structured fields for JSON logs.
@@ -114,11 +115,16 @@ def message_ids(msgs: list) -> str:
             f"event_ids={','.join(event_id_of(msg) for msg in msgs)}")
 
 
-def event_fields(consumer: str, msg, outcome: str, user_id: str | None = None, **more) -> dict:
-    """The structured fields of a log line about one message (``extra=``; keys in JSON logs)."""
-    meta = msg.metadata
+def event_fields(consumer: str, msg, outcome: str, user_id: str | None = None, *, meta=None,
+                 event_id: str | None = None, **more) -> dict:
+    """The structured fields of a log line about one message (``extra=``; keys in JSON logs).
+
+    ``meta``, ``event_id``: the message's, if the caller has them (nats-py parses the metadata
+    anew at each access).
+    """
+    meta = meta or msg.metadata
     return {
-        "consumer": consumer, "outcome": outcome, "event_id": event_id_of(msg),
+        "consumer": consumer, "outcome": outcome, "event_id": event_id or event_id_of(msg),
         "user_id": user_id or payload_user_id(bytes(msg.data)) or None,
         "stream_seq": meta.sequence.stream, "delivery": meta.num_delivered, **more,
     }
@@ -299,6 +305,10 @@ class ConsumerRunner:
         waiting_for_durable = False
         pending = metrics.watch_pending(js, spec.name, spec.durable)  # METRICS_PORT only
         try:
+            # Before the first fetch, so that a pull request waiting on the durable means a warm
+            # consumer, and its first events do not pay for the first connection (warmup.py).
+            await self.stopper.wait_for(
+                asyncio.ensure_future(worker.call(consumer_warm_up, spec)))
             while not self.stopper.stopped:
                 if not await worker.idle(self.stopper):
                     break
@@ -475,7 +485,7 @@ class ConsumerRunner:
         self.duplicates[spec.name] += len(applied) - new
         metrics.handled(spec.name, processed=new, duplicates=len(applied) - new)
         for (msg, item), is_new in zip(ready, applied, strict=True):
-            self._log_handled(spec, msg, item.event, is_new, took, **log_fields)
+            self._log_handled(spec, msg, item, is_new, took, **log_fields)
         for msg, item in ready:
             if msg.subject != item.subject:  # a replay: its dead letter is resolved
                 await self._resolve_dead_letter(spec, worker, msg)
@@ -516,7 +526,8 @@ class ConsumerRunner:
                 event = parse_event(subject, msg.data, msg.headers)
             except ContractError:
                 continue  # the one-message path dead-letters it, with its own log line
-            ready.append((msg, Incoming(event, event_id_of(msg), subject, meta.sequence.stream)))
+            ready.append((msg, Incoming(event, event_id_of(msg), subject, meta.sequence.stream,
+                                        meta)))
         if len(ready) < 2:
             return
         try:
@@ -566,7 +577,8 @@ class ConsumerRunner:
             return True
         subject = original_subject(spec.name, msg.subject)
         try:
-            item = Incoming(parse_event(subject, msg.data, msg.headers), event_id, subject, seq)
+            item = Incoming(parse_event(subject, msg.data, msg.headers), event_id, subject, seq,
+                            meta)
             done = await self._transaction(spec, worker, [item], mode="message",
                                            in_hand=in_hand)
         except PERMANENT_ERRORS as exc:
@@ -588,10 +600,14 @@ class ConsumerRunner:
         return True
 
     @staticmethod
-    def _log_handled(spec: ConsumerSpec, msg, event, applied: bool, took: float, **more):
+    def _log_handled(spec: ConsumerSpec, msg, item: Incoming, applied: bool, took: float,
+                     **more):
         """The line of one acked event; in batch mode ``took`` is its batch's transaction."""
+        if not event_logger.isEnabledFor(logging.INFO):
+            return  # EVENT_LOG_LEVEL above INFO: not even the fields (docs/benchmarks.md)
         outcome = "processed" if applied else "duplicate"
-        fields = event_fields(spec.name, msg, outcome, user_id=str(event.user_id),
+        fields = event_fields(spec.name, msg, outcome, user_id=str(item.event.user_id),
+                              meta=item.meta, event_id=item.event_id,
                               duration_ms=round(took * 1000, 3), **more)
         event_logger.info(
             "consumer %s: %s seq=%s event_id=%s user_id=%s in %.1f ms", spec.name,
