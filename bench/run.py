@@ -20,6 +20,11 @@ Scenarios:
   register  the register endpoint with and without event publishing (same hasher, same run);
             ``--hasher argon2`` measures it with the production hasher.
   relay     an outbox backlog of N rows flushed by the relay; events/s.
+  grown     PostgreSQL: a 50,000-event drain (``--grown-events``) and the latency, on empty
+            tables and on tables prefilled with N users (``--prefill``, 1,000,000: their inbox,
+            outbox, accounts and default rows, bench/grown.py), in one run; the fall in drain
+            rate, the database server's WAL and buffer traffic per event, and each table's and
+            index's size per million users.
 
 Passwords are hashed with MD5 (``DJANGO_PASSWORD_HASHERS``) so that hashing does not hide the
 pipeline; per-event INFO logs are off (``LOG_LEVEL=WARNING``), as they would be at volume.
@@ -311,9 +316,12 @@ def reset_jetstream() -> None:
     call_command("setup_jetstream", stdout=open(os.devnull, "w"))
 
 
-def wait_for_counts(target: int, timeout: float, label: str) -> dict[str, float]:
-    """Poll until each context has ``target`` users' defaults; return when each got there."""
+def wait_for_counts(target: int, timeout: float, label: str,
+                    baseline: dict[str, int] | None = None) -> dict[str, float]:
+    """Poll until each context has ``target`` users' defaults (beyond ``baseline``'s rows, e.g.
+    the grown scenario's prefill); return when each got there."""
     models = default_models()
+    baseline = baseline or {}
     per_user = {"buildings": 2}
     started = time.monotonic()
     reached: dict[str, float] = {}
@@ -322,7 +330,7 @@ def wait_for_counts(target: int, timeout: float, label: str) -> dict[str, float]
             raise TimeoutError(f"{label}: not every default after {timeout}s: {reached}")
         done = 0
         for name, model in models.items():
-            count = model.objects.count() // per_user.get(name, 1)
+            count = (model.objects.count() - baseline.get(name, 0)) // per_user.get(name, 1)
             done += min(count, target)
             if count >= target and name not in reached:
                 reached[name] = time.monotonic()
@@ -334,9 +342,10 @@ def wait_for_counts(target: int, timeout: float, label: str) -> dict[str, float]
 # -- scenarios ----------------------------------------------------------------------------------
 
 
-def publish_backlog(events: int, user_ids: list[uuid.UUID] | None = None) -> float:
-    """Publish ``events`` user.registered events (for ``user_ids`` when given), pipelined;
-    return events/s."""
+def publish_backlog(events: int, user_ids: list[uuid.UUID] | None = None,
+                    new_id=uuid.uuid4) -> float:
+    """Publish ``events`` user.registered events (for ``user_ids`` when given, with event ids
+    from ``new_id``), pipelined; return events/s."""
     import asyncio
 
     from onboarding.contracts import UserRegistered, event_headers
@@ -352,7 +361,7 @@ def publish_backlog(events: int, user_ids: list[uuid.UUID] | None = None) -> flo
             event = UserRegistered(user_id=user_id, username=f"drain{i}",
                                    email=f"drain{i}@example.com", registration_timestamp=now)
             await js.publish_async(event.subject, event.to_json(),
-                                   headers=event_headers(event, event_id=uuid.uuid4()))
+                                   headers=event_headers(event, event_id=new_id()))
             if i % 1000 == 0:
                 progress("publish", i, events, started)
         await js.publish_async_completed()
@@ -505,7 +514,8 @@ def check_alive(processes: list[subprocess.Popen], label: str) -> None:
 
 def watch_drain(processes: list[subprocess.Popen], durables: list[str],
                 users: list[uuid.UUID], batch: int, timeout: float, label: str,
-                nats_pid: int | None = None, profiling: bool = False) -> dict:
+                nats_pid: int | None = None, profiling: bool = False,
+                prefilled: int = 0, counters=None) -> dict:
     """Release the held durables and watch the backlog drain from outside, as a user sees it:
     the moment each context's rows are all visible (committed), polled every 20 ms.
 
@@ -513,7 +523,8 @@ def watch_drain(processes: list[subprocess.Popen], durables: list[str],
     waiting on its durable (so process start-up is not counted, and all four start together).
     The probe is cheap, so as not to compete with the consumers for the two cores: an index
     lookup of the backlog's last user (committed last when a consumer commits in order),
-    confirmed by a count. The consumers' CPU (``/proc``) is read over the same window.
+    confirmed by a count. The consumers' CPU (``/proc``) is read over the same window, and so
+    are ``counters()`` (cumulative numbers, e.g. the database server's), when given.
     """
     models = default_models()
     per_user = {"buildings": 2}
@@ -529,6 +540,7 @@ def watch_drain(processes: list[subprocess.Popen], durables: list[str],
         for process in processes:
             process.send_signal(signal.SIGUSR1)  # bench/profiled.py: start profiling
         time.sleep(0.2)
+    counted = counters() if counters else None
     cpu_start = cpu()
     started = time.monotonic()
     resume_durables(durables, users, batch)
@@ -541,14 +553,18 @@ def watch_drain(processes: list[subprocess.Popen], durables: list[str],
         check_alive(processes, label)
         for name, model in models.items():
             if name not in done and model.objects.filter(user_id=last_user).exists() and (
-                    model.objects.count() // per_user.get(name, 1) >= events):
+                    model.objects.count() // per_user.get(name, 1) >= events + prefilled):
                 done[name] = now
                 progress(label, len(done) * events // len(models), events, started)
         if len(done) < len(models):
             time.sleep(POLL_SECONDS)
     cpu_end = cpu()
     seconds = max(done.values()) - started
+    if counters:
+        after = counters()
+        counted = {key: after[key] - counted[key] for key in after}
     return {
+        **({"counters": counted} if counters else {}),
         "events_drained": events,
         "events_per_s": round(events / max(seconds, 1e-6)),
         "per_consumer_events_per_s": {
@@ -561,8 +577,9 @@ def watch_drain(processes: list[subprocess.Popen], durables: list[str],
     }
 
 
-def check_drained(events: int, inbox: bool) -> None:
-    """Every default row once per user, nothing more (and one inbox row per event)."""
+def check_drained(events: int, inbox: bool, prefilled: int = 0) -> None:
+    """Every default row once per user, nothing more (and one inbox row per event), beside the
+    ``prefilled`` users' rows (the grown scenario's)."""
     from django.conf import settings
 
     from onboarding.eventbus.models import ProcessedEvent
@@ -570,15 +587,17 @@ def check_drained(events: int, inbox: bool) -> None:
     per_user = {"buildings": 2}
     for name, model in default_models().items():
         rows, users = model.objects.count(), model.objects.values("user_id").distinct().count()
-        expected = events * per_user.get(name, 1)
-        if rows != expected or users != events:
+        events_and_prefilled = events + prefilled
+        expected = events_and_prefilled * per_user.get(name, 1)
+        if rows != expected or users != events_and_prefilled:
             raise AssertionError(f"{name}: {rows} rows for {users} users, expected {expected} "
-                                 f"rows for {events}")
+                                 f"rows for {events_and_prefilled}")
         if inbox:
             handled = ProcessedEvent.objects.using(settings.CONTEXT_DATABASES[name]).filter(
                 consumer=name).count()
-            if handled != events:
-                raise AssertionError(f"{name}: {handled} inbox rows, expected {events}")
+            if handled != events_and_prefilled:
+                raise AssertionError(f"{name}: {handled} inbox rows, "
+                                     f"expected {events_and_prefilled}")
 
 
 def peer_available() -> str | None:
@@ -640,11 +659,14 @@ def profile_summary(prefix: Path, events: int) -> dict[str, float]:
 
 
 def drain_phase(stack: Stack, phase: str, batch: int, users: list[uuid.UUID],
-                nats_pid: int | None, profile_dir: Path | None = None) -> dict:
+                nats_pid: int | None, profile_dir: Path | None = None,
+                prefilled: int = 0, counters=None) -> dict:
     """One drain of the published backlog (``users``' events) by the project's consumers or by
     the peer, on empty default tables (the stream's messages stay: each phase has its own
-    durables, and drains every event published so far)."""
-    reset_data()
+    durables, and drains every event published so far) — or, with ``prefilled``, on the grown
+    scenario's tables as they are."""
+    if not prefilled:
+        reset_data()
     if phase == "project":
         durables = list(CONTEXTS)  # setup_jetstream made them (reset_jetstream)
         hold_durables(durables)
@@ -660,9 +682,10 @@ def drain_phase(stack: Stack, phase: str, batch: int, users: list[uuid.UUID],
                      for context, durable in zip(default_models(), durables, strict=True)]
     wait_bound(durables, processes, timeout=60)
     result = watch_drain(processes, durables, users, batch, timeout=600, label=phase[:10],
-                         nats_pid=nats_pid, profiling=bool(profile_dir))
+                         nats_pid=nats_pid, profiling=bool(profile_dir), prefilled=prefilled,
+                         counters=counters)
     stack.stop()
-    check_drained(len(users), inbox=phase == "project")
+    check_drained(len(users), inbox=phase == "project", prefilled=prefilled)
     if profile_dir:
         # From the drain's start to the processes' exit, per event, the four processes summed.
         result["profile_ms_per_event"] = profile_summary(profile_dir / f"{phase}-",
@@ -873,6 +896,8 @@ def scenario_latency(stack: Stack, rate: float, seconds: float, port: int, engin
     each, the time from its 201 to the moment the last of the four contexts' rows became
     visible (:class:`RowWatcher`). Cold: the first second's (and the first 20) registrations;
     steady: those sent after ``warmup`` s."""
+    # Rows already there (the grown scenario's prefill) are not this run's.
+    baseline = {name: model.objects.count() for name, model in default_models().items()}
     launched = time.monotonic()
     stack.manage("outbox_relay")
     for context in CONTEXTS:
@@ -914,7 +939,7 @@ def scenario_latency(stack: Stack, rate: float, seconds: float, port: int, engin
                 if i % 25 == 0:
                     progress("latency", i, total, started)
         progress("latency", total, total, started)
-        wait_for_counts(len(sent), timeout=60, label="defaults")
+        wait_for_counts(len(sent), timeout=60, label="defaults", baseline=baseline)
         time.sleep(10 * tick)  # the watchers' last rows, seen by now
     missing = sum(watcher.visible(user) is None for _, user, _ in sent)
     if missing:
@@ -1109,6 +1134,75 @@ def scenario_relay(rows: int, batch: int) -> dict:
     return {"rows": rows, "batch": batch, "events_per_s": round(rows / elapsed)}
 
 
+def grown_latency(stack: Stack, rate: float, seconds: float, port: int,
+                  **options) -> dict:
+    """The latency scenario's measurement (from a cold start, rows polled from outside), on
+    PostgreSQL's tables as they are (grown or empty)."""
+    return scenario_latency(stack, rate, seconds, port, "postgres", **options)
+
+
+def scenario_grown(stack: Stack, prefill: int, events: int, batch: int, run: int, port: int,
+                   rate: float, seconds: float, nats_pid: int | None = None,
+                   ordered_ids: bool = False, latency_options: dict | None = None) -> dict:
+    """The drain and the latency on empty tables and on tables grown by ``prefill`` users
+    (bench/grown.py: their inbox and outbox rows and their default rows, before any pruning),
+    in one run; the order alternates across runs, so drift over a run cancels out.
+
+    ``ordered_ids``: an experiment — every user id and event id, prefilled and drained,
+    time-ordered (UUIDv7) instead of random (uuid4, what the project makes). The latency
+    scenario's registrations keep the project's ids.
+    """
+    import grown
+
+    new_id = grown.uuid7 if ordered_ids else uuid.uuid4
+    parts = ["empty", "grown"] if run % 2 == 0 else ["grown", "empty"]
+    result: dict = {"prefill_users": prefill, "events": events, "batch": batch,
+                    "ids": "time-ordered (UUIDv7)" if ordered_ids else "random (uuid4)"}
+    for part in parts:
+        print(f"  grown: {part} tables", file=sys.stderr)
+        reset_data()
+        reset_jetstream()
+        prefilled = prefill if part == "grown" else 0
+        if prefilled:
+            result["disk"] = grown.check_disk(prefill)
+            result["prefill"] = grown.prefill(prefill, CONTEXTS, ordered=ordered_ids)
+            result["sizes"] = grown.sizes(prefill, CONTEXTS)
+        users = [new_id() for _ in range(events)]
+        publish_backlog(events, users, new_id)
+        drained = drain_phase(stack, "project", batch, users, nats_pid, prefilled=prefilled,
+                              counters=grown.server_counters)
+        latency = grown_latency(stack, rate, seconds, port, **(latency_options or {}))
+        if not prefilled:
+            reset_data()
+        # On grown tables the ceiling inserts beside the prefilled rows: how much of the fall
+        # the business tables' growth explains (the ceiling writes no inbox).
+        ceiling = ceiling_rate(events, batch)
+        result[part] = {
+            "drain_events_per_s": drained["events_per_s"],
+            "drain_seconds": drained["seconds"],
+            "drain_cpu_ms_per_event": drained["cpu_ms_per_event"],
+            "per_consumer_events_per_s": drained["per_consumer_events_per_s"],
+            # Where the database server's work went, per event drained (WAL, buffers).
+            "server_per_event": {key: round(value / drained["events_drained"], 3)
+                                 for key, value in drained["counters"].items()},
+            "ceiling_events_per_s": round(ceiling),
+            "latency": latency,
+        }
+    if not prefill:
+        return result
+    empty_ceiling = result["empty"]["ceiling_events_per_s"]
+    for part in ("empty", "grown"):
+        # One ceiling for both (empty tables'): the ratios fall exactly as the drain rate does.
+        result[part]["ratio_to_ceiling"] = round(
+            result[part]["drain_events_per_s"] / empty_ceiling, 3)
+    result["drain_fall"] = round(
+        1 - result["grown"]["drain_events_per_s"] / result["empty"]["drain_events_per_s"], 3)
+    result["ceiling_fall"] = round(
+        1 - result["grown"]["ceiling_events_per_s"] / empty_ceiling, 3)
+    reset_data()  # TRUNCATE gives the prefill's gigabytes back to the disk
+    return result
+
+
 # -- main ---------------------------------------------------------------------------------------
 
 
@@ -1159,12 +1253,27 @@ def main() -> None:
     parser.add_argument("--relay-rows", type=int, default=20_000)
     parser.add_argument("--runs", type=int, default=3,
                         help="drain, latency, relay: runs (the table shows their medians)")
-    parser.add_argument("--only", default="drain,latency,register,relay")
+    parser.add_argument("--prefill", type=int, default=1_000_000,
+                        help="grown: users prefilled (inbox, outbox, users, defaults); "
+                             "1,000 to 5,000,000")
+    parser.add_argument("--grown-events", type=int, default=50_000,
+                        help="grown: the backlog drained on empty and on grown tables")
+    parser.add_argument("--grown-ordered-ids", action="store_true",
+                        help="grown, an experiment: time-ordered (UUIDv7) user and event ids "
+                             "instead of the project's random uuid4")
+    parser.add_argument("--only", default="drain,latency,register,relay,grown")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     args.relay_rows = min(args.relay_rows, 200_000)
     args.runs = max(1, min(args.runs, 10))
     scenarios = set(args.only.split(","))
+    args.prefill = max(1_000, min(args.prefill, 5_000_000))
+    args.grown_events = max(args.batch, min(args.grown_events, 200_000))
+    if "grown" in scenarios and args.engine != "postgres":
+        # Prefilled with generate_series and sized with pg_relation_size; SQLite, the
+        # development database, is not what grows to a million users.
+        print("grown: skipped on SQLite (PostgreSQL only: --engine postgres)", file=sys.stderr)
+        scenarios.discard("grown")
     peer_version = peer_available() if "drain" in scenarios and args.peer else None
     if "drain" in scenarios and args.peer and not peer_version:
         raise SystemExit("the drain's FastStream peer needs bench/requirements.txt "
@@ -1188,7 +1297,7 @@ def main() -> None:
             results["peer"] = f"FastStream {peer_version}"
         port = free_port()
         try:
-            for name in ("drain", "latency", "register", "relay"):
+            for name in ("drain", "latency", "register", "relay", "grown"):
                 if name not in scenarios:
                     continue
                 for events in args.events if name == "drain" else [None]:
@@ -1215,6 +1324,13 @@ def main() -> None:
                             elif name == "register":
                                 runs.append(scenario_register(stack, args.requests,
                                                               args.rounds, port))
+                            elif name == "grown":
+                                runs.append(scenario_grown(
+                                    stack, args.prefill, args.grown_events, args.batch, run,
+                                    port, args.rate, args.seconds, nats_pid=nats.process.pid,
+                                    ordered_ids=args.grown_ordered_ids,
+                                    latency_options={"warmup": args.warmup,
+                                                     "tick": args.poll_ms / 1000}))
                             else:
                                 runs.append(scenario_relay(args.relay_rows, 500))
                     merged = median_of(runs)
@@ -1286,6 +1402,15 @@ def markdown(results: dict) -> str:
     if "relay" in results:
         rl = results["relay"]
         lines.append(f"| relay {rl['rows']:,} rows | **{rl['events_per_s']:,} ev/s** | ≥ 5,000 |")
+    if "grown" in results:
+        g = results["grown"]
+        grown_rate, empty_rate = (g[part]["drain_events_per_s"] for part in ("grown", "empty"))
+        lines.append(f"| grown: drain {g['events']:,} events after {g['prefill_users']:,} users "
+                     f"| {grown_rate:,} vs {empty_rate:,} ev/s on empty tables: falls "
+                     f"**{g['drain_fall']:.0%}**; steady p99 "
+                     f"{g['grown']['latency']['steady']['p99_ms']} vs "
+                     f"{g['empty']['latency']['steady']['p99_ms']} ms "
+                     "| fall ≤ 20% |")
     if results.get("drain"):
         lines += ["", f"Drain, side by side ({results.get('databases', '')}): from the moment "
                   "the four consumers, already started, are let loose on the backlog until every "
@@ -1322,7 +1447,44 @@ def markdown(results: dict) -> str:
                 cells = [profiled[phase].get(part, 0) for phase in profiled]
                 if any(cells):
                     lines.append(f"| {part} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    if "grown" in results:
+        lines += grown_markdown(results["grown"])
     return "\n".join(lines)
+
+
+def grown_markdown(g: dict) -> list[str]:
+    """The grown scenario's tables: empty against grown, then what the grown tables weigh."""
+    lines = ["", f"Grown tables: the same {g['events']:,}-event drain (project, 4 consumers, batch "
+             f"{g['batch']}) and latency, on empty tables and after prefilling "
+             f"{g['prefill_users']:,} users (inbox and outbox rows, users, default rows; "
+             f"{g['ids']} ids); ratios to the empty tables' ceiling:", "",
+             "| tables | drain ev/s | ratio to ceiling | consumers CPU ms/ev | ceiling ev/s | "
+             "latency, steady p50 / p99 ms | server per event drained: WAL kB (full-page images), "
+             "blocks read from the OS, buffers written by backends, checkpoints in the drain |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for part in ("empty", "grown"):
+        x = g[part]
+        server = x["server_per_event"]
+        lines.append(f"| {part} | {x['drain_events_per_s']:,} | {x['ratio_to_ceiling']:.0%} | "
+                     f"{x['drain_cpu_ms_per_event']['consumers']:.2f} | "
+                     f"{x['ceiling_events_per_s']:,} | {x['latency']['steady']['p50_ms']} / "
+                     f"{x['latency']['steady']['p99_ms']} | {server['wal_bytes'] / 1000:.1f} "
+                     f"({server['wal_full_page_images']:.2f}), {server['blocks_read']:.1f}, "
+                     f"{server['buffers_written_by_backends']:.1f}, "
+                     f"{server['checkpoints'] * g['events']:.0f} |")
+    lines.append(f"| fall | **{g['drain_fall']:.0%}** | | | {g['ceiling_fall']:.0%} | | |")
+    lines += ["", f"Sizes per million users (prefill {g['prefill']['seconds']} s; MB; B-tree "
+              "levels in brackets):", "",
+              "| database.table | heap | indexes | total | each index |",
+              "| --- | --- | --- | --- | --- |"]
+    for table, x in g["sizes"].items():
+        each = ", ".join(
+            f"{name} {i['mb_per_million']}" + (f" [{i['btree_levels']}]" if "btree_levels" in i
+                                                else "")
+            for name, i in x["indexes"].items())
+        lines.append(f"| {table} | {x['table_mb_per_million']} | "
+                     f"{x['indexes_mb_per_million']} | {x['total_mb_per_million']} | {each} |")
+    return lines
 
 
 if __name__ == "__main__":
