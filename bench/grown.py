@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import secrets
 import shutil
 import threading
 import time
@@ -67,14 +66,6 @@ SERIES = """
 RANDOM_ID = "md5('{kind}' || i)::uuid"
 ORDERED_ID = ("overlay(md5('{kind}' || i) placing lpad(to_hex((extract(epoch FROM ts) * 1000)"
               "::bigint), 12, '0') from 1 for 12)::uuid")
-
-
-def uuid7() -> uuid.UUID:
-    """A time-ordered UUID (RFC 9562 version 7: milliseconds since the epoch, then random)."""
-    value = (time.time_ns() // 1_000_000) << 80 | secrets.randbits(80)
-    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
-    value = value & ~(0x3 << 62) | 0x2 << 62  # the RFC's variant
-    return uuid.UUID(int=value)
 
 
 def statements(context: str | None, consumer: str | None = None,

@@ -183,6 +183,28 @@ def test_the_outbox_row_reads_back_as_written(settings):
     assert outbox_unpublished(older_than=60, limit=10) == []
 
 
+def test_event_ids_sort_by_time_and_meet_the_contract(settings):
+    """Event ids are UUID version 7: ids minted later sort later, as text too (the inboxes'
+    unique index on the id then grows at one edge instead of everywhere: bench ``grown``)."""
+    import time
+
+    from onboarding.contracts import parse_event
+    from onboarding.eventbus.ids import uuid7
+    from onboarding.eventbus.oncommit import outbox_publish_on_commit
+
+    earlier = uuid7()
+    time.sleep(0.002)  # another millisecond: within one, the order is random
+    later = uuid7()
+    assert (earlier.version, earlier.variant) == (7, uuid.RFC_4122)
+    assert str(earlier) < str(later) and earlier < later
+
+    settings.OUTBOX_PUBLISH_ON_COMMIT = False
+    with transaction.atomic():
+        row = outbox_publish_on_commit(event=sample_event(username="sevenish"))
+    assert row.event_id.version == 7
+    assert parse_event(row.subject, row.payload.encode(), row.headers).username == "sevenish"
+
+
 def test_outbox_requires_a_transaction():
     from onboarding.eventbus.oncommit import outbox_publish_on_commit
 

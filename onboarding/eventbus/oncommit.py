@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import uuid
 
 from django.conf import settings
 from django.core.signals import request_finished, request_started
@@ -24,6 +23,7 @@ from django.db import connections, transaction
 from django.utils import timezone
 
 from onboarding.contracts import event_headers
+from onboarding.eventbus.ids import uuid7
 from onboarding.eventbus.models import OutboxEvent
 from onboarding.eventbus.outbox import OUTBOX_DATABASE, OutboundMessage, outbox_connection
 from onboarding.eventbus.publisher import get_publisher
@@ -45,7 +45,7 @@ def outbox_publish_on_commit(*, event) -> OutboxEvent:
     """
     if not transaction.get_connection(OUTBOX_DATABASE).in_atomic_block:
         raise RuntimeError("outbox_publish_on_commit() must run inside transaction.atomic()")
-    event_id = uuid.uuid4()
+    event_id = uuid7()  # time-ordered: the inboxes' unique indexes grow at one edge (ids.py)
     row = OutboxEvent(
         event_id=event_id,
         subject=event.subject,
