@@ -1148,16 +1148,19 @@ def scenario_grown(stack: Stack, prefill: int, events: int, batch: int, run: int
     (bench/grown.py: their inbox and outbox rows and their default rows, before any pruning),
     in one run; the order alternates across runs, so drift over a run cancels out.
 
-    ``ordered_ids``: an experiment — every user id and event id, prefilled and drained,
-    time-ordered (UUIDv7) instead of random (uuid4, what the project makes). The latency
-    scenario's registrations keep the project's ids.
+    Event ids are time-ordered (UUIDv7), as the project mints them; user ids random (uuid4),
+    as accounts makes them. ``ordered_ids``: an experiment — user ids, prefilled and drained,
+    time-ordered too. The latency scenario's registrations keep the project's ids.
     """
     import grown
 
-    new_id = grown.uuid7 if ordered_ids else uuid.uuid4
+    from onboarding.eventbus.ids import uuid7
+
+    new_user_id = uuid7 if ordered_ids else uuid.uuid4
     parts = ["empty", "grown"] if run % 2 == 0 else ["grown", "empty"]
     result: dict = {"prefill_users": prefill, "events": events, "batch": batch,
-                    "ids": "time-ordered (UUIDv7)" if ordered_ids else "random (uuid4)"}
+                    "user_ids": "time-ordered (UUIDv7)" if ordered_ids else "random (uuid4)",
+                    "event_ids": "time-ordered (UUIDv7)"}
     for part in parts:
         print(f"  grown: {part} tables", file=sys.stderr)
         reset_data()
@@ -1167,8 +1170,8 @@ def scenario_grown(stack: Stack, prefill: int, events: int, batch: int, run: int
             result["disk"] = grown.check_disk(prefill)
             result["prefill"] = grown.prefill(prefill, CONTEXTS, ordered=ordered_ids)
             result["sizes"] = grown.sizes(prefill, CONTEXTS)
-        users = [new_id() for _ in range(events)]
-        publish_backlog(events, users, new_id)
+        users = [new_user_id() for _ in range(events)]
+        publish_backlog(events, users, uuid7)
         drained = drain_phase(stack, "project", batch, users, nats_pid, prefilled=prefilled,
                               counters=grown.server_counters)
         latency = grown_latency(stack, rate, seconds, port, **(latency_options or {}))
@@ -1259,8 +1262,8 @@ def main() -> None:
     parser.add_argument("--grown-events", type=int, default=50_000,
                         help="grown: the backlog drained on empty and on grown tables")
     parser.add_argument("--grown-ordered-ids", action="store_true",
-                        help="grown, an experiment: time-ordered (UUIDv7) user and event ids "
-                             "instead of the project's random uuid4")
+                        help="grown, an experiment: time-ordered (UUIDv7) user ids too "
+                             "(event ids are, as the project mints them)")
     parser.add_argument("--only", default="drain,latency,register,relay,grown")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
