@@ -1460,7 +1460,8 @@ def grown_markdown(g: dict) -> list[str]:
     lines = ["", f"Grown tables: the same {g['events']:,}-event drain (project, 4 consumers, batch "
              f"{g['batch']}) and latency, on empty tables and after prefilling "
              f"{g['prefill_users']:,} users (inbox and outbox rows, users, default rows; "
-             f"{g['ids']} ids); ratios to the empty tables' ceiling:", "",
+             f"{g.get('user_ids', 'random')} user ids, {g.get('event_ids', 'random')} event ids); "
+             "ratios to the empty tables' ceiling:", "",
              "| tables | drain ev/s | ratio to ceiling | consumers CPU ms/ev | ceiling ev/s | "
              "latency, steady p50 / p99 ms | server per event drained: WAL kB (full-page images), "
              "blocks read from the OS, buffers written by backends, checkpoints in the drain |",
