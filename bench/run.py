@@ -415,6 +415,23 @@ def cpu_ms(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
+def server_cpu_ms(comm: str = "postgres") -> float:
+    """CPU time of every live process named ``comm`` (a database server's backends), in ms.
+
+    Backends that exit inside the window take their CPU with them; the drain's consumers keep
+    theirs open, so what it counts is theirs plus the server's own processes (and the bench's
+    poller, a few lookups every 20 ms)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == comm:
+                    total += cpu_ms(int(entry.name))
+            except OSError:
+                continue
+    return total
+
+
 POLL_SECONDS = 0.02
 PAUSED_UNTIL = "2100-01-01T00:00:00Z"
 
@@ -526,6 +543,8 @@ def watch_drain(processes: list[subprocess.Popen], durables: list[str],
     confirmed by a count. The consumers' CPU (``/proc``) is read over the same window, and so
     are ``counters()`` (cumulative numbers, e.g. the database server's), when given.
     """
+    from django.db import connection as django_connection
+
     models = default_models()
     per_user = {"buildings": 2}
     done: dict[str, float] = {}
@@ -534,6 +553,8 @@ def watch_drain(processes: list[subprocess.Popen], durables: list[str],
         taken = {"consumers": sum(cpu_ms(p.pid) for p in processes)}
         if nats_pid:
             taken["nats-server"] = cpu_ms(nats_pid)
+        if django_connection.vendor == "postgresql":
+            taken["postgres"] = server_cpu_ms()
         return taken
 
     if profiling:
@@ -1420,11 +1441,12 @@ def markdown(results: dict) -> str:
                   "row is visible, polled from outside; CPU over the same window, ms per event, "
                   "the four consumer processes together:", "",
                   "| backlog | drained by | ev/s | ratio to ceiling | players / characters / "
-                  "progression / buildings ev/s | consumers CPU ms/ev | nats-server CPU ms/ev |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "progression / buildings ev/s | consumers CPU ms/ev | nats-server CPU ms/ev | "
+                  "database server CPU ms/ev |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for d in results["drain"].values():
             lines.append(f"| {d['events']:,} | ceiling (bulk_create, 1 process, no NATS) | "
-                         f"{d['ceiling_events_per_s']:,} | 100% | | | |")
+                         f"{d['ceiling_events_per_s']:,} | 100% | | | | |")
             for phase, who in (("project", "project (4 consumers)"),
                                ("faststream", f"{results.get('peer', 'peer')} (4 processes)")):
                 if phase not in d:
@@ -1434,7 +1456,8 @@ def markdown(results: dict) -> str:
                 cpu = x["cpu_ms_per_event"]
                 lines.append(f"| {d['events']:,} | {who} | {x['events_per_s']:,} | "
                              f"**{x['ratio_to_ceiling']:.0%}** | {per} | "
-                             f"{cpu['consumers']:.2f} | {cpu.get('nats-server', 0):.2f} |")
+                             f"{cpu['consumers']:.2f} | {cpu.get('nats-server', 0):.2f} | "
+                             + (f"{cpu['postgres']:.2f} |" if "postgres" in cpu else "— |"))
         for d in results["drain"].values():
             profiled = {phase: d[phase]["profile_ms_per_event"] for phase in
                         ("project", "faststream") if d.get(phase, {}).get("profile_ms_per_event")}

@@ -12,16 +12,14 @@ logger = logging.getLogger(__name__)
 def characters_create_defaults(*, user_ids: Iterable[uuid.UUID]) -> None:
     """Give each new user the default character, active; users with characters keep theirs.
 
-    Idempotent: users who already have a character are skipped, and the one-active-character
-    constraint turns a concurrent duplicate into an ignored conflict.
+    Idempotent: users who already have a character (active or not) are skipped in the same
+    statement, and the one-active-character constraint turns a concurrent duplicate into an
+    ignored conflict.
     """
     wanted = set(user_ids)
-    have = set(
-        Character.objects.filter(user_id__in=wanted).values_list("user_id", flat=True)
-    )
     insert_ignoring_conflicts(
-        Character, ("user_id",), [(user_id,) for user_id in sorted(wanted - have)],
-        same={"name": DEFAULT_CHARACTER_NAME, "is_active": True},
+        Character, ("user_id",), [(user_id,) for user_id in sorted(wanted)],
+        same={"name": DEFAULT_CHARACTER_NAME, "is_active": True}, unless_present="user_id",
     )
     logger.debug("default characters ensured for %d user(s)", len(wanted))
 

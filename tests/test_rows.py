@@ -81,3 +81,24 @@ def test_returning_converts_to_the_fields_type():
 def test_no_rows_no_statement(django_assert_num_queries):
     with django_assert_num_queries(0, connection=None):
         assert insert_ignoring_conflicts(Player, ("user_id", "username"), []) == []
+
+
+def test_unless_present_skips_rows_whose_value_the_table_holds_in_any_row():
+    """Users who have a character keep theirs, an inactive one too (no constraint says so)."""
+    inactive, active, new = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    Character.objects.create(user_id=inactive, name="Retired", is_active=False)
+    Character.objects.create(user_id=active, name="Hero", is_active=True)
+    inserted = insert_ignoring_conflicts(
+        Character, ("user_id",), [(inactive,), (active,), (new,), (new,)],
+        same={"name": "Recruit", "is_active": True}, unless_present="user_id",
+        returning="user_id",
+    )
+    assert inserted == [new]
+    assert sorted(Character.objects.values_list("user_id", "name", "is_active")) == sorted([
+        (inactive, "Retired", False), (active, "Hero", True), (new, "Recruit", True)])
+
+
+def test_unless_present_must_be_one_of_the_fields():
+    with pytest.raises(ValueError, match="unless_present"):
+        insert_ignoring_conflicts(Character, ("user_id",), [(uuid.uuid4(),)],
+                                  same={"name": "Recruit"}, unless_present="name")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import queue
@@ -112,6 +113,10 @@ class BackgroundPublisher:
         self._nc = None
         self._marks.put(None)  # the marker finishes its queue and closes its DB connections
         self._marker.join(timeout)
+        # The loop closes on its own thread once stopped: left for the garbage collector at
+        # exit, a stopped loop's close met its own socket already closed, and printed a
+        # traceback on the way out ("Invalid file descriptor: -1").
+        self._loop_thread.join(timeout)
 
     # -- the publisher thread ---------------------------------------------------------------
 
@@ -129,7 +134,9 @@ class BackgroundPublisher:
             self._wakeup_scheduled = False
             self._in_flight = set()
             self._loop = asyncio.new_event_loop()
-            threading.Thread(target=self._run_loop, name="outbox-publisher", daemon=True).start()
+            self._loop_thread = threading.Thread(target=self._run_loop, name="outbox-publisher",
+                                                 daemon=True)
+            self._loop_thread.start()
             self._marker = threading.Thread(
                 target=self._run_marker, name="outbox-marker", daemon=True
             )
@@ -142,7 +149,15 @@ class BackgroundPublisher:
         loop = self._loop
         asyncio.set_event_loop(loop)
         loop.create_task(self._connect())
-        loop.run_forever()
+        try:
+            loop.run_forever()
+        finally:
+            with contextlib.suppress(Exception):  # what is left (a connect still retrying)
+                left = asyncio.all_tasks(loop)
+                for task in left:
+                    task.cancel()
+                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            loop.close()
 
     async def _connect(self) -> None:
         # connect() itself retries for ever while NATS is unreachable; this loop outlives a

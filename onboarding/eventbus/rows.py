@@ -27,7 +27,7 @@ CHUNK_ROWS = 500
 
 def insert_ignoring_conflicts(
     model, fields: Sequence[str], rows: Sequence[Sequence], *, same: dict | None = None,
-    using: str | None = None, returning: str | None = None,
+    using: str | None = None, returning: str | None = None, unless_present: str | None = None,
 ) -> list:
     """INSERT ``rows`` (tuples of the values of ``fields``) into ``model``'s table; a row that
     conflicts with any unique constraint or index is skipped, not updated, and not an error.
@@ -38,6 +38,10 @@ def insert_ignoring_conflicts(
     order given (callers that may race on the same keys give them in one order, so that two
     transactions lock them alike). With ``returning``, the values of that field in the rows
     actually inserted; otherwise ``[]``.
+
+    ``unless_present`` (one of ``fields``) also skips a row whose value of that field the table
+    already holds in any row, whatever its constraints say: "users who have a character keep
+    theirs", in the same statement instead of a read before it.
     """
     if not rows:
         return []
@@ -45,6 +49,8 @@ def insert_ignoring_conflicts(
     connection = connections[alias]
     same = same or {}
     fields, shared = tuple(fields), tuple(same)
+    if unless_present is not None and unless_present not in fields:
+        raise ValueError(f"unless_present={unless_present!r} is not one of {fields}")
     given = [model._meta.get_field(name) for name in fields]
     now = timezone.now()
     constants = [
@@ -58,7 +64,7 @@ def insert_ignoring_conflicts(
     inserted = []
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            sql = _unnest_sql(model, fields, shared, returning, connection.alias)
+            sql = _unnest_sql(model, fields, shared, returning, unless_present, connection.alias)
             cursor.execute(sql, [*constants, *columns])
             if returning:
                 inserted = [value for (value,) in cursor.fetchall()]
@@ -71,7 +77,7 @@ def insert_ignoring_conflicts(
             for i in range(start, start + count):
                 params += [column[i] for column in columns]
                 params += constants
-            cursor.execute(_values_sql(model, fields, shared, returning, count,
+            cursor.execute(_values_sql(model, fields, shared, returning, unless_present, count,
                                        connection.alias),
                            params)
             if returning:
@@ -105,6 +111,18 @@ def _column_names(model, fields, shared, connection) -> tuple[list[str], str]:
     return [quote(name) for name in names], quote(model._meta.db_table)
 
 
+def _absent_clause(model, fields, unless_present: str | None, connection) -> str:
+    """``WHERE NOT EXISTS`` a row of the table with the candidate's value of ``unless_present``;
+    the candidate rows are ``r``, their columns ``c0``, ``c1``... in the order of ``fields``."""
+    if unless_present is None:
+        return ""
+    quote = connection.ops.quote_name
+    table = quote(model._meta.db_table)
+    column = quote(model._meta.get_field(unless_present).column)
+    return (f" WHERE NOT EXISTS (SELECT 1 FROM {table} AS present "
+            f"WHERE present.{column} = r.c{fields.index(unless_present)})")
+
+
 def _returning_clause(model, returning: str | None, connection) -> str:
     if not returning:
         return ""
@@ -113,7 +131,7 @@ def _returning_clause(model, returning: str | None, connection) -> str:
 
 @lru_cache(maxsize=64)
 def _unnest_sql(model, fields: tuple[str, ...], shared: tuple[str, ...], returning: str | None,
-                alias: str) -> str:
+                unless_present: str | None, alias: str) -> str:
     connection = connections[alias]
     columns, table = _column_names(model, fields, shared, connection)
     given = [model._meta.get_field(name) for name in fields]
@@ -125,18 +143,26 @@ def _unnest_sql(model, fields: tuple[str, ...], shared: tuple[str, ...], returni
     return (
         f"INSERT INTO {table} ({', '.join(columns)}) "
         f"SELECT {', '.join([*names, *selected])} "
-        f"FROM unnest({', '.join(arrays)}) AS r({', '.join(names)}) "
+        f"FROM unnest({', '.join(arrays)}) AS r({', '.join(names)})"
+        f"{_absent_clause(model, fields, unless_present, connection)} "
         f"ON CONFLICT DO NOTHING{_returning_clause(model, returning, connection)}"
     )
 
 
 @lru_cache(maxsize=256)
 def _values_sql(model, fields: tuple[str, ...], shared: tuple[str, ...], returning: str | None,
-                count: int, alias: str) -> str:
+                unless_present: str | None, count: int, alias: str) -> str:
     connection = connections[alias]
     columns, table = _column_names(model, fields, shared, connection)
     row = "(" + ", ".join(["%s"] * len(columns)) + ")"
+    values = f"VALUES {', '.join([row] * count)}"
+    if unless_present is not None:
+        # The candidates as a table r(c0, c1, ...); the WHERE also settles SQLite's parsing of
+        # ON CONFLICT after INSERT ... SELECT.
+        names = ", ".join(f"c{i}" for i in range(len(columns)))
+        values = (f"SELECT * FROM (WITH r({names}) AS ({values}) SELECT * FROM r) AS r"
+                  f"{_absent_clause(model, fields, unless_present, connection)}")
     return (
-        f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join([row] * count)} "
+        f"INSERT INTO {table} ({', '.join(columns)}) {values} "
         f"ON CONFLICT DO NOTHING{_returning_clause(model, returning, connection)}"
     )

@@ -53,7 +53,7 @@ from django.db import close_old_connections, connections
 from django.db.backends.signals import connection_created
 
 from onboarding.contracts import EVENT_ID_HEADER, MSG_ID_HEADER, ContractError, parse_event
-from onboarding.eventbus import metrics, pruning
+from onboarding.eventbus import fetching, metrics, pruning
 from onboarding.eventbus.connection import close, connect
 from onboarding.eventbus.deadletters import (
     DEAD_LETTER_HEADER,
@@ -301,7 +301,7 @@ class ConsumerRunner:
         js = nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
         worker = Worker(spec.name)
         backoff = Backoff(initial=0.5, maximum=10.0)
-        psub = None
+        psub = fetch = None
         waiting_for_durable = False
         pending = metrics.watch_pending(js, spec.name, spec.durable)  # METRICS_PORT only
         try:
@@ -328,9 +328,10 @@ class ConsumerRunner:
                             spec.durable, stream=settings.NATS_STREAM
                         )
                         subscriptions.append(psub)
+                        fetch = self._fetcher(spec, psub)
                     # Returns what is there as soon as something is (measured: p50 7 ms at
                     # 50 events/s); under load, full batches.
-                    msgs = await psub.fetch(self.batch, timeout=FETCH_TIMEOUT)
+                    msgs = await fetch(self.batch, FETCH_TIMEOUT)
                 except (TimeoutError, nats.errors.TimeoutError):
                     backoff.reset()
                     continue  # nothing to do (fetch raises a bare asyncio.TimeoutError too)
@@ -367,6 +368,16 @@ class ConsumerRunner:
             if psub is not None:
                 await self._hand_back(psub)
             await worker.close()
+
+    @staticmethod
+    def _fetcher(spec: ConsumerSpec, psub):
+        """``fetch(batch, timeout)`` for ``psub``: fetching.py's, unless this nats-py lacks what it
+        needs (then nats-py's own, which costs ~4x the CPU per message: docs/benchmarks.md)."""
+        if fetching.supported(psub):
+            return lambda batch, timeout: fetching.fetch(psub, batch, timeout)
+        logger.warning("consumer %s: this nats-py's pull subscription is not the one "
+                       "onboarding/eventbus/fetching.py knows; using its own fetch", spec.name)
+        return lambda batch, timeout: psub.fetch(batch, timeout=timeout)
 
     @staticmethod
     def _log_unsettled(spec: ConsumerSpec, msgs: list, error: BaseException) -> None:

@@ -1,0 +1,157 @@
+"""A pull subscription's ``fetch``, without nats-py's per-message task, timer and uuid4.
+
+nats-py's ``PullSubscription.fetch(batch)`` collects a batch by calling
+``Subscription.next_msg()`` once per message, and each call mints a ``uuid4``, creates a task
+and a ``wait_for`` timer, and goes once round the event loop (a ``select`` system call) even
+when the message is already queued. For a consumer draining a backlog that was the largest
+single cost outside the database (docs/benchmarks.md, "The drain's profile"). :func:`fetch`
+speaks the same protocol with the same pull requests and the same answers — what the earlier
+requests left in the subscription's queue first, then one ``no_wait`` request, then, if that
+found nothing, one request that waits until ``timeout`` — but takes what is already queued
+without waiting, and waits for the rest under one deadline per fetch.
+
+It reads nats-py's subscription internals (the pending queue and its byte count, the pull
+request's subject and inbox): :func:`supported` says whether this nats-py has them, and the
+runner falls back to nats-py's own ``fetch`` if not. ``tests/test_fetching.py`` runs both
+against a real server with the same scenarios.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import nats.errors
+import nats.js.errors
+from nats.js import api
+
+STATUS = api.Header.STATUS
+# Statuses that end a pull request without being an error: no messages (404), its time is up
+# (408), or a conflict (409: the durable's leader changed, too many requests waiting...), which
+# nats-py treats as temporary too. The next fetch asks again.
+OVER = (api.StatusCode.NO_MESSAGES, api.StatusCode.REQUEST_TIMEOUT, api.StatusCode.CONFLICT)
+
+
+def supported(psub) -> bool:
+    """True if ``psub`` has the nats-py internals :func:`fetch` relies on."""
+    sub = getattr(psub, "_sub", None)
+    return (
+        sub is not None and isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue)
+        and isinstance(getattr(sub, "_pending_size", None), int)
+        and isinstance(getattr(psub, "_nms", None), str)
+        and isinstance(getattr(psub, "_deliver", None), str)
+        and getattr(psub, "_nc", None) is not None and getattr(sub, "_cb", None) is None
+    )
+
+
+async def fetch(psub, batch: int, timeout: float) -> list:
+    """Up to ``batch`` messages of ``psub``, as ``psub.fetch(batch, timeout=timeout)`` returns.
+
+    Raises ``TimeoutError`` if no message came within ``timeout``
+    seconds, ``ConnectionClosedError`` once the connection is closed, and nats-py's ``APIError``
+    for an error status with no message in hand (a deleted durable, say).
+    """
+    if batch < 1 or timeout <= 0:
+        raise ValueError("fetch: batch must be ≥ 1 and timeout > 0")
+    sub = psub._sub
+    started = time.monotonic()
+    msgs: list = []
+    # What earlier pull requests delivered after their fetch returned is taken first.
+    while len(msgs) < batch:
+        msg = _queued(sub)
+        if msg is None:
+            break
+        if not _status(msg):
+            msgs.append(msg)
+    if len(msgs) == batch:
+        return msgs
+    # One request that answers at once: what the durable has, up to what is missing, then
+    # "no messages". Without `expires` when something is in hand, or the server would hold it.
+    request = {"batch": batch - len(msgs), "no_wait": True}
+    if not msgs:
+        request["expires"] = int(timeout * 1_000_000_000) - 100_000
+    await _request(psub, request)
+    await _collect(sub, msgs, batch, started, timeout)
+    if msgs:
+        return msgs
+    # Nothing there: one request that waits for messages until the fetch's own deadline.
+    remaining = _remaining(started, timeout)
+    expires = int(remaining * 1_000_000_000) - 100_000
+    if expires <= 0:
+        raise TimeoutError
+    await _request(psub, {"batch": batch, "expires": expires})
+    await _collect(sub, msgs, batch, started, timeout)
+    if msgs:
+        return msgs
+    raise TimeoutError
+
+
+async def _collect(sub, msgs: list, batch: int, started: float, timeout: float) -> None:
+    """Add what this request delivers to ``msgs`` until it ends, the batch is full or the fetch's
+    time is up."""
+    while len(msgs) < batch:
+        msg = _queued(sub)
+        if msg is None:
+            remaining = _remaining(started, timeout)
+            if remaining <= 0:
+                break
+            try:
+                msg = await _next(sub, remaining)
+            except TimeoutError:
+                break
+        status = _status(msg)
+        if not status:
+            msgs.append(msg)
+        elif status == api.StatusCode.CONTROL_MESSAGE:
+            continue  # an idle heartbeat: the request is alive
+        elif status in OVER:
+            break
+        elif not msgs:
+            raise nats.js.errors.APIError.from_msg(msg)
+        else:
+            break  # an error after messages: return those; the next fetch meets it again
+
+
+def _queued(sub):
+    """The next message already in the subscription's queue, or None; no waiting."""
+    queue = sub._pending_queue
+    if queue.empty():
+        return None
+    msg = queue.get_nowait()
+    _taken(sub, msg)
+    return msg
+
+
+async def _next(sub, timeout: float):
+    """The next message, waiting at most ``timeout`` s: one timer, no task of its own."""
+    if sub._conn.is_closed:
+        raise nats.errors.ConnectionClosedError
+    try:
+        async with asyncio.timeout(timeout):
+            msg = await sub._pending_queue.get()
+    except TimeoutError:
+        if sub._conn.is_closed:
+            raise nats.errors.ConnectionClosedError from None
+        raise
+    _taken(sub, msg)
+    return msg
+
+
+def _taken(sub, msg) -> None:
+    # The queue's byte count is what nats-py's slow-consumer limit is measured against.
+    sub._pending_size -= len(msg.data)
+    sub._pending_queue.task_done()
+
+
+def _status(msg) -> str | None:
+    headers = msg.headers
+    return headers.get(STATUS) if headers else None
+
+
+def _remaining(started: float, timeout: float) -> float:
+    return timeout - (time.monotonic() - started)
+
+
+async def _request(psub, request: dict) -> None:
+    await psub._nc.publish(psub._nms, json.dumps(request).encode(), psub._deliver)
