@@ -1252,7 +1252,7 @@ def main() -> None:
     parser.add_argument("--shared-database", action="store_true",
                         help="postgres: every context in one database (default: five databases, "
                              "accounts + one per context)")
-    parser.add_argument("--events", type=backlogs, default=[5_000],
+    parser.add_argument("--events", type=backlogs, default=[5_000, 50_000],
                         help="drain backlog(s), comma-separated, e.g. 5000,50000 (max 200000)")
     parser.add_argument("--batch", type=int, default=100, help="consumer fetch/commit batch")
     parser.add_argument("--no-peer", dest="peer", action="store_false",

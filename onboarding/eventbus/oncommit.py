@@ -29,6 +29,11 @@ from onboarding.eventbus.outbox import OUTBOX_DATABASE, OutboundMessage, outbox_
 from onboarding.eventbus.publisher import get_publisher
 from onboarding.eventbus.wake import wake_relay
 
+try:
+    import psycopg  # psycopg 3: the outbox INSERT binds its values server-side (_insert)
+except ImportError:  # psycopg2, or SQLite only
+    psycopg = None
+
 logger = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "onboarding_outbox"
@@ -115,33 +120,54 @@ def fast_path() -> str | None:
     return mode
 
 
-# The columns the outbox INSERT writes (the others are null).
-_INSERTED = ("event_id", "subject", "payload", "headers", "created_at", "attempts", "last_error")
+# The columns the outbox INSERT writes; ``attempts`` and ``last_error`` start at 0 and "" in
+# the statement itself, the others are null.
+_INSERTED = ("event_id", "subject", "payload", "headers", "created_at")
 _insert_sql: dict[str, tuple[str, bool]] = {}
 
 
 def _insert(row: OutboxEvent) -> None:
     """INSERT ``row`` with one statement of its own, not through ``Model.save()``: the ORM's
-    save (signals, SQL compilation per call) was most of what the event cost the request."""
+    save (signals, SQL compilation per call) was most of what the event cost the request.
+
+    The values are adapted as the model's fields would adapt them. On PostgreSQL (psycopg 3) the
+    statement goes through a server-side binding cursor: the values travel as parameters
+    instead of being quoted into the SQL text in Python (Django's client-side binding), about
+    40 µs less per registration (docs/benchmarks.md, "Register"). Errors are Django's, as with
+    its own cursor.
+    """
     connection = connections[OUTBOX_DATABASE]
-    meta = OutboxEvent._meta
     if connection.vendor not in _insert_sql:
+        meta = OutboxEvent._meta
         quote = connection.ops.quote_name
         returning = connection.features.can_return_columns_from_insert
         _insert_sql[connection.vendor] = (
             f"INSERT INTO {quote(meta.db_table)} "
-            f"({', '.join(quote(meta.get_field(name).column) for name in _INSERTED)}) "
-            f"VALUES ({', '.join(['%s'] * len(_INSERTED))})"
+            f"({', '.join(quote(meta.get_field(name).column) for name in _INSERTED)}, "
+            f"{quote(meta.get_field('attempts').column)}, "
+            f"{quote(meta.get_field('last_error').column)}) "
+            f"VALUES ({', '.join(['%s'] * len(_INSERTED))}, 0, '')"
             + (f" RETURNING {quote(meta.pk.column)}" if returning else ""),
             returning,
         )
     sql, returning = _insert_sql[connection.vendor]
     row.created_at = timezone.now()
-    params = [meta.get_field(name).get_db_prep_save(getattr(row, name), connection)
-              for name in _INSERTED]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        row.pk = cursor.fetchone()[0] if returning else cursor.lastrowid
+    ops = connection.ops
+    params = [
+        row.event_id if connection.features.has_native_uuid_field else row.event_id.hex,
+        row.subject, row.payload, ops.adapt_json_value(row.headers, None),
+        ops.adapt_datetimefield_value(row.created_at),
+    ]
+    if psycopg is not None and isinstance(connection.connection, psycopg.Connection):
+        connection.validate_no_broken_transaction()
+        with connection.wrap_database_errors:
+            cursor = psycopg.Cursor(connection.connection)
+            cursor.execute(sql, params)
+            row.pk = cursor.fetchone()[0]
+    else:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            row.pk = cursor.fetchone()[0] if returning else cursor.lastrowid
     row._state.adding = False
     row._state.db = OUTBOX_DATABASE
 
