@@ -1372,8 +1372,11 @@ def main() -> None:
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
+    # A grown-tables run on its own (minutes of prefill) keeps a file of its own, so that it does
+    # not replace the drain, latency and register figures of the same engine.
     path = output / (f"{args.engine}{'-shared' if args.shared_database else ''}"
-                     f"{'' if args.hasher == 'md5' else '-' + args.hasher}.json")
+                     f"{'' if args.hasher == 'md5' else '-' + args.hasher}"
+                     f"{'-grown' if scenarios == {'grown'} else ''}.json")
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))
     print(f"\n(results: {path})")

@@ -9,7 +9,9 @@ class Building(models.Model):
         HQ = "hq", "HQ"
         WAREHOUSE = "warehouse", "Warehouse"
 
-    user_id = models.UUIDField(db_index=True)
+    # Indexed by one_building_of_a_kind, whose first column it is: a second index on user_id
+    # alone served no query more and cost every building a second random-key insert.
+    user_id = models.UUIDField()
     kind = models.CharField(max_length=32, choices=Kind.choices)
     level = models.PositiveIntegerField(default=1)
     created_at = models.DateTimeField(default=timezone.now)
