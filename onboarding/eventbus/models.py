@@ -15,7 +15,10 @@ class OutboxEvent(models.Model):
     subject = models.CharField(max_length=255)
     payload = models.TextField(help_text="The exact JSON published.")
     headers = models.JSONField(default=dict)
-    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    # Not indexed: every registration and every marking (an UPDATE that PostgreSQL cannot keep
+    # HOT) paid for an index that only the admin's date filters read, on a table that pruning
+    # keeps to NATS_DUPLICATE_WINDOW (docs/benchmarks.md, "Register").
+    created_at = models.DateTimeField(default=timezone.now)
     published_at = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=0, help_text="Relay publish attempts.")
     last_error = models.TextField(blank=True)

@@ -188,15 +188,16 @@ def _notify_on_commit(row: OutboxEvent) -> None:
     the process between the two, delays the event until the relay's scan
     (``OUTBOX_RELAY_GRACE``); it never fails the request.
     """
+    transaction.on_commit(lambda: after_response(_notify, row), using=OUTBOX_DATABASE)
+
+
+def _notify(row: OutboxEvent) -> None:
+    """Wake the relay: one statement, its own transaction, committed without a flush. The body
+    is built here, after the response, not in the request."""
     body = json.dumps({"id": row.pk, "subject": row.subject, "payload": row.payload,
                        "headers": row.headers})
     if len(body.encode()) >= NOTIFY_PAYLOAD_LIMIT:
         body = ""
-    transaction.on_commit(lambda: after_response(_notify, body, row.pk), using=OUTBOX_DATABASE)
-
-
-def _notify(body: str, row_id: int) -> None:
-    """Wake the relay: one statement, its own transaction, committed without a flush."""
     try:
         with connections[OUTBOX_DATABASE].cursor() as cursor:
             cursor.execute(
@@ -205,7 +206,7 @@ def _notify(body: str, row_id: int) -> None:
             )
     except Exception:  # the registration committed: the relay's scan publishes the row
         logger.warning("could not notify the relay; its scan publishes outbox row id=%s",
-                       row_id, exc_info=True)
+                       row.pk, exc_info=True)
 
 
 def outbox_listen():
