@@ -635,7 +635,8 @@ def peer_available() -> str | None:
 # named (module path part, function name), minus that of those marked "-"; an indented part is
 # inside the one above it.
 PROFILE_ROWS = {
-    "fetch (nats-py, incl. reading and parsing the messages)": [("nats/js/client.py", "fetch")],
+    "fetch (project: fetching.py; FastStream: nats-py's, incl. reading and parsing the "
+    "messages)": [("onboarding/eventbus/fetching.py", "fetch"), ("nats/js/client.py", "fetch")],
     "decode + validate (project: parse_event)": [("onboarding/contracts.py", "parse_event")],
     "decode + validate (FastStream: JSON decoder, pydantic through fast-depends)": [
         ("faststream/nats/parser.py", "decode_batch"), ("fast_depends/core/model.py", "asolve"),
