@@ -205,6 +205,28 @@ def test_event_ids_sort_by_time_and_meet_the_contract(settings):
     assert parse_event(row.subject, row.payload.encode(), row.headers).username == "sevenish"
 
 
+def test_the_outbox_insert_goes_through_the_connections_execute_wrappers(settings):
+    """On PostgreSQL the row is written through psycopg's own cursor (server-side binding): the
+    execute wrappers that tracing and APM hook into Django's connection still see it."""
+    from django.db import connections
+
+    from onboarding.eventbus.oncommit import outbox_publish_on_commit
+
+    settings.OUTBOX_PUBLISH_ON_COMMIT = False
+    seen = []
+
+    def spy(execute, sql, params, many, context):
+        seen.append(sql)
+        return execute(sql, params, many, context)
+
+    with connections["default"].execute_wrapper(spy), transaction.atomic():
+        row = outbox_publish_on_commit(event=sample_event(username="wrapped"))
+    assert any("eventbus_outboxevent" in sql and "INSERT" in sql for sql in seen), seen
+    stored = OutboxEvent.objects.get(pk=row.pk)
+    assert (stored.event_id, stored.payload, stored.headers) == (
+        row.event_id, row.payload, row.headers)
+
+
 def test_outbox_requires_a_transaction():
     from onboarding.eventbus.oncommit import outbox_publish_on_commit
 

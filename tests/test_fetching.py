@@ -8,6 +8,7 @@ at zero (nats-py's slow-consumer limit is measured against it).
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import nats
@@ -144,6 +145,30 @@ def test_our_fetch_never_returns_more_than_its_batch(nats_server):
         return [numbers(await fetching.fetch(psub, 3, 1.0)) for _ in range(3)]
 
     assert on_a_stream(nats_server, scenario) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+
+
+def test_a_request_the_durable_refuses_is_waited_out_not_retried_at_once(nats_server):
+    """A durable that answers every pull request with a 409 (here: a batch over its max_batch)
+    must not make the consumer's loop spin: the fetch waits out its time, as nats-py's does."""
+
+    async def scenario(js, psub, subject):
+        stream = psub._stream
+        await js.delete_consumer(stream, "d")
+        # max_batch: not in nats-py's ConsumerConfig, so through the API itself
+        await psub._nc.request(f"$JS.API.CONSUMER.CREATE.{stream}.d", json.dumps({
+            "stream_name": stream,
+            "config": {"durable_name": "d", "ack_policy": "explicit", "max_batch": 10},
+        }).encode(), timeout=5)
+        await publish(js, subject, 3)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            await fetching.fetch(psub, 100, 0.5)
+        waited = asyncio.get_running_loop().time() - started
+        return waited, numbers(await fetching.fetch(psub, 10, 1.0))
+
+    waited, got = on_a_stream(nats_server, scenario)
+    assert waited >= 0.45  # its whole timeout, not a few milliseconds
+    assert got == [0, 1, 2]  # a batch within max_batch is served
 
 
 def test_a_closed_connection_is_said_so(nats_server, fetcher):

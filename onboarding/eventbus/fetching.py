@@ -70,21 +70,37 @@ async def fetch(psub, batch: int, timeout: float) -> list:
     # "no messages". Without `expires` when something is in hand, or the server would hold it.
     request = {"batch": batch - len(msgs), "no_wait": True}
     if not msgs:
-        request["expires"] = int(timeout * 1_000_000_000) - 100_000
+        request["expires"] = _expires(timeout)
     await _request(psub, request)
     await _collect(sub, msgs, batch, started, timeout)
     if msgs:
         return msgs
     # Nothing there: one request that waits for messages until the fetch's own deadline.
-    remaining = _remaining(started, timeout)
-    expires = int(remaining * 1_000_000_000) - 100_000
+    expires = _expires(_remaining(started, timeout))
     if expires <= 0:
         raise TimeoutError
     await _request(psub, {"batch": batch, "expires": expires})
     await _collect(sub, msgs, batch, started, timeout)
+    # A request can end early with nothing (a 409: the durable's max_waiting or max_batch
+    # exceeded, its leader moving): the rest of the fetch's time is waited out, as nats-py does,
+    # so that a loop that fetches again at once does not spin. A message that comes meanwhile
+    # (what a request left behind) ends the wait.
+    while not msgs and _remaining(started, timeout) > 0:
+        await _collect(sub, msgs, batch, started, timeout)
     if msgs:
         return msgs
     raise TimeoutError
+
+
+# The server ends a request this long before the fetch gives up, so that its "request timeout"
+# (408) arrives while the fetch still waits, not as a stale status at the start of the next one.
+EXPIRES_MARGIN = 0.05
+
+
+def _expires(seconds: float) -> int:
+    """A pull request's ``expires`` (ns) for a fetch that waits ``seconds`` more."""
+    margin = EXPIRES_MARGIN if seconds > 4 * EXPIRES_MARGIN else 0.0001
+    return int((seconds - margin) * 1_000_000_000)
 
 
 async def _collect(sub, msgs: list, batch: int, started: float, timeout: float) -> None:

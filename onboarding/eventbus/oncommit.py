@@ -13,6 +13,7 @@ acknowledged it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -160,9 +161,15 @@ def _insert(row: OutboxEvent) -> None:
     ]
     if psycopg is not None and isinstance(connection.connection, psycopg.Connection):
         connection.validate_no_broken_transaction()
-        with connection.wrap_database_errors:
-            cursor = psycopg.Cursor(connection.connection)
-            cursor.execute(sql, params)
+        with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
+            def execute(sql, params, many, context):
+                return cursor.execute(sql, params)
+
+            # What Django's cursor would do besides: its execute wrappers (tracing, APM,
+            # connection.execute_wrapper()). Not its DEBUG query log.
+            for wrapper in reversed(connection.execute_wrappers):
+                execute = functools.partial(wrapper, execute)
+            execute(sql, params, False, {"connection": connection, "cursor": cursor})
             row.pk = cursor.fetchone()[0]
     else:
         with connection.cursor() as cursor:
@@ -194,11 +201,11 @@ def _notify_on_commit(row: OutboxEvent) -> None:
 def _notify(row: OutboxEvent) -> None:
     """Wake the relay: one statement, its own transaction, committed without a flush. The body
     is built here, after the response, not in the request."""
-    body = json.dumps({"id": row.pk, "subject": row.subject, "payload": row.payload,
-                       "headers": row.headers})
-    if len(body.encode()) >= NOTIFY_PAYLOAD_LIMIT:
-        body = ""
     try:
+        body = json.dumps({"id": row.pk, "subject": row.subject, "payload": row.payload,
+                           "headers": row.headers})
+        if len(body.encode()) >= NOTIFY_PAYLOAD_LIMIT:
+            body = ""
         with connections[OUTBOX_DATABASE].cursor() as cursor:
             cursor.execute(
                 "SELECT set_config('synchronous_commit', 'off', true), pg_notify(%s, %s)",

@@ -116,7 +116,8 @@ class BackgroundPublisher:
         # The loop closes on its own thread once stopped: left for the garbage collector at
         # exit, a stopped loop's close met its own socket already closed, and printed a
         # traceback on the way out ("Invalid file descriptor: -1").
-        self._loop_thread.join(timeout)
+        if threading.current_thread() is not self._loop_thread:
+            self._loop_thread.join(timeout)
 
     # -- the publisher thread ---------------------------------------------------------------
 
