@@ -129,6 +129,16 @@ async def _collect(sub, msgs: list, batch: int, started: float, timeout: float) 
             break  # an error after messages: return those; the next fetch meets it again
 
 
+def take_queued(psub) -> list:
+    """Everything already in ``psub``'s queue (messages and statuses), taken out of it: what a
+    stopping consumer hands back. Needs only the queue, so it serves nats-py's own fetch too."""
+    queue = getattr(getattr(psub, "_sub", None), "_pending_queue", None)
+    taken = []
+    while queue is not None and not queue.empty():
+        taken.append(queue.get_nowait())
+    return taken
+
+
 def _queued(sub):
     """The next message already in the subscription's queue, or None; no waiting."""
     queue = sub._pending_queue

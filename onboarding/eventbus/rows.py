@@ -160,7 +160,7 @@ def _values_sql(model, fields: tuple[str, ...], shared: tuple[str, ...], returni
         # The candidates as a table r(c0, c1, ...); the WHERE also settles SQLite's parsing of
         # ON CONFLICT after INSERT ... SELECT.
         names = ", ".join(f"c{i}" for i in range(len(columns)))
-        values = (f"SELECT * FROM (WITH r({names}) AS ({values}) SELECT * FROM r) AS r"
+        values = (f"WITH r({names}) AS ({values}) SELECT * FROM r"
                   f"{_absent_clause(model, fields, unless_present, connection)}")
     return (
         f"INSERT INTO {table} ({', '.join(columns)}) {values} "

@@ -399,9 +399,7 @@ class ConsumerRunner:
         """
         with contextlib.suppress(Exception):
             await psub.unsubscribe()  # no more deliveries after this
-        queue = getattr(getattr(psub, "_sub", None), "_pending_queue", None)
-        while queue is not None and not queue.empty():
-            msg = queue.get_nowait()
+        for msg in fetching.take_queued(psub):
             if msg.reply:  # status messages (e.g. "no messages") carry no reply subject
                 with contextlib.suppress(Exception):
                     await msg.nak()
