@@ -16,7 +16,7 @@ import pytest
 from django.conf import settings
 from django.core.management import call_command
 
-from onboarding.eventbus.natsserver import NatsServer
+from onboarding.dev.natsserver import NatsServer
 
 
 @pytest.fixture(scope="session")
@@ -35,14 +35,14 @@ def _nats_url(nats_server):
 def _publisher(django_db_setup, _nats_url):
     """Close the on-commit publisher (and its DB connection) before the test databases go."""
     yield
-    from onboarding.eventbus.publisher import get_publisher
+    from onboarding.eventbus.outbox.publisher import get_publisher
 
     get_publisher().close()
 
 
 def run_async(coro_fn, *args, **kwargs):
     """Run a coroutine function against NATS from a sync test with a fresh connection."""
-    from onboarding.eventbus.connection import close, connect_within
+    from onboarding.eventbus.nats.connection import close, connect_within
 
     async def main():
         nc = await connect_within("tests", 5)
@@ -105,8 +105,8 @@ class RunningConsumers:
     """Consumers running on a thread of this process, as ``manage.py consume`` runs them."""
 
     def __init__(self, names, batch=None, per_message=None):
+        from onboarding.eventbus.consumer.runner import ConsumerRunner
         from onboarding.eventbus.registry import get_consumers
-        from onboarding.eventbus.runner import ConsumerRunner
 
         consumers = get_consumers()
         self.runner = ConsumerRunner(
@@ -137,7 +137,7 @@ class RunningRelay:
     """The outbox relay on a thread of this process, as ``manage.py outbox_relay`` runs it."""
 
     def __init__(self):
-        from onboarding.eventbus.relay import OutboxRelay
+        from onboarding.eventbus.outbox.relay import OutboxRelay
 
         self.relay = OutboxRelay()
         self.thread = threading.Thread(
@@ -188,7 +188,7 @@ def start_consumers(jetstream):
 
 def relay_flush(grace: float = 0.0) -> int:
     """Publish the outbox backlog as ``manage.py outbox_relay --once`` does; return the count."""
-    from onboarding.eventbus.relay import OutboxRelay
+    from onboarding.eventbus.outbox.relay import OutboxRelay
 
     return asyncio.run(OutboxRelay(grace=grace).run(once=True))
 

@@ -3,8 +3,8 @@ from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.urls import NoReverseMatch, reverse
 
 from accounts.models import User
-from onboarding.eventbus.admin_context import copyable_id
-from onboarding.eventbus.status import UserStoryError, user_story
+from onboarding.eventbus.admin.contexts import copyable_id
+from onboarding.eventbus.ops.story import UserStoryError, user_story
 
 
 def _admin_url(label: str, pk) -> str | None:

@@ -17,26 +17,33 @@ Users registered less than ``min_age`` ago are left out: their event may still b
 
 The repair of (service, user) is the user's ``user.registered`` rebuilt from the row by
 ``accounts.services.user_registered_event`` (the builder registration uses) and addressed to that
-service alone (``onboarding.eventbus.redelivery``). Its event id — ``Event-Id`` and
+service alone (``onboarding.eventbus.deadletters.redelivery``). Its event id — ``Event-Id`` and
 ``Nats-Msg-Id`` — is :func:`repair_event_id`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from django.conf import settings
+from django.db import connections
 
 from accounts.models import User
 from accounts.services import user_registered_event
-from onboarding.eventbus.redelivery import Redelivery
+from onboarding.eventbus.deadletters.redelivery import Redelivery, redeliver
+from onboarding.eventbus.nats.connection import session
 from onboarding.eventbus.registry import get_consumers
 from onboarding.readiness import onboarding_readiness
 
 DEFAULT_CHUNK_SIZE = 1000
+# Users named per service in a report; the counts are always complete.
+LISTED_PER_SERVICE = 50
 # uuid5 namespace of repair event ids (fixed: an id must come out the same in every process).
 REPAIR_NAMESPACE = uuid.UUID("5d0c4e52-3b1e-4f7a-9d7e-2a6f1c0b9e41")
 # The columns the event is built from: nothing else of a user is loaded.
@@ -140,3 +147,144 @@ def repairs_for(
         for service, users in result.missing.items()
         for user in users
     ]
+
+
+@dataclass
+class ServiceTotals:
+    missing: int = 0
+    repaired: int = 0  # stored by JetStream for the consumer
+    already_sent: int = 0  # dropped by JetStream: the same repair is already in the stream
+    listed: list[tuple[str, str]] = field(default_factory=list)  # (user id, username)
+
+
+class Totals:
+    def __init__(self, services: list[str]) -> None:
+        self.checked = 0
+        self.services = {name: ServiceTotals() for name in services}
+
+    def add(self, result: ChunkResult) -> None:
+        self.checked += len(result.users)
+        for service, users in result.missing.items():
+            totals = self.services[service]
+            totals.missing += len(users)
+            room = LISTED_PER_SERVICE - len(totals.listed)
+            totals.listed += [(str(user.pk), user.username) for user in users[:max(room, 0)]]
+
+    def sent(self, repairs, stored: list[bool]) -> None:
+        for repair, was_stored in zip(repairs, stored, strict=True):
+            totals = self.services[repair.consumer]
+            if was_stored:
+                totals.repaired += 1
+            else:
+                totals.already_sent += 1
+
+    @property
+    def missing(self) -> int:
+        return sum(t.missing for t in self.services.values())
+
+    @property
+    def repaired(self) -> int:
+        return sum(t.repaired for t in self.services.values())
+
+    @property
+    def already_sent(self) -> int:
+        return sum(t.already_sent for t in self.services.values())
+
+    def sent_so_far(self) -> str:
+        """What a repair that failed had sent before, for its error message."""
+        return (
+            f"{self.repaired} repair(s) sent and acknowledged before it"
+            + (f" ({self.already_sent} already in the stream)" if self.already_sent else "")
+            + "; run it again: repairs are idempotent"
+        )
+
+
+def reconcile_run(
+    totals: Totals,
+    *,
+    since: dt.datetime | None,
+    until: dt.datetime,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    repair: bool = False,
+    force: bool = False,
+    now: dt.datetime,
+    on_chunk: Callable[[Totals], None] | None = None,
+) -> Totals:
+    """Check every user registered in ``[since, until]`` against ``totals``' services, adding
+    up into ``totals`` (``on_chunk(totals)`` after each chunk: a progress bar); with ``repair``,
+    re-deliver each missing (service, user)'s event to that service alone.
+
+    Repairing, the scan runs on one worker thread (the ORM may not run on the event loop) and
+    publishing on the loop; NATS is connected on the first chunk that needs a repair, with this
+    process's own NATS settings (in a secured deployment, the ``replay`` role's). Raises
+    ``NatsAccessError``, ``TimeoutError`` or ``RedeliveryError`` if a repair cannot be sent;
+    ``totals`` then says what was sent before (:meth:`Totals.sent_so_far`).
+    """
+    scan = reconcile_scan(services=list(totals.services), since=since, until=until,
+                          chunk_size=chunk_size)
+    if not repair:
+        for result in scan:
+            totals.add(result)
+            if on_chunk:
+                on_chunk(totals)
+        return totals
+    executor = ThreadPoolExecutor(1, thread_name_prefix="reconcile")
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        async with contextlib.AsyncExitStack() as stack:
+            nc = js = None
+            while True:
+                result = await loop.run_in_executor(executor, next, scan, None)
+                if result is None:
+                    break
+                totals.add(result)
+                repairs = repairs_for(result, now=now, force=force)
+                if repairs:
+                    if js is None:
+                        nc = await stack.enter_async_context(
+                            session("reconcile", timeout=settings.NATS_REQUEST_TIMEOUT * 2)
+                        )
+                        js = nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
+                    totals.sent(repairs, await redeliver(nc, js, repairs))
+                if on_chunk:
+                    on_chunk(totals)
+
+    try:
+        asyncio.run(run())
+    finally:
+        executor.submit(connections.close_all).result()
+        executor.shutdown()
+    return totals
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def reconcile_report(totals: Totals, *, since: dt.datetime | None, until: dt.datetime,
+                     min_age: float, repair: bool) -> dict:
+    """What a run found, as ``reconcile --json`` prints it."""
+    return {
+        "checked": totals.checked,
+        "since": _iso(since),
+        "until": _iso(until),
+        "min_age": min_age,
+        "repair": repair,
+        "complete": totals.missing == 0,
+        "services": {
+            name: {
+                "checked": totals.checked,
+                "missing": t.missing,
+                "repaired": t.repaired,
+                "already_sent": t.already_sent,
+                "missing_users": [
+                    {"userId": user_id, "username": username} for user_id, username in t.listed
+                ],
+                "missing_users_truncated": t.missing > len(t.listed),
+            }
+            for name, t in totals.services.items()
+        },
+    }

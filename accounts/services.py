@@ -15,7 +15,7 @@ from rest_framework.authtoken.models import Token
 from accounts.models import User
 from accounts.selectors import token_is_expired
 from onboarding.contracts import UserRegistered
-from onboarding.eventbus.oncommit import outbox_publish_on_commit
+from onboarding.eventbus import outbox_publish_on_commit
 
 logger = logging.getLogger(__name__)
 

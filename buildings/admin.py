@@ -1,7 +1,7 @@
 from django.contrib import admin
 
 from buildings.models import Building
-from onboarding.eventbus.admin_context import ContextModelAdmin
+from onboarding.eventbus import ContextModelAdmin
 
 
 @admin.register(Building)

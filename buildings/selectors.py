@@ -4,7 +4,7 @@ from collections.abc import Iterable
 
 from buildings.defaults import STARTER_BUILDINGS
 from buildings.models import Building
-from onboarding.eventbus.registry import UserDefaults
+from onboarding.eventbus import UserDefaults
 
 
 def buildings_defaults(*, user_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, UserDefaults]:

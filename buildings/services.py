@@ -4,7 +4,7 @@ from collections.abc import Iterable
 
 from buildings.defaults import STARTER_BUILDINGS
 from buildings.models import Building
-from onboarding.eventbus.rows import insert_ignoring_conflicts
+from onboarding.eventbus import insert_ignoring_conflicts
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 from django.contrib import admin
 
 from characters.models import Character
-from onboarding.eventbus.admin_context import ContextModelAdmin
+from onboarding.eventbus import ContextModelAdmin
 
 
 @admin.register(Character)

@@ -3,7 +3,7 @@
 from characters.selectors import characters_defaults
 from characters.services import characters_create_defaults
 from onboarding.contracts import UserRegistered
-from onboarding.eventbus.registry import Subscription
+from onboarding.eventbus import Subscription
 
 
 def on_users_registered(events: list[UserRegistered]) -> None:

@@ -3,7 +3,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from characters.models import Character
-from onboarding.eventbus.registry import UserDefaults
+from onboarding.eventbus import UserDefaults
 
 
 def characters_defaults(*, user_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, UserDefaults]:

@@ -4,7 +4,7 @@ from collections.abc import Iterable
 
 from characters.defaults import DEFAULT_CHARACTER_NAME
 from characters.models import Character
-from onboarding.eventbus.rows import insert_ignoring_conflicts
+from onboarding.eventbus import insert_ignoring_conflicts
 
 logger = logging.getLogger(__name__)
 

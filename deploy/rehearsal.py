@@ -337,7 +337,7 @@ def main() -> int:
     (workdir / "db").mkdir(exist_ok=True)
     log(f"rehearsal in {workdir}")
 
-    from onboarding.eventbus.natsserver import SecuredNats, free_port
+    from onboarding.dev.natsserver import SecuredNats, free_port
 
     nats = SecuredNats(workdir / "nats", nodes=3, name="rehearsal").start()
     stack = None

@@ -21,9 +21,10 @@ import os
 
 from django.db import connections
 
-from onboarding.eventbus.connection import NatsAccessError, close, connect_within
-from onboarding.eventbus.oncommit import fast_path
-from onboarding.eventbus.outbox import OUTBOX_DATABASE
+from onboarding.eventbus.models import OUTBOX_DATABASE
+from onboarding.eventbus.nats.connection import close, connect_within
+from onboarding.eventbus.nats.refusals import NatsAccessError
+from onboarding.eventbus.outbox.write import fast_path
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def nats_problem() -> str | None:
         return "NATS refused this process's connection."
     except TimeoutError:
         # connect() retries a refused connection until the deadline: the refusals themselves
-        # are logged by onboarding.eventbus.connection.
+        # are logged by onboarding.eventbus.nats.connection.
         logger.warning("readyz: NATS did not accept a connection within %ss", NATS_CHECK_TIMEOUT)
         return "NATS cannot be reached."
     except Exception as exc:  # a network or protocol error: not ready

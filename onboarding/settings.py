@@ -31,7 +31,9 @@ DEVELOPMENT_SECRET_KEY = "django-insecure-development-only-key-set-DJANGO_SECRET
 SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="") or (DEVELOPMENT_SECRET_KEY if DEBUG else "")
 if not SECRET_KEY:
     raise ImproperlyConfigured(
-        "DJANGO_SECRET_KEY is not set: with DJANGO_DEBUG off it is required (generate one with "
+        "DJANGO_SECRET_KEY is not set, and with DJANGO_DEBUG off (production) it is required. "
+        "In a checkout, use the development settings as make run does: export DJANGO_DEBUG=true. "
+        "In production, set DJANGO_SECRET_KEY (generate one: "
         "python -c 'import secrets; print(secrets.token_urlsafe(50))')."
     )
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
@@ -80,6 +82,7 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",  # Swagger UI's files, served from here: no CDN (/api/docs/)
     "axes",  # the admin login's lockout (accounts/admin_lockout.py)
     "onboarding.eventbus",
+    "onboarding.dev",  # development tools: dev_nats, procfile (make run); production imports none
     # Bounded contexts. They share nothing but the event contract (onboarding.contracts).
     "accounts",
     "players",
@@ -189,6 +192,12 @@ AXES_USERNAME_CALLABLE = "accounts.admin_lockout.lockout_username"
 AXES_LOCKOUT_CALLABLE = "accounts.admin_lockout.lockout_response"
 AXES_ONLY_ADMIN_SITE = True
 AXES_VERBOSE = False  # its own startup banner; lockouts are logged either way
+# Admin logins' records (axes' access logs, failure logs and attempts: a username, an address,
+# a browser) are kept this long, then pruned with the event bus's rows (EVENTBUS_PRUNE_INTERVAL,
+# `manage.py eventbus_prune`). Never shorter than the cool-off: a lockout must outlive it.
+ADMIN_ACCESS_LOG_KEEP = max(
+    env.int("ADMIN_ACCESS_LOG_KEEP", default=30 * 24 * 3600), int(AXES_COOLOFF_TIME.total_seconds())
+)  # seconds
 
 # --- Admin ---------------------------------------------------------------------------------
 # The contexts' rows (players, characters, progression, buildings) come from events: the admin
@@ -343,14 +352,15 @@ OUTBOX_RELAY_STANDBY_POLL = env.float("OUTBOX_RELAY_STANDBY_POLL", default=1.0) 
 # an operator requeues it (admin). An outage counts no attempt.
 OUTBOX_MAX_ATTEMPTS = env.int("OUTBOX_MAX_ATTEMPTS", default=5)
 
-# --- Pruning (onboarding/eventbus/pruning.py) ----------------------------------------------
+# --- Pruning (onboarding/eventbus/runtime/pruning.py) --------------------------------------
 
 # Published outbox rows go after NATS_DUPLICATE_WINDOW, inbox rows after NATS_STREAM_MAX_AGE;
 # resolved and discarded dead letters are kept this long after they were closed (open ones
 # for ever).
 EVENTBUS_DEAD_LETTER_KEEP = env.int("EVENTBUS_DEAD_LETTER_KEEP", default=30 * 24 * 3600)  # s
-# The active relay prunes the outbox, each consumer its own inbox rows and dead letters, at
-# start and this often; 0: never (then run `manage.py eventbus_prune` from cron).
+# The active relay prunes the outbox (and the admin's access logs, ADMIN_ACCESS_LOG_KEEP), each
+# consumer its own inbox rows and dead letters, at start and this often; 0: never (then run
+# `manage.py eventbus_prune` from cron).
 EVENTBUS_PRUNE_INTERVAL = env.float("EVENTBUS_PRUNE_INTERVAL", default=3600.0)  # seconds
 
 # --- I18N, static --------------------------------------------------------------------------
@@ -374,7 +384,7 @@ METRICS_ADDR = env.str("METRICS_ADDR", default="0.0.0.0")  # 127.0.0.1: this hos
 METRICS_REFRESH_INTERVAL = env.float("METRICS_REFRESH_INTERVAL", default=5.0)  # seconds
 # Liveness for an orchestrator: the relay and the consumers keep this file's mtime at the last
 # moment each of their loops made progress (or was waiting on purpose, e.g. on a database or
-# NATS outage). Older than 60 s: stuck (see onboarding/eventbus/metrics.py). Unset: no file.
+# NATS outage). Older than 60 s: stuck (onboarding/eventbus/runtime/liveness.py). Unset: no file.
 HEARTBEAT_FILE = env.str("HEARTBEAT_FILE", default="")
 
 # --- Logging -------------------------------------------------------------------------------

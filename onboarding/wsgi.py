@@ -7,7 +7,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "onboarding.settings")
 
 application = get_wsgi_application()
 
-from onboarding.eventbus.warmup import web_warm_up  # noqa: E402 - needs Django set up
+from onboarding.eventbus.runtime.warmup import web_warm_up  # noqa: E402 - needs Django set up
 
 # Before the first request rather than during it (what it does and why: warmup.py).
 web_warm_up()

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from onboarding.eventbus.admin_context import ContextModelAdmin
+from onboarding.eventbus import ContextModelAdmin
 from players.models import Player
 
 

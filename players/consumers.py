@@ -1,7 +1,7 @@
 """What the Player Service consumes (run with ``manage.py consume players``)."""
 
 from onboarding.contracts import UserRegistered
-from onboarding.eventbus.registry import Subscription
+from onboarding.eventbus import Subscription
 from players.selectors import players_defaults
 from players.services import players_create_defaults
 

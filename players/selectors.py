@@ -1,7 +1,7 @@
 import uuid
 from collections.abc import Iterable
 
-from onboarding.eventbus.registry import UserDefaults
+from onboarding.eventbus import UserDefaults
 from players.models import Player
 
 

@@ -1,7 +1,7 @@
 """What the Meta Progression Service consumes (``manage.py consume progression``)."""
 
 from onboarding.contracts import UserRegistered
-from onboarding.eventbus.registry import Subscription
+from onboarding.eventbus import Subscription
 from progression.selectors import progression_defaults
 from progression.services import progressions_create_defaults
 

@@ -2,7 +2,7 @@ import logging
 import uuid
 from collections.abc import Iterable
 
-from onboarding.eventbus.rows import insert_ignoring_conflicts
+from onboarding.eventbus import insert_ignoring_conflicts
 from progression.defaults import STARTER_SKILLS, STARTER_WEAPONS
 from progression.models import MetaProgression
 

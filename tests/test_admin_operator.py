@@ -11,7 +11,7 @@ from django.urls import reverse
 
 from accounts.services import user_register
 from conftest import wait_settled, wait_until
-from onboarding.eventbus.deadletters import dead_letter_store
+from onboarding.eventbus.deadletters.store import dead_letter_store
 from onboarding.eventbus.models import DeadLetter, OutboxEvent
 from players.models import Player
 from tests.flow import complete_count, counts

@@ -90,7 +90,7 @@ def a_dead_letter(user_id: str, consumer: str):
     """A dead letter of ``consumer`` carrying the user's real event, as the consumer stores one
     when handling fails (here the event had been handled: the replay is a duplicate that its
     inbox recognises, and still resolves the dead letter)."""
-    from onboarding.eventbus.deadletters import dead_letter_store
+    from onboarding.eventbus.deadletters.store import dead_letter_store
     from onboarding.eventbus.models import OutboxEvent, ProcessedEvent
 
     event = OutboxEvent.objects.get(payload__contains=user_id)

@@ -11,7 +11,7 @@ from django.conf import settings
 
 from conftest import run_async, wait_settled, wait_until
 from onboarding.contracts import VERSION_HEADER, event_headers
-from onboarding.eventbus.failures import retry_delay
+from onboarding.eventbus.consumer.failures import retry_delay
 from onboarding.eventbus.models import DeadLetter
 from onboarding.eventbus.registry import get_consumers
 from tests.flow import assert_defaults, complete_count, counts, sample_event
@@ -147,7 +147,7 @@ def test_consume_command_rejects_unknown_consumers():
 
 def test_a_new_failure_at_a_reused_sequence_does_not_overwrite_an_old_dead_letter():
     """A stream deleted and created again restarts its sequence numbers."""
-    from onboarding.eventbus.deadletters import dead_letter_store
+    from onboarding.eventbus.deadletters.store import dead_letter_store
 
     for event_id in ("old-event", "new-event"):
         dead_letter_store(consumer="players", subject="user.registered", stream="USERS",
@@ -200,7 +200,7 @@ def test_a_failing_event_does_not_fail_its_batch_mates(start_consumers, monkeypa
 @pytest.mark.parametrize("returning", [True, False], ids=["insert-returning", "select-then-insert"])
 def test_the_inbox_applies_each_event_once_within_and_across_batches(monkeypatch, returning):
     from onboarding.contracts import UserRegistered
-    from onboarding.eventbus import inbox
+    from onboarding.eventbus.consumer import inbox
 
     monkeypatch.setattr(inbox, "_returning_supported", lambda connection: returning)
     spec = get_consumers()["players"]
@@ -221,7 +221,7 @@ def test_the_inbox_applies_each_event_once_within_and_across_batches(monkeypatch
 
 def test_the_inbox_claims_a_batch_larger_than_one_statement(monkeypatch):
     from onboarding.contracts import UserRegistered
-    from onboarding.eventbus import inbox
+    from onboarding.eventbus.consumer import inbox
 
     monkeypatch.setattr(inbox, "INBOX_CHUNK", 3)
     spec = get_consumers()["players"]

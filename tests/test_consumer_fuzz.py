@@ -17,7 +17,7 @@ from hypothesis import settings as hypothesis_settings
 
 from conftest import run_async, wait_settled, wait_until
 from onboarding.contracts import VERSION_HEADER, ContractError, parse_event
-from onboarding.eventbus.deadletters import DEAD_LETTER_HEADER
+from onboarding.eventbus.deadletters.store import DEAD_LETTER_HEADER
 from onboarding.eventbus.models import DeadLetter
 from onboarding.eventbus.registry import get_consumers
 from tests.flow import assert_defaults, complete_count, counts, sample_event
@@ -142,7 +142,7 @@ def test_hostile_messages_are_dead_lettered_once_and_the_consumers_carry_on(star
 @pytest.mark.parametrize("letter_id", ["²", "١٢", "9" * 30, "9" * 5000, "-1", " 1", ""])
 def test_a_dead_letter_id_no_dead_letter_can_have_is_ignored(letter_id):
     """Not a replay of a dead letter: a new dead letter is stored, and nothing is resolved."""
-    from onboarding.eventbus.deadletters import dead_letter_resolve, dead_letter_store
+    from onboarding.eventbus.deadletters.store import dead_letter_resolve, dead_letter_store
 
     letter = dead_letter_store(
         consumer="players", subject="user.registered", stream="USERS", stream_seq=7,
@@ -154,7 +154,7 @@ def test_a_dead_letter_id_no_dead_letter_can_have_is_ignored(letter_id):
 
 
 def test_a_dead_letter_keeps_what_a_database_cannot_store_as_near_as_it_can():
-    from onboarding.eventbus.deadletters import dead_letter_store
+    from onboarding.eventbus.deadletters.store import dead_letter_store
 
     payload = dump({**VALID, "userId": "a\x00b\ud800"}, True)
     letter = dead_letter_store(

@@ -66,8 +66,9 @@ def test_a_replay_whose_dead_letter_cannot_be_resolved_says_so(start_consumers, 
     from django.db import OperationalError
 
     from onboarding.contracts import EVENT_ID_HEADER
-    from onboarding.eventbus import runner
-    from onboarding.eventbus.deadletters import dead_letter_store, dead_letters_replay
+    from onboarding.eventbus.consumer import settling
+    from onboarding.eventbus.deadletters.replay import dead_letters_replay
+    from onboarding.eventbus.deadletters.store import dead_letter_store
 
     event = sample_event(username="replayed")
     payload, headers = valid(event)
@@ -80,7 +81,7 @@ def test_a_replay_whose_dead_letter_cannot_be_resolved_says_so(start_consumers, 
     def resolve_fails(**kwargs):
         raise OperationalError("the operations database is read-only")
 
-    monkeypatch.setattr(runner, "dead_letter_resolve", resolve_fails)
+    monkeypatch.setattr(settling, "dead_letter_resolve", resolve_fails)
     caplog.set_level(logging.WARNING, logger="onboarding.eventbus")
     running = start_consumers(["players"])
     assert dead_letters_replay(letters=[letter]) == 1
@@ -243,7 +244,7 @@ def test_the_session_timeouts_are_the_consumers_alone(settings):
 
     from django.db import connections
 
-    from onboarding.eventbus.runner import Worker
+    from onboarding.eventbus.consumer.runner import Worker
 
     settings.CONSUMER_STATEMENT_TIMEOUT, settings.CONSUMER_LOCK_TIMEOUT = 7, 3
     alias = settings.CONTEXT_DATABASES["players"]
@@ -271,7 +272,7 @@ def test_a_batch_of_two_subjects_reaches_the_handlers_in_the_stream_order():
     """``[deleted(A), registered(B), deleted(B)]``: grouped by subject, B's registration ran
     after its deletion and recreated B."""
     from onboarding.contracts import UserRegistered
-    from onboarding.eventbus.inbox import Incoming, process_events
+    from onboarding.eventbus.consumer.inbox import Incoming, process_events
     from onboarding.eventbus.registry import ConsumerSpec, Subscription
 
     class UserDeleted:  # a second event type, as the contract may grow one

@@ -166,8 +166,8 @@ def test_relay_republish_of_a_published_row_is_dropped_by_jetstream(jetstream):
 def test_the_outbox_row_reads_back_as_written(settings):
     """The row is INSERTed by one statement of its own (not Model.save()): every field reads
     back through the ORM as written, and its creation time orders against the relay's cutoff."""
-    from onboarding.eventbus.oncommit import outbox_publish_on_commit
-    from onboarding.eventbus.outbox import outbox_unpublished
+    from onboarding.eventbus.outbox.store import outbox_unpublished
+    from onboarding.eventbus.outbox.write import outbox_publish_on_commit
 
     settings.OUTBOX_PUBLISH_ON_COMMIT = False  # the row alone
     event = sample_event(username="readback")
@@ -190,7 +190,7 @@ def test_event_ids_sort_by_time_and_meet_the_contract(settings):
 
     from onboarding.contracts import parse_event
     from onboarding.eventbus.ids import uuid7
-    from onboarding.eventbus.oncommit import outbox_publish_on_commit
+    from onboarding.eventbus.outbox.write import outbox_publish_on_commit
 
     earlier = uuid7()
     time.sleep(0.002)  # another millisecond: within one, the order is random
@@ -210,7 +210,7 @@ def test_the_outbox_insert_goes_through_the_connections_execute_wrappers(setting
     execute wrappers that tracing and APM hook into Django's connection still see it."""
     from django.db import connections
 
-    from onboarding.eventbus.oncommit import outbox_publish_on_commit
+    from onboarding.eventbus.outbox.write import outbox_publish_on_commit
 
     settings.OUTBOX_PUBLISH_ON_COMMIT = False
     seen = []
@@ -228,7 +228,7 @@ def test_the_outbox_insert_goes_through_the_connections_execute_wrappers(setting
 
 
 def test_outbox_requires_a_transaction():
-    from onboarding.eventbus.oncommit import outbox_publish_on_commit
+    from onboarding.eventbus.outbox.write import outbox_publish_on_commit
 
     with pytest.raises(RuntimeError, match="inside transaction.atomic"):
         outbox_publish_on_commit(event=sample_event())
@@ -236,7 +236,8 @@ def test_outbox_requires_a_transaction():
 
 def test_notify_fast_path_wakes_the_relay_only_when_the_registration_commits():
     """PostgreSQL: the NOTIFY rides on the registration's own transaction."""
-    from onboarding.eventbus.oncommit import NOTIFY_CHANNEL, fast_path, outbox_listen
+    from onboarding.eventbus.outbox.notify import NOTIFY_CHANNEL, outbox_listen
+    from onboarding.eventbus.outbox.write import fast_path
 
     if fast_path() != "notify":
         pytest.skip("the NOTIFY fast path is PostgreSQL's")

@@ -1,4 +1,4 @@
-"""fetching.py's ``fetch`` against a real nats-server, side by side with nats-py's own.
+"""pull.py's ``fetch`` against a real nats-server, side by side with nats-py's own.
 
 Each scenario runs with both, so that the cheaper fetch is shown to answer as nats-py's does:
 the same messages, in the same order, the same errors, and the subscription's byte count back
@@ -16,9 +16,10 @@ import nats.errors
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from onboarding.eventbus import fetching
+from onboarding.eventbus.consumer.runner import ConsumerRunner
+from onboarding.eventbus.nats import compat
+from onboarding.eventbus.nats import pull as fetching
 from onboarding.eventbus.registry import ConsumerSpec
-from onboarding.eventbus.runner import ConsumerRunner
 
 FETCHERS = {
     "ours": lambda psub, batch, timeout: fetching.fetch(psub, batch, timeout),
@@ -63,9 +64,29 @@ def numbers(msgs) -> list[int]:
 
 def test_this_nats_py_is_the_one_fetching_knows(nats_server):
     async def scenario(js, psub, subject):
-        return fetching.supported(psub)
+        return compat.pull_supported(psub)
 
     assert on_a_stream(nats_server, scenario)
+
+
+# Every internal pull.py reads, as (object, attribute): a nats-py that renamed any one of them
+# must fall back to its own fetch, not fail on every empty queue.
+INTERNALS = [("psub", "_sub"), ("sub", "_pending_queue"), ("sub", "_pending_size"),
+             ("sub", "_conn"), ("psub", "_nms"), ("psub", "_deliver"), ("psub", "_nc")]
+
+
+@pytest.mark.parametrize("owner,attribute", INTERNALS, ids=[a for _, a in INTERNALS])
+def test_a_nats_py_without_one_of_the_internals_is_not_supported(nats_server, owner, attribute):
+    async def scenario(js, psub, subject):
+        target = psub if owner == "psub" else psub._sub
+        saved = getattr(target, attribute)
+        delattr(target, attribute) if attribute in vars(target) else None
+        try:
+            return compat.pull_supported(psub)
+        finally:
+            setattr(target, attribute, saved)
+
+    assert on_a_stream(nats_server, scenario) is False
 
 
 def test_a_backlog_comes_in_full_batches_in_stream_order_and_each_message_once(
@@ -171,24 +192,35 @@ def test_a_request_the_durable_refuses_is_waited_out_not_retried_at_once(nats_se
     assert got == [0, 1, 2]  # a batch within max_batch is served
 
 
+# A fetch that waited out its timeout here would be a hang, not an answer: each test gives it
+# far longer than an answer takes, and requires the error before a fraction of it.
+PATIENCE = 5.0
+
+
 def test_a_closed_connection_is_said_so(nats_server, fetcher):
     async def scenario(js, psub, subject):
         await psub._nc.close()
-        with pytest.raises((nats.errors.ConnectionClosedError, TimeoutError)):
-            await fetcher(psub, 10, 0.5)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(nats.errors.ConnectionClosedError):
+            await fetcher(psub, 10, PATIENCE)
+        took = asyncio.get_running_loop().time() - started
         await psub._nc.connect(servers=[nats_server.url])  # for the scenario's clean-up
+        return took
 
-    on_a_stream(nats_server, scenario)
+    assert on_a_stream(nats_server, scenario) < PATIENCE / 5
 
 
 def test_a_durable_deleted_under_the_subscription_is_an_error_not_a_hang(nats_server, fetcher):
     async def scenario(js, psub, subject):
         stream = psub._stream
         await js.delete_consumer(stream, "d")
-        with pytest.raises((nats.errors.Error, TimeoutError)):
-            await fetcher(psub, 10, 1.0)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(nats.errors.Error) as raised:
+            await fetcher(psub, 10, PATIENCE)
+        assert not isinstance(raised.value, nats.errors.TimeoutError), raised.value
+        return asyncio.get_running_loop().time() - started
 
-    on_a_stream(nats_server, scenario)
+    assert on_a_stream(nats_server, scenario) < PATIENCE / 5
 
 
 def test_the_runner_falls_back_to_nats_py_fetch_when_the_internals_are_not_there():

@@ -36,8 +36,8 @@ from django.db import connection, connections
 
 from accounts.services import user_register
 from conftest import run_async, wait_until
+from onboarding.dev.natsserver import free_port
 from onboarding.eventbus.models import OutboxEvent
-from onboarding.eventbus.natsserver import free_port
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
@@ -250,7 +250,7 @@ CHILD_OUTCOMES = {
 
 def _in_forked_child() -> int:
     """Register in the forked child; the exit code tells whether its event got published."""
-    from onboarding.eventbus.publisher import get_publisher
+    from onboarding.eventbus.outbox.publisher import get_publisher
 
     try:
         user_register(username="forkchild", email="forkchild@example.com", password="x")

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from onboarding.eventbus.natsserver import free_port
+from onboarding.dev.natsserver import free_port
 from tests.test_gunicorn import Gunicorn
 
 pytestmark = pytest.mark.django_db

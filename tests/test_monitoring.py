@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from accounts.services import user_register
 from conftest import run_async, wait_until
-from onboarding.eventbus.natsserver import free_port
+from onboarding.dev.natsserver import free_port
 from tests.flow import complete_count, counts
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")

@@ -20,9 +20,10 @@ from django.core.management import call_command
 
 from accounts.services import user_register
 from conftest import wait_until
-from onboarding.eventbus.connection import NatsAccessError, connect, session
+from onboarding.dev.natsserver import NatsServer, SecuredNats, free_port, make_certificates
 from onboarding.eventbus.models import DeadLetter, OutboxEvent
-from onboarding.eventbus.natsserver import NatsServer, SecuredNats, free_port, make_certificates
+from onboarding.eventbus.nats.connection import connect, session
+from onboarding.eventbus.nats.refusals import NatsAccessError
 from onboarding.eventbus.registry import get_consumers
 from tests.flow import complete_count, counts
 
@@ -246,9 +247,9 @@ def test_an_anonymous_client_is_refused(secured, as_role):
     (None, False),
 ])
 def test_only_refusals_end_a_process_transient_errors_are_retried(error, refused):
-    from onboarding.eventbus.connection import _refusal
+    from onboarding.eventbus.nats.refusals import refusal_reason
 
-    assert (_refusal(error) is not None) == refused
+    assert (refusal_reason(error) is not None) == refused
 
 
 # -- failures a person understands, from real commands ---------------------------------------

@@ -20,7 +20,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.throttling import ScopedRateThrottle
 
 from accounts.models import User
-from onboarding.eventbus.natsserver import free_port
+from onboarding.dev.natsserver import free_port
 from onboarding.eventbus.registry import get_consumers
 from tests.flow import STRONG_PASSWORD, register, sample_event
 

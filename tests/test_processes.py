@@ -88,7 +88,7 @@ def test_relay_once_flushes_the_backlog_and_exits(manage, settings):
 
 
 def test_consume_exits_cleanly_on_sigterm_while_nats_is_unreachable(manage):
-    from onboarding.eventbus.natsserver import free_port
+    from onboarding.dev.natsserver import free_port
 
     process = manage("consume", "--all", NATS_URL=f"nats://127.0.0.1:{free_port()}")
     process.wait_for_output("Connect call failed")  # it is up, retrying the connection
@@ -97,7 +97,7 @@ def test_consume_exits_cleanly_on_sigterm_while_nats_is_unreachable(manage):
 
 
 def test_dev_nats_starts_an_embedded_server_provisions_and_stops(manage, tmp_path):
-    from onboarding.eventbus.natsserver import answers, free_port
+    from onboarding.dev.natsserver import answers, free_port
 
     url = f"nats://127.0.0.1:{free_port()}"
     process = manage("dev_nats", "--store-dir", str(tmp_path / "nats"), NATS_URL=url)

@@ -20,11 +20,11 @@ from django.core.management import call_command
 from django.utils import timezone
 
 from conftest import RunningConsumers, RunningRelay, run_async, wait_settled, wait_until
-from onboarding.eventbus import pruning
-from onboarding.eventbus.deadletters import dead_letter_resolve, dead_letters_discard
-from onboarding.eventbus.leadership import relay_lock
+from onboarding.eventbus.deadletters.store import dead_letter_resolve, dead_letters_discard
 from onboarding.eventbus.models import DeadLetter, OutboxEvent, ProcessedEvent
-from onboarding.eventbus.status import user_story
+from onboarding.eventbus.ops.story import user_story
+from onboarding.eventbus.outbox.leadership import relay_lock
+from onboarding.eventbus.runtime import pruning
 from tests.flow import complete_count, counts, register
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
@@ -103,13 +103,15 @@ def prune_command(*args) -> dict[str, dict[str, int]]:
     return found
 
 
-def expected_counts(*, outbox: int, inbox_per_consumer: int, dead_letters: int) -> dict:
+def expected_counts(*, outbox: int, inbox_per_consumer: int, dead_letters: int,
+                    access_logs: int = 0) -> dict:
     """What the command prints, database by database: contexts sharing a database share a line."""
     expected = {"default": {pruning.OUTBOX: outbox}}
     for alias in settings.CONTEXT_DATABASES.values():
         line = expected.setdefault(alias, {})
         line[pruning.INBOX] = line.get(pruning.INBOX, 0) + inbox_per_consumer
     expected["default"][pruning.DEAD_LETTERS] = dead_letters
+    expected["default"][pruning.ACCESS_LOGS] = access_logs
     return expected
 
 
@@ -349,3 +351,28 @@ def test_dead_letters_prunable_never_matches_an_open_or_reopened_one(settings):
         c.id for c in closed}
     assert pruning.dead_letters_prune() == 2
     assert set(DeadLetter.objects.values_list("id", flat=True)) == {open_one.id, reopened.id}
+
+
+def test_the_admin_logins_records_are_pruned_after_their_keep_period(settings):
+    """axes keeps a username, an address and a browser per admin login, failed or not: they go
+    once ADMIN_ACCESS_LOG_KEEP has passed (never before), with the rest."""
+    from axes.models import AccessAttempt, AccessFailureLog, AccessLog
+
+    settings.ADMIN_ACCESS_LOG_KEEP = 3600
+    now = timezone.now()
+    fields = {"user_agent": "ua", "ip_address": "127.0.0.1", "http_accept": "*/*",
+              "path_info": "/admin/login/"}
+    for age, name in ((7200, "old"), (60, "new")):
+        made = [AccessLog.objects.create(username=name, **fields),
+                AccessFailureLog.objects.create(username=name, **fields),
+                AccessAttempt.objects.create(username=name, get_data="", post_data="",
+                                             failures_since_start=1, **fields)]
+        for row in made:  # attempt_time is auto_now_add
+            type(row).objects.filter(pk=row.pk).update(
+                attempt_time=now - dt.timedelta(seconds=age))
+    assert pruning.access_logs_prune(dry_run=True) == 3
+    assert pruning.access_logs_prune() == 3
+    for model in (AccessLog, AccessFailureLog, AccessAttempt):
+        assert list(model.objects.values_list("username", flat=True)) == ["new"]
+    assert prune_command()["default"][pruning.ACCESS_LOGS] == 0
+

@@ -9,8 +9,8 @@ import re
 import pytest
 from django.core.management import call_command
 
+from onboarding.dev.natsserver import DEPLOY_NATS
 from onboarding.eventbus.checks import check_bounded_contexts
-from onboarding.eventbus.natsserver import DEPLOY_NATS
 from onboarding.eventbus.registry import get_consumers
 
 

@@ -19,12 +19,15 @@ from django.db import connections
 from accounts.services import user_register
 from conftest import RunningRelay, relay_flush, run_async, wait_until
 from onboarding.contracts import EVENT_ID_HEADER, MSG_ID_HEADER
-from onboarding.eventbus.connection import close, connect_within
 from onboarding.eventbus.models import OutboxEvent
-from onboarding.eventbus.outbox import OutboundMessage, outbox_requeue
-from onboarding.eventbus.publisher import BackgroundPublisher, MessageTooLarge
-from onboarding.eventbus.relay import OutboxRelay, refusal, subject_matches
-from onboarding.eventbus.status import onboarding_status
+from onboarding.eventbus.nats.connection import close, connect_within
+from onboarding.eventbus.nats.publish import MessageTooLarge
+from onboarding.eventbus.ops.health import onboarding_status
+from onboarding.eventbus.outbox.publisher import BackgroundPublisher
+from onboarding.eventbus.outbox.refusals import refusal
+from onboarding.eventbus.outbox.relay import OutboxRelay
+from onboarding.eventbus.outbox.store import OutboundMessage, outbox_requeue
+from onboarding.eventbus.subjects import subject_matches
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
@@ -318,7 +321,7 @@ def test_the_relay_releases_its_lock_and_connections_off_the_event_loop(relay_al
 
 @pytest.fixture
 def listening_relay(settings, jetstream):
-    from onboarding.eventbus.oncommit import fast_path
+    from onboarding.eventbus.outbox.write import fast_path
 
     if fast_path() != "notify":
         pytest.skip("the NOTIFY fast path is PostgreSQL's")
@@ -332,8 +335,8 @@ def listening_relay(settings, jetstream):
 
 def notify(body: str) -> None:
     """NOTIFY from a session of its own, as any role that may connect to the database can."""
-    from onboarding.eventbus.oncommit import NOTIFY_CHANNEL
-    from onboarding.eventbus.outbox import outbox_connection
+    from onboarding.eventbus.outbox.notify import NOTIFY_CHANNEL
+    from onboarding.eventbus.outbox.store import outbox_connection
 
     with outbox_connection() as session:
         session.execute("SELECT pg_notify(%s, %s)", [NOTIFY_CHANNEL, body])

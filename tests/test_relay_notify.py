@@ -12,8 +12,9 @@ from django.db import connections
 
 from accounts.services import user_register
 from conftest import relay_flush, run_async, start_fast_path_relay, wait_until
-from onboarding.eventbus import oncommit
 from onboarding.eventbus.models import OutboxEvent
+from onboarding.eventbus.outbox import notify
+from onboarding.eventbus.outbox import write as oncommit
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
@@ -48,7 +49,7 @@ def register_silently(settings, name: str) -> None:
 
 def test_the_relay_publishes_what_the_notification_carries(relay, monkeypatch):
     # With the scan blinded, the notification is the only way the event can leave.
-    monkeypatch.setattr("onboarding.eventbus.relay.outbox_unpublished", lambda **kw: [])
+    monkeypatch.setattr("onboarding.eventbus.outbox.relay.outbox_unpublished", lambda **kw: [])
     for i in range(5):
         user_register(username=f"fast{i}", email=f"fast{i}@example.com", password="x")
     wait_until(lambda: run_async(stream_messages) == 5, timeout=10, message="published")
@@ -62,13 +63,13 @@ def test_a_notification_without_a_readable_message_makes_the_relay_scan_at_once(
     register_silently(settings, "quiet")
     assert unpublished() == 1
     with connections["default"].cursor() as cursor:
-        cursor.execute("SELECT pg_notify(%s, %s)", [oncommit.NOTIFY_CHANNEL, body])
+        cursor.execute("SELECT pg_notify(%s, %s)", [notify.NOTIFY_CHANNEL, body])
     wait_until(lambda: unpublished() == 0, timeout=10, message="published by a scan")
     assert run_async(stream_messages) == 1
 
 
 def test_an_event_too_large_for_a_notification_is_read_from_the_outbox(relay, monkeypatch):
-    monkeypatch.setattr(oncommit, "NOTIFY_PAYLOAD_LIMIT", 10)
+    monkeypatch.setattr(notify, "NOTIFY_PAYLOAD_LIMIT", 10)
     user_register(username="large", email="large@example.com", password="x")
     wait_until(lambda: unpublished() == 0, timeout=10, message="published by a scan")
     assert run_async(stream_messages) == 1
@@ -83,7 +84,7 @@ def test_a_relay_that_lost_its_listening_connection_catches_up_on_reconnecting(r
         killed = admin.execute(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
             "WHERE query = %s AND datname = current_database() AND pid <> pg_backend_pid()",
-            [f"LISTEN {oncommit.NOTIFY_CHANNEL}"],
+            [f"LISTEN {notify.NOTIFY_CHANNEL}"],
         ).fetchone()[0]
     assert killed >= 1
     wait_until(lambda: unpublished() == 0, timeout=15, message="published after reconnecting")
@@ -98,7 +99,7 @@ def test_a_notification_that_fails_never_fails_the_registration(settings, jetstr
     are committed all the same, and the relay's scan publishes the event."""
     if oncommit.fast_path() != "notify":
         pytest.skip("the NOTIFY fast path is PostgreSQL's")
-    monkeypatch.setattr(oncommit, "NOTIFY_CHANNEL", "")  # pg_notify refuses an empty channel
+    monkeypatch.setattr(notify, "NOTIFY_CHANNEL", "")  # pg_notify refuses an empty channel
     user_register(username="unheard", email="unheard@example.com", password="x")
     assert "could not notify the relay" in caplog.text
     assert unpublished() == 1
@@ -111,12 +112,12 @@ def test_in_a_request_the_notification_waits_until_the_response_is_sent(jetstrea
 
     if oncommit.fast_path() != "notify":
         pytest.skip("the NOTIFY fast path is PostgreSQL's")
-    with oncommit.outbox_listen() as listener:
+    with notify.outbox_listen() as listener:
         request_started.send(sender=None)
         user_register(username="deferred", email="deferred@example.com", password="x")
         assert list(listener.notifies(timeout=0.3)) == []  # committed, the response not yet sent
         request_finished.send(sender=None)
         woken = list(listener.notifies(timeout=5, stop_after=1))
     assert len(woken) == 1
-    assert oncommit.message_from_notification(woken[0].payload).row_id == (
+    assert notify.message_from_notification(woken[0].payload).row_id == (
         OutboxEvent.objects.get().pk)

@@ -13,9 +13,10 @@ from django.db import connections
 
 from accounts.services import user_register
 from conftest import run_async, wait_until
-from onboarding.eventbus import oncommit, outbox
-from onboarding.eventbus.leadership import relay_lock
 from onboarding.eventbus.models import OutboxEvent
+from onboarding.eventbus.outbox import store as outbox
+from onboarding.eventbus.outbox import write as oncommit
+from onboarding.eventbus.outbox.leadership import relay_lock
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 

@@ -15,9 +15,10 @@ from django.db import connections
 
 from accounts.services import user_register
 from conftest import RunningRelay, relay_flush, run_async, start_fast_path_relay, wait_until
-from onboarding.eventbus import oncommit, wake
-from onboarding.eventbus.leadership import relay_lock
 from onboarding.eventbus.models import OutboxEvent
+from onboarding.eventbus.outbox import wake
+from onboarding.eventbus.outbox import write as oncommit
+from onboarding.eventbus.outbox.leadership import relay_lock
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
@@ -79,7 +80,7 @@ def test_auto_is_wake_on_sqlite(settings, sqlite_wake):
 def test_the_relay_publishes_what_the_wake_up_announces(relay, monkeypatch):
     # With the scan blinded, the wake-up is the only way the event can leave; the web process's
     # publisher refuses (no_publisher): no NATS in the web process.
-    monkeypatch.setattr("onboarding.eventbus.relay.outbox_unpublished", lambda **kw: [])
+    monkeypatch.setattr("onboarding.eventbus.outbox.relay.outbox_unpublished", lambda **kw: [])
     for i in range(5):
         register(f"woken{i}")
     wait_until(lambda: stream_messages() == 5, timeout=10, message="published")
@@ -87,7 +88,7 @@ def test_the_relay_publishes_what_the_wake_up_announces(relay, monkeypatch):
 
 
 def test_a_lost_wake_up_goes_out_with_the_next_one(relay, settings, monkeypatch):
-    monkeypatch.setattr("onboarding.eventbus.relay.outbox_unpublished", lambda **kw: [])
+    monkeypatch.setattr("onboarding.eventbus.outbox.relay.outbox_unpublished", lambda **kw: [])
     register_silently(settings, "lost")
     register("found")
     wait_until(lambda: stream_messages() == 2, timeout=10, message="both published")
@@ -95,7 +96,7 @@ def test_a_lost_wake_up_goes_out_with_the_next_one(relay, settings, monkeypatch)
 
 
 def test_an_unreadable_wake_up_is_ignored(relay, monkeypatch):
-    monkeypatch.setattr("onboarding.eventbus.relay.outbox_unpublished", lambda **kw: [])
+    monkeypatch.setattr("onboarding.eventbus.outbox.relay.outbox_unpublished", lambda **kw: [])
     sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         sender.sendto(b"not a row id", os.fsencode(wake.wake_socket_path()))

@@ -31,7 +31,7 @@ from django.conf import settings
 from accounts.models import User
 from conftest import wait_settled, wait_until
 from onboarding.eventbus.models import DeadLetter, ProcessedEvent
-from onboarding.eventbus.oncommit import fast_path
+from onboarding.eventbus.outbox.write import fast_path
 from players.models import Player
 from tests.flow import Burst
 

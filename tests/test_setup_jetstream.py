@@ -87,7 +87,7 @@ def test_refuses_a_stream_with_the_wrong_retention(jetstream):
 
 
 def test_unreachable_nats_is_a_clear_error(settings):
-    from onboarding.eventbus.natsserver import free_port
+    from onboarding.dev.natsserver import free_port
 
     settings.NATS_URL = f"nats://127.0.0.1:{free_port()}"
     with pytest.raises(CommandError, match="no NATS server answered"):

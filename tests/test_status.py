@@ -15,10 +15,10 @@ from django.utils import timezone
 
 from accounts.services import user_register
 from conftest import consumer_state, relay_flush, run_async, wait_settled, wait_until
-from onboarding.eventbus.connection import display_url
-from onboarding.eventbus.deadletters import dead_letter_store
+from onboarding.eventbus.deadletters.store import dead_letter_store
 from onboarding.eventbus.models import OutboxEvent, ProcessedEvent
-from onboarding.eventbus.status import onboarding_status
+from onboarding.eventbus.nats.options import display_url
+from onboarding.eventbus.ops.health import onboarding_status
 from tests.flow import complete_count, counts
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")

@@ -1,4 +1,4 @@
-"""Warm before ready (onboarding/eventbus/warmup.py).
+"""Warm before ready (onboarding/eventbus/runtime/warmup.py).
 
 What an operator reads as ready — a consumer's pull request waiting on its durable, a relay
 LISTENing, a web worker serving — now means that the process's first event does not pay for
@@ -20,8 +20,9 @@ from django.conf import settings
 from django.db import OperationalError, connections
 
 from conftest import RunningConsumers, RunningRelay, run_async, wait_until
-from onboarding.eventbus import oncommit, warmup
-from onboarding.eventbus.publisher import BackgroundPublisher
+from onboarding.eventbus.outbox import write as oncommit
+from onboarding.eventbus.outbox.publisher import BackgroundPublisher
+from onboarding.eventbus.runtime import warmup
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
@@ -76,14 +77,14 @@ def test_the_relay_is_connected_to_nats_before_it_listens(jetstream, monkeypatch
         pytest.skip("the relay listens on PostgreSQL only")
     submitted_before_connected = []
     running = RunningRelay()
-    original = running.relay._start_listening
+    original = running.relay._start_fast_path
 
     async def start_listening():
         await original()
         # The listener is up: its first notification must find the publisher connected.
-        submitted_before_connected.append(running.relay._publisher._nc is None)
+        submitted_before_connected.append(running.relay._fast_path.publisher._nc is None)
 
-    monkeypatch.setattr(running.relay, "_start_listening", start_listening)
+    monkeypatch.setattr(running.relay, "_start_fast_path", start_listening)
     running.start()
     try:
         assert running.relay.listening.wait(10), "the relay never listened"
@@ -102,7 +103,7 @@ def test_starting_a_publisher_that_cannot_connect_returns_and_raises_nothing(mon
             await asyncio.sleep(0.01)
         raise asyncio.CancelledError  # ends the publisher's connecting task, for a clean close
 
-    monkeypatch.setattr("onboarding.eventbus.publisher.connect", unanswered)
+    monkeypatch.setattr("onboarding.eventbus.outbox.publisher.connect", unanswered)
     publisher = BackgroundPublisher()
     try:
         assert publisher.start(0.3) is False

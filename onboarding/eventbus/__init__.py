@@ -1,6 +1,42 @@
-"""The one place that talks to NATS JetStream.
+"""The event bus: the one place that talks to NATS JetStream.
 
-Outbox and relay (publishing), stream and consumer provisioning, the generic consumer runner
-with its inbox and dead letters, and the management commands that run them. Bounded contexts
-only declare, in their ``consumers.py``, which events they handle and with which service.
+A bounded context needs only the names below; everything else in this package is the plumbing
+(the map of its folders, and what each may import: docs/architecture.md, "The map").
+
+- ``Subscription``, ``UserDefaults``: what a context declares in its ``consumers.py`` — the
+  events it handles with which service, and which of a user's defaults it holds;
+- ``PermanentError``: what a handler raises for an event that can never succeed (dead-lettered
+  at once, never retried);
+- ``insert_ignoring_conflicts``: the set-based, idempotent INSERT the contexts' services use;
+- ``outbox_publish_on_commit``: how a producer publishes an event, in its own transaction;
+- ``ContextModelAdmin``: a context's rows in the admin, read-only.
+
+The last two import models, so they load on first use (this package is imported while Django
+loads its apps, before models may be).
 """
+
+from onboarding.eventbus.consumer.failures import PermanentError
+from onboarding.eventbus.registry import Subscription, UserDefaults
+from onboarding.eventbus.rows import insert_ignoring_conflicts
+
+__all__ = [
+    "ContextModelAdmin",
+    "PermanentError",
+    "Subscription",
+    "UserDefaults",
+    "insert_ignoring_conflicts",
+    "outbox_publish_on_commit",
+]
+
+_LAZY = {
+    "outbox_publish_on_commit": "onboarding.eventbus.outbox.write",
+    "ContextModelAdmin": "onboarding.eventbus.admin.contexts",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,7 +8,5 @@ class EventbusConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self):
-        from onboarding.eventbus import (
-            checks,  # noqa: F401  (registers system checks)
-            oncommit,  # noqa: F401  (hears requests start and end)
-        )
+        from onboarding.eventbus import checks  # noqa: F401  (registers system checks)
+        from onboarding.eventbus.outbox import write  # noqa: F401  (hears requests start and end)

@@ -16,7 +16,7 @@ def check_eventbus_settings(app_configs, **kwargs):
         )
     # The relay republishes a row the fast path published but could not mark after its grace
     # period; JetStream only drops that copy if it arrives within the duplicate window.
-    from onboarding.eventbus.outbox import MARK_COALESCE_SECONDS
+    from onboarding.eventbus.outbox.store import MARK_COALESCE_SECONDS
 
     marking = 4 * MARK_COALESCE_SECONDS
     if settings.OUTBOX_FAST_PATH not in ("auto", "notify", "wake", "publish"):
@@ -35,7 +35,7 @@ def check_eventbus_settings(app_configs, **kwargs):
     if settings.OUTBOX_FAST_PATH in needs:
         from django.db import connections
 
-        from onboarding.eventbus.outbox import OUTBOX_DATABASE
+        from onboarding.eventbus.models import OUTBOX_DATABASE
 
         vendor, why, check_id = needs[settings.OUTBOX_FAST_PATH]
         if connections[OUTBOX_DATABASE].vendor != vendor:

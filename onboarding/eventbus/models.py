@@ -2,6 +2,13 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+# Where the event bus's rows live. The outbox lives with the producer's data (accounts), in the
+# default database, so that a row commits with the change it announces. The dead letters of
+# every consumer sit together beside it, so the admin and `manage.py deadletters` show them in
+# one list. Each context's inbox (ProcessedEvent) lives in that context's own database.
+OUTBOX_DATABASE = "default"
+DEAD_LETTER_DATABASE = "default"
+
 
 class OutboxEvent(models.Model):
     """An event written in the producer's own transaction, waiting to reach JetStream.

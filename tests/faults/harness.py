@@ -14,7 +14,7 @@ import contextlib
 import os
 import random
 
-from onboarding.eventbus.natsserver import NatsServer, answers
+from onboarding.dev.natsserver import NatsServer, answers
 
 SEED_VARIABLE = "FAULT_SEED"
 

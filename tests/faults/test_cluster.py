@@ -15,8 +15,8 @@ import time
 import pytest
 
 from conftest import wait_until
+from onboarding.dev.natsserver import SecuredNats
 from onboarding.eventbus.models import OutboxEvent
-from onboarding.eventbus.natsserver import SecuredNats
 from onboarding.eventbus.registry import get_consumers
 from tests.faults.test_faults import assert_exactly, report
 from tests.flow import Burst, complete_count, counts

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from onboarding.eventbus.natsserver import NatsServer, answers
+from onboarding.dev.natsserver import NatsServer, answers
 from tests.faults.harness import FaultTimings, nats_stopped
 
 

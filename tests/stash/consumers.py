@@ -1,7 +1,7 @@
 """What the Stash Service consumes (run with ``manage.py consume stash``)."""
 
 from onboarding.contracts import UserRegistered
-from onboarding.eventbus.registry import Subscription
+from onboarding.eventbus import Subscription
 from tests.stash.selectors import stash_defaults
 from tests.stash.services import stash_create_defaults
 

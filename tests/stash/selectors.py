@@ -2,7 +2,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 
-from onboarding.eventbus.registry import UserDefaults
+from onboarding.eventbus import UserDefaults
 from tests.stash.models import Item
 from tests.stash.services import STARTER_ITEMS
 

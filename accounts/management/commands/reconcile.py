@@ -1,9 +1,9 @@
 """``manage.py reconcile``: find users who lack a service's defaults, and re-deliver to repair.
 
-Lives in accounts because accounts owns both sides of what it compares against: the users table
-(the source of truth for who registered) and the ``user.registered`` event (rebuilt by the same
-builder registration uses). It reaches the services only through ``onboarding.readiness`` (their
-``DEFAULTS`` selectors) and the event bus (their replay subjects): it imports no context.
+The command parses, reports and draws a progress bar; what is checked and sent is
+``accounts.reconcile``, which lives in accounts because accounts owns both sides of what it
+compares against: the users table (the source of truth for who registered) and the
+``user.registered`` event (rebuilt by the same builder registration uses).
 
 Report mode (no ``--repair``) only reads, and exits 1 when anything is missing: a cron job alerts
 on it. ``--repair`` publishes, per (service, user) missing, the user's event on
@@ -17,74 +17,27 @@ role (``deploy/nats/auth.conf``: publishes ``replay.>`` only).
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import datetime as dt
 import json
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, DjangoHelpFormatter
-from django.db import connections
 from django.utils import dateparse, timezone
 
 from accounts.reconcile import (
     DEFAULT_CHUNK_SIZE,
-    ChunkResult,
+    LISTED_PER_SERVICE,
+    Totals,
     reconcilable_services,
-    reconcile_scan,
-    repairs_for,
+    reconcile_report,
+    reconcile_run,
     users_to_check,
 )
-from onboarding.eventbus.connection import NatsAccessError, display_url, session
-from onboarding.eventbus.redelivery import RedeliveryError, redeliver
+from onboarding.eventbus.deadletters.redelivery import RedeliveryError
+from onboarding.eventbus.nats.options import display_url
+from onboarding.eventbus.nats.refusals import NatsAccessError
 
-# Users named per service (text and --json); the counts are always complete.
-LISTED_PER_SERVICE = 50
+# Users named per service in the text output (--json names LISTED_PER_SERVICE).
 LISTED_AS_TEXT = 10
-
-
-@dataclass
-class ServiceTotals:
-    missing: int = 0
-    repaired: int = 0  # stored by JetStream for the consumer
-    already_sent: int = 0  # dropped by JetStream: the same repair is already in the stream
-    listed: list[tuple[str, str]] = field(default_factory=list)  # (user id, username)
-
-
-class Totals:
-    def __init__(self, services: list[str]) -> None:
-        self.checked = 0
-        self.services = {name: ServiceTotals() for name in services}
-
-    def add(self, result: ChunkResult) -> None:
-        self.checked += len(result.users)
-        for service, users in result.missing.items():
-            totals = self.services[service]
-            totals.missing += len(users)
-            room = LISTED_PER_SERVICE - len(totals.listed)
-            totals.listed += [(str(user.pk), user.username) for user in users[:max(room, 0)]]
-
-    def sent(self, repairs, stored: list[bool]) -> None:
-        for repair, was_stored in zip(repairs, stored, strict=True):
-            totals = self.services[repair.consumer]
-            if was_stored:
-                totals.repaired += 1
-            else:
-                totals.already_sent += 1
-
-    @property
-    def missing(self) -> int:
-        return sum(t.missing for t in self.services.values())
-
-    @property
-    def repaired(self) -> int:
-        return sum(t.repaired for t in self.services.values())
-
-    @property
-    def already_sent(self) -> int:
-        return sum(t.already_sent for t in self.services.values())
 
 
 class Progress:
@@ -130,12 +83,6 @@ def parse_since(value: str) -> dt.datetime:
     if timezone.is_naive(parsed):
         parsed = timezone.make_aware(parsed)
     return parsed
-
-
-def _iso(value: dt.datetime | None) -> str | None:
-    if value is None:
-        return None
-    return value.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class _HelpFormatter(DjangoHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -212,97 +159,33 @@ class Command(BaseCommand):
         if self.stdout.isatty() and not as_json:
             total = users_to_check(since=since, until=until).count()
             progress = Progress(self.stdout, total, repair)
-        scan = reconcile_scan(
-            services=services, since=since, until=until, chunk_size=options["chunk_size"]
-        )
         try:
-            if repair:
-                self._repair(scan, totals, progress, now=now, force=options["force"])
-            else:
-                for result in scan:
-                    totals.add(result)
-                    if progress:
-                        progress.update(totals)
+            reconcile_run(
+                totals, since=since, until=until, chunk_size=options["chunk_size"],
+                repair=repair, force=options["force"], now=now,
+                on_chunk=progress.update if progress else None,
+            )
+        except NatsAccessError as exc:
+            raise CommandError(f"{exc}; {totals.sent_so_far()}") from None
+        except TimeoutError:
+            raise CommandError(
+                f"NATS at {display_url()} did not answer; {totals.sent_so_far()}"
+            ) from None
+        except RedeliveryError as exc:
+            extra = f" (and {exc.acked} of the failed chunk)" if exc.acked else ""
+            raise CommandError(f"repair failed: {exc}; {totals.sent_so_far()}{extra}") from None
         finally:
             if progress:
                 progress.clear()
 
-        report = {
-            "checked": totals.checked,
-            "since": _iso(since),
-            "until": _iso(until),
-            "min_age": options["min_age"],
-            "repair": repair,
-            "complete": totals.missing == 0,
-            "services": {
-                name: {
-                    "checked": totals.checked,
-                    "missing": t.missing,
-                    "repaired": t.repaired,
-                    "already_sent": t.already_sent,
-                    "missing_users": [
-                        {"userId": user_id, "username": username} for user_id, username in t.listed
-                    ],
-                    "missing_users_truncated": t.missing > len(t.listed),
-                }
-                for name, t in totals.services.items()
-            },
-        }
+        report = reconcile_report(totals, since=since, until=until, min_age=options["min_age"],
+                                  repair=repair)
         if as_json:
             self.stdout.write(json.dumps(report, indent=2))
         else:
             self._print(report, totals)
         if not repair and totals.missing:
             raise SystemExit(1)
-
-    # -- repair ------------------------------------------------------------------------------
-
-    def _repair(self, scan, totals: Totals, progress, *, now: dt.datetime, force: bool) -> None:
-        """Scan on one worker thread (the ORM may not run on the event loop), publish on the
-        loop; NATS is connected on the first chunk that needs a repair."""
-        executor = ThreadPoolExecutor(1, thread_name_prefix="reconcile")
-
-        async def run() -> None:
-            loop = asyncio.get_running_loop()
-            async with contextlib.AsyncExitStack() as stack:
-                js = None
-                while True:
-                    result = await loop.run_in_executor(executor, next, scan, None)
-                    if result is None:
-                        break
-                    totals.add(result)
-                    repairs = repairs_for(result, now=now, force=force)
-                    if repairs:
-                        if js is None:
-                            nc = await stack.enter_async_context(
-                                session("reconcile", timeout=settings.NATS_REQUEST_TIMEOUT * 2)
-                            )
-                            js = nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
-                        totals.sent(repairs, await redeliver(js, repairs))
-                    if progress:
-                        progress.update(totals)
-
-        def sent_so_far() -> str:
-            return (
-                f"{totals.repaired} repair(s) sent and acknowledged before it"
-                + (f" ({totals.already_sent} already in the stream)" if totals.already_sent else "")
-                + "; run it again: repairs are idempotent"
-            )
-
-        try:
-            asyncio.run(run())
-        except NatsAccessError as exc:
-            raise CommandError(f"{exc}; {sent_so_far()}") from None
-        except TimeoutError:
-            raise CommandError(
-                f"NATS at {display_url()} did not answer; {sent_so_far()}"
-            ) from None
-        except RedeliveryError as exc:
-            extra = f" (and {exc.acked} of the failed chunk)" if exc.acked else ""
-            raise CommandError(f"repair failed: {exc}; {sent_so_far()}{extra}") from None
-        finally:
-            executor.submit(connections.close_all).result()
-            executor.shutdown()
 
     # -- output ------------------------------------------------------------------------------
 

@@ -2,10 +2,10 @@ import asyncio
 
 from django.core.management.base import BaseCommand, CommandError
 
-from onboarding.eventbus import metrics
-from onboarding.eventbus.connection import NatsAccessError
+from onboarding.eventbus.consumer.runner import ConsumerRunner
+from onboarding.eventbus.nats.refusals import NatsAccessError
 from onboarding.eventbus.registry import get_consumers
-from onboarding.eventbus.runner import ConsumerRunner
+from onboarding.eventbus.runtime import metrics
 
 
 class Command(BaseCommand):

@@ -3,15 +3,15 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from onboarding.eventbus.connection import NatsAccessError
-from onboarding.eventbus.deadletters import (
+from onboarding.eventbus.deadletters.replay import dead_letters_replay
+from onboarding.eventbus.deadletters.store import (
     dead_letter_as_dict,
     dead_letter_state,
     dead_letters_discard,
     dead_letters_list,
     dead_letters_open,
-    dead_letters_replay,
 )
+from onboarding.eventbus.nats.refusals import NatsAccessError
 from onboarding.eventbus.registry import get_consumers
 
 

@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from onboarding.eventbus.pruning import PRUNE_BATCH, prune_everything
-from onboarding.eventbus.status import database_label
+from onboarding.eventbus.ops.labels import database_label
+from onboarding.eventbus.runtime.pruning import PRUNE_BATCH, prune_everything
 
 
 class Command(BaseCommand):

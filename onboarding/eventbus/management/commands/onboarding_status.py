@@ -2,7 +2,8 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from onboarding.eventbus import status as flow
+from onboarding.eventbus.ops import health as flow
+from onboarding.eventbus.ops.story import UserStoryError, user_story
 
 
 class Command(BaseCommand):
@@ -104,8 +105,8 @@ class Command(BaseCommand):
 
     def _user(self, user_id, as_json):
         try:
-            story = flow.user_story(user_id=user_id)
-        except flow.UserStoryError as exc:
+            story = user_story(user_id=user_id)
+        except UserStoryError as exc:
             # CommandError prints one line on stderr and exits 1.
             raise CommandError(str(exc)) from None
         if as_json:

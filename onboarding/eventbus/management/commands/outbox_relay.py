@@ -2,9 +2,9 @@ import asyncio
 
 from django.core.management.base import BaseCommand, CommandError
 
-from onboarding.eventbus import metrics
-from onboarding.eventbus.connection import NatsAccessError
-from onboarding.eventbus.relay import OutboxRelay
+from onboarding.eventbus.nats.refusals import NatsAccessError
+from onboarding.eventbus.outbox.relay import OutboxRelay
+from onboarding.eventbus.runtime import metrics
 
 
 class Command(BaseCommand):

@@ -3,8 +3,10 @@ import asyncio
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from onboarding.eventbus.connection import NatsAccessError, display_url, session
-from onboarding.eventbus.provisioning import ensure_consumer, ensure_stream
+from onboarding.eventbus.nats.connection import session
+from onboarding.eventbus.nats.options import display_url
+from onboarding.eventbus.nats.provisioning import ensure_consumer, ensure_stream
+from onboarding.eventbus.nats.refusals import NatsAccessError
 from onboarding.eventbus.registry import get_consumers
 
 
