@@ -70,11 +70,17 @@ def settings_of(*names, **env) -> dict:
 # --- The secret key -----------------------------------------------------------------------------
 
 
-def test_debug_off_without_a_secret_key_refuses_to_start():
-    result = manage_py("check", DJANGO_SECRET_KEY=None)
-    assert result.returncode != 0
-    assert ("django.core.exceptions.ImproperlyConfigured: DJANGO_SECRET_KEY is not set: with "
-            "DJANGO_DEBUG off it is required") in result.stderr
+@pytest.mark.parametrize("command", ["check", "onboarding_status", "consume"])
+def test_debug_off_without_a_secret_key_refuses_to_start_in_one_line(command):
+    """A command run beside `make run` without its DJANGO_DEBUG=true: one line that says what
+    to export, never a traceback (Django's own began with KeyError: 'onboarding_status')."""
+    result = manage_py(command, DJANGO_SECRET_KEY=None)
+    assert result.returncode == 1
+    assert result.stderr.startswith("manage.py: DJANGO_SECRET_KEY is not set, and with "
+                                    "DJANGO_DEBUG off (production) it is required."), result.stderr
+    assert "export DJANGO_DEBUG=true" in result.stderr
+    assert "Traceback" not in result.stderr and "KeyError" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_an_empty_secret_key_is_no_key():
