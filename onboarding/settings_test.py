@@ -1,6 +1,17 @@
 """Settings for the test suite: the real settings, with speed-ups that change no behaviour."""
 
+import atexit
 import os
+import shutil
+import tempfile
+
+# Each test run gets a folder of its own for its SQLite files (unless TEST_SQLITE_DIR says
+# where): two runs on one checkout at once — a second terminal, a parallel worker — would
+# otherwise share one file per database and corrupt each other's tests ("disk I/O error").
+# The processes a test starts inherit the variable, so they find the same files.
+if not os.environ.get("TEST_SQLITE_DIR"):
+    os.environ["TEST_SQLITE_DIR"] = tempfile.mkdtemp(prefix="onboarding-test-db-")
+    atexit.register(shutil.rmtree, os.environ["TEST_SQLITE_DIR"], ignore_errors=True)
 
 # The real settings refuse DEBUG off without DJANGO_SECRET_KEY, and the suite runs with DEBUG
 # off: it brings a key of its own, for the import only. Nothing is left in the environment, so

@@ -13,15 +13,14 @@ from django.db import connections
 from accounts.services import user_register
 from conftest import relay_flush, run_async, start_fast_path_relay, wait_until
 from onboarding.eventbus.models import OutboxEvent
-from onboarding.eventbus.outbox import notify
-from onboarding.eventbus.outbox import write as oncommit
+from onboarding.eventbus.outbox import notify, write
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
 
 @pytest.fixture
 def relay(settings, jetstream):
-    if oncommit.fast_path() != "notify":
+    if write.fast_path() != "notify":
         pytest.skip("the NOTIFY fast path is PostgreSQL's")
     running = start_fast_path_relay(settings)
     yield running
@@ -97,7 +96,7 @@ def test_a_notification_that_fails_never_fails_the_registration(settings, jetstr
     """The NOTIFY follows the commit, in a transaction of its own (the registration's commit
     does not take PostgreSQL's server-wide notify lock): when it fails, the user and the event
     are committed all the same, and the relay's scan publishes the event."""
-    if oncommit.fast_path() != "notify":
+    if write.fast_path() != "notify":
         pytest.skip("the NOTIFY fast path is PostgreSQL's")
     monkeypatch.setattr(notify, "NOTIFY_CHANNEL", "")  # pg_notify refuses an empty channel
     user_register(username="unheard", email="unheard@example.com", password="x")
@@ -110,7 +109,7 @@ def test_a_notification_that_fails_never_fails_the_registration(settings, jetstr
 def test_in_a_request_the_notification_waits_until_the_response_is_sent(jetstream):
     from django.core.signals import request_finished, request_started
 
-    if oncommit.fast_path() != "notify":
+    if write.fast_path() != "notify":
         pytest.skip("the NOTIFY fast path is PostgreSQL's")
     with notify.outbox_listen() as listener:
         request_started.send(sender=None)

@@ -15,7 +15,7 @@ from accounts.services import user_register
 from conftest import run_async, wait_until
 from onboarding.eventbus.models import OutboxEvent
 from onboarding.eventbus.outbox import store as outbox
-from onboarding.eventbus.outbox import write as oncommit
+from onboarding.eventbus.outbox import write
 from onboarding.eventbus.outbox.leadership import relay_lock
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
@@ -28,7 +28,7 @@ STANDBY = "relay: standby, another relay holds the outbox lock"
 @pytest.fixture
 def relays_publish_alone(settings):
     """Only the relays publish: on SQLite the test process's on-commit publisher would too."""
-    if oncommit.fast_path() == "publish":
+    if write.fast_path() == "publish":
         settings.OUTBOX_PUBLISH_ON_COMMIT = False
 
 
@@ -78,7 +78,7 @@ def test_a_second_relay_stands_by_and_takes_over_when_the_first_is_killed(
     first, second = active_and_standby(manage)
 
     register_and_wait_published("before", stored=1)
-    if oncommit.fast_path() != "notify":  # with notify, it may have published through LISTEN
+    if write.fast_path() != "notify":  # with notify, it may have published through LISTEN
         assert "relay published" in first.output()
     standing_by = second.output()
     # A standby does nothing but retry the lock: no LISTEN, no scan, no publish.

@@ -16,8 +16,7 @@ from django.db import connections
 from accounts.services import user_register
 from conftest import RunningRelay, relay_flush, run_async, start_fast_path_relay, wait_until
 from onboarding.eventbus.models import OutboxEvent
-from onboarding.eventbus.outbox import wake
-from onboarding.eventbus.outbox import write as oncommit
+from onboarding.eventbus.outbox import wake, write
 from onboarding.eventbus.outbox.leadership import relay_lock
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
@@ -25,7 +24,7 @@ pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
 @pytest.fixture
 def sqlite_wake():
-    if oncommit.fast_path() != "wake":
+    if write.fast_path() != "wake":
         pytest.skip("the wake-up fast path is SQLite's")
 
 
@@ -35,7 +34,7 @@ def no_publisher(monkeypatch):
     def refuse():
         raise AssertionError("the web process's publisher was used")
 
-    monkeypatch.setattr(oncommit, "get_publisher", refuse)
+    monkeypatch.setattr(write, "get_publisher", refuse)
 
 
 @pytest.fixture
@@ -74,7 +73,7 @@ def register_silently(settings, name: str) -> None:
 
 def test_auto_is_wake_on_sqlite(settings, sqlite_wake):
     settings.OUTBOX_FAST_PATH = "auto"
-    assert oncommit.fast_path() == "wake"
+    assert write.fast_path() == "wake"
 
 
 def test_the_relay_publishes_what_the_wake_up_announces(relay, monkeypatch):

@@ -20,7 +20,7 @@ from django.conf import settings
 from django.db import OperationalError, connections
 
 from conftest import RunningConsumers, RunningRelay, run_async, wait_until
-from onboarding.eventbus.outbox import write as oncommit
+from onboarding.eventbus.outbox import write
 from onboarding.eventbus.outbox.publisher import BackgroundPublisher
 from onboarding.eventbus.runtime import warmup
 
@@ -73,7 +73,7 @@ def test_a_consumer_that_cannot_warm_up_starts_all_the_same(jetstream, monkeypat
 
 
 def test_the_relay_is_connected_to_nats_before_it_listens(jetstream, monkeypatch):
-    if oncommit.fast_path() != "notify":
+    if write.fast_path() != "notify":
         pytest.skip("the relay listens on PostgreSQL only")
     submitted_before_connected = []
     running = RunningRelay()
