@@ -9,5 +9,5 @@ application = get_wsgi_application()
 
 from onboarding.eventbus.runtime.warmup import web_warm_up  # noqa: E402 - needs Django set up
 
-# Before the first request rather than during it (what and why: onboarding/eventbus/runtime/warmup.py).
+# Before the first request rather than during it (what and why: eventbus/runtime/warmup.py).
 web_warm_up()
