@@ -53,7 +53,7 @@ def snapshot(groups: dict[str, list[int]]) -> dict[str, float]:
 
 
 def profile_register(env, workdir, nats, engine, requests, rounds) -> list:
-    from onboarding.eventbus.natsserver import free_port
+    from onboarding.dev.natsserver import free_port
 
     port = free_port()
     rows = []
@@ -136,7 +136,7 @@ def main() -> None:
     args.events = min(args.events, 100_000)
     args.rounds = min(args.rounds, 6)
 
-    from onboarding.eventbus.natsserver import NatsServer
+    from onboarding.dev.natsserver import NatsServer
 
     with tempfile.TemporaryDirectory(prefix="onboarding-cpu-") as tmp:
         workdir = Path(tmp)

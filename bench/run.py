@@ -301,7 +301,7 @@ def reset_jetstream() -> None:
     from django.core.management import call_command
     from nats.js.errors import NotFoundError
 
-    from onboarding.eventbus.connection import close, connect_within
+    from onboarding.eventbus.nats.connection import close, connect_within
 
     async def delete():
         nc = await connect_within("bench", 5)
@@ -349,7 +349,7 @@ def publish_backlog(events: int, user_ids: list[uuid.UUID] | None = None,
     import asyncio
 
     from onboarding.contracts import UserRegistered, event_headers
-    from onboarding.eventbus.connection import close, connect_within
+    from onboarding.eventbus.nats.connection import close, connect_within
 
     async def publish():
         nc = await connect_within("bench-publish", 5)
@@ -440,7 +440,7 @@ def on_jetstream(work):
     """Run ``await work(js)`` on a connection of its own; return its result."""
     import asyncio
 
-    from onboarding.eventbus.connection import close, connect_within
+    from onboarding.eventbus.nats.connection import close, connect_within
 
     async def main():
         nc = await connect_within("bench-admin", 5)
@@ -636,19 +636,19 @@ def peer_available() -> str | None:
 # inside the one above it.
 PROFILE_ROWS = {
     "fetch (project: fetching.py; FastStream: nats-py's, incl. reading and parsing the "
-    "messages)": [("onboarding/eventbus/fetching.py", "fetch"), ("nats/js/client.py", "fetch")],
+    "messages)": [("onboarding/eventbus/nats/pull.py", "fetch"), ("nats/js/client.py", "fetch")],
     "decode + validate (project: parse_event)": [("onboarding/contracts.py", "parse_event")],
     "decode + validate (FastStream: JSON decoder, pydantic through fast-depends)": [
         ("faststream/nats/parser.py", "decode_batch"), ("fast_depends/core/model.py", "asolve"),
         ("-fast_depends/utils.py", "run_async")],  # asolve calls the handler through run_async
     "inbox statement (project: INSERT ... RETURNING)": [
-        ("onboarding/eventbus/inbox.py", "inbox_claim")],
+        ("onboarding/eventbus/consumer/inbox.py", "inbox_claim")],
     "bulk_create (ORM build + INSERT)": [("django/db/models/query.py", "bulk_create")],
     "  of which compiling SQL (as_sql)": [("django/db/models/sql/compiler.py", "as_sql")],
     "insert_ignoring_conflicts (project: default rows and inbox, no ORM build)": [
         ("onboarding/eventbus/rows.py", "insert_ignoring_conflicts")],
     "the per-event log line (project: _log_handled)": [
-        ("onboarding/eventbus/runner.py", "_log_handled")],
+        ("onboarding/eventbus/consumer/settling.py", "_log_handled")],
     "every SQL statement (Django cursor, driver, round trip)": [
         ("django/db/backends/utils.py", "_execute")],
     "commit": [("django/db/backends/base/base.py", "commit")],
@@ -864,7 +864,7 @@ def stack_ready(stack: Stack, port: int, engine: str, timeout: float = 60) -> fl
     from django.conf import settings
     from django.db import connections
 
-    from onboarding.eventbus.oncommit import NOTIFY_CHANNEL
+    from onboarding.eventbus.outbox.notify import NOTIFY_CHANNEL
     from onboarding.eventbus.registry import get_consumers
 
     durables = [spec.durable for spec in get_consumers().values()]
@@ -1052,7 +1052,7 @@ def interleaved_times(ports: dict[str, int], requests: int, prefix: str,
 
 
 def scenario_register(stack: Stack, requests: int, rounds: int, port: int) -> dict:
-    from onboarding.eventbus.natsserver import free_port
+    from onboarding.dev.natsserver import free_port
 
     modes = ("with_events", "without_events")
     rates = {mode: [] for mode in modes}
@@ -1124,7 +1124,7 @@ def scenario_relay(rows: int, batch: int) -> dict:
 
     from onboarding.contracts import UserRegistered, event_headers
     from onboarding.eventbus.models import OutboxEvent
-    from onboarding.eventbus.relay import OutboxRelay
+    from onboarding.eventbus.outbox.relay import OutboxRelay
 
     old = timezone.now() - dt.timedelta(minutes=5)
     objects = []
@@ -1304,7 +1304,7 @@ def main() -> None:
         raise SystemExit("the drain's FastStream peer needs bench/requirements.txt "
                          "(make bench installs it; or pass --no-peer)")
 
-    from onboarding.eventbus.natsserver import NatsServer, free_port
+    from onboarding.dev.natsserver import NatsServer, free_port
 
     with tempfile.TemporaryDirectory(prefix="bench-onboarding-") as tmp:
         workdir = Path(tmp)
