@@ -21,7 +21,7 @@ Failures are told apart, because they call for different answers:
   process died handling it, repeatedly) is dead-lettered without running the handler again.
 - *the transaction takes too long* (``CONSUMER_BATCH_TIMEOUT``, or a database timeout): it is
   abandoned and rolls back; its messages are handed back with their retry delay (see
-  :class:`Worker` for what makes a blocked thread return, and what happens until it does).
+  :class:`~.worker.Worker` for what makes a blocked thread return, and what happens until it does).
 - *NATS is unreachable*: fetch fails; the loop backs off and tries again, for ever.
 - *settling fails* (an ack, nak, term or in_progress raises): the batch is logged with its ids
   and the loop carries on; JetStream redelivers what was not settled, the inbox skips what
