@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework.authentication import TokenAuthentication
 from rest_framework.exceptions import AuthenticationFailed
 
@@ -21,3 +22,27 @@ class ExpiringTokenAuthentication(TokenAuthentication):
         if token_is_expired(token):
             raise AuthenticationFailed("Token has expired; log in again.")
         return user, token
+
+
+class ExpiringTokenScheme(OpenApiAuthenticationExtension):
+    """The ``tokenAuth`` security scheme of the OpenAPI schema, saying what to type.
+
+    Swagger UI's "Authorize" box sends what is typed as the whole ``Authorization`` header, so
+    the ``Token `` prefix must be typed too; drf-spectacular's own description ("required prefix
+    Token") leaves a newcomer to guess the space and where the token comes from.
+    """
+
+    target_class = ExpiringTokenAuthentication
+    name = "tokenAuth"
+
+    def get_security_definition(self, auto_schema):
+        return {
+            "type": "apiKey",
+            "in": "header",
+            "name": "Authorization",
+            "description": (
+                "Type exactly: `Token <the token from POST /api/auth/token>` (the word Token, "
+                "a space, then the `token` field of that response). A token expires; log in "
+                "again for a new one."
+            ),
+        }

@@ -11,6 +11,7 @@ every other error.
 from __future__ import annotations
 
 from drf_spectacular.extensions import OpenApiSerializerExtension
+from drf_spectacular.plumbing import alpha_operation_sorter
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
 from rest_framework import serializers
 
@@ -70,3 +71,25 @@ RETRY_AFTER = OpenApiParameter(
     response=[429], required=True,
     description="Seconds to wait before the next request (at least 1).",
 )
+
+
+# The order a client uses the API in: register, log in, read yourself and your onboarding, log
+# out; then the staff endpoint. Swagger UI lists operations in the schema's order (within each
+# tag), and drf-spectacular's default sorts them alphabetically (logout, me, register, token).
+CLIENT_ORDER = (
+    "/api/auth/register",
+    "/api/auth/token",
+    "/api/auth/me",
+    "/api/auth/me/onboarding",
+    "/api/auth/logout",
+    "/api/users/{userId}/onboarding",
+)
+
+
+def operation_order(endpoint) -> tuple:
+    """``SPECTACULAR_SETTINGS["SORT_OPERATIONS"]``: the sort key of an endpoint
+    ``(path, path_regex, method, callback)``. The paths of :data:`CLIENT_ORDER` first, in that
+    order; every other one after them, alphabetically (drf-spectacular's own order)."""
+    path = endpoint[0]
+    rank = CLIENT_ORDER.index(path) if path in CLIENT_ORDER else len(CLIENT_ORDER)
+    return rank, alpha_operation_sorter(endpoint)

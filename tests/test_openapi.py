@@ -221,3 +221,38 @@ def test_the_index_links_to_the_docs_schema_admin_and_probes(client):
     }
     for path in response.json().values():
         assert client.get(path).status_code in (200, 302), path
+
+
+# -- the docs read in the order a client uses the API ---------------------------------------
+
+
+def test_operations_are_listed_in_the_order_a_client_uses_them(schema):
+    """Swagger UI lists operations in the schema's order (no ``operationsSorter``): register,
+    log in, read yourself, your onboarding, log out; then the staff endpoint; then the rest."""
+    operations = [(path, method) for path, methods in schema["paths"].items()
+                  for method in methods]
+    assert operations[:6] == [
+        ("/api/auth/register", "post"),
+        ("/api/auth/token", "post"),
+        (ME, "get"),
+        (ME_ONBOARDING, "get"),
+        (LOGOUT, "post"),
+        (USER_ONBOARDING, "get"),
+    ]
+    rest = operations[6:]
+    assert rest == sorted(rest) and {path for path, _ in rest} == {"/", "/healthz", "/readyz"}
+
+
+def test_the_docs_page_keeps_the_schema_order(client):
+    page = client.get("/api/docs/").content.decode()
+    assert "operationsSorter" not in page
+
+
+def test_the_token_scheme_says_exactly_what_to_type(schema):
+    """Swagger UI's "Authorize" box sends what is typed as the whole Authorization header."""
+    scheme = schema["components"]["securitySchemes"]["tokenAuth"]
+    assert scheme["type"] == "apiKey" and scheme["in"] == "header"
+    assert scheme["name"] == "Authorization"
+    assert scheme["description"].startswith(
+        "Type exactly: `Token <the token from POST /api/auth/token>`"
+    ), scheme["description"]
