@@ -114,3 +114,53 @@ def test_migrate_all_finds_no_missing_table():
     from onboarding.eventbus.management.commands.migrate_all import missing_tables
 
     assert missing_tables() == []
+
+
+def test_migrate_all_counts_per_database_only_the_migrations_of_what_it_holds(tmp_path):
+    """A fresh set of SQLite files (one per context, as the settings build without URLs).
+
+    Django records every app's migrations in each database's django_migrations, tables or not;
+    the summary counts, per database, the migrations of the apps whose tables it holds, and
+    names them. Before, each context's database claimed all of them ("43 migration(s) applied").
+    """
+    import os
+    import subprocess
+    import sys
+    from collections import Counter
+
+    from django.db.migrations.loader import MigrationLoader
+
+    env = {key: value for key, value in os.environ.items()
+           if not key.endswith("DATABASE_URL") and key != "CACHE_URL"}
+    env.update(DJANGO_SETTINGS_MODULE="onboarding.settings", DJANGO_DEBUG="true",
+               DATABASE_URL=f"sqlite:///{tmp_path / 'accounts.sqlite3'}")
+    for context in settings.BOUNDED_CONTEXTS:
+        env[f"{context.upper()}_DATABASE_URL"] = f"sqlite:///{tmp_path / f'{context}.sqlite3'}"
+
+    def migrate_all():
+        result = subprocess.run(
+            [sys.executable, str(settings.BASE_DIR / "manage.py"), "migrate_all"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        return [line for line in result.stdout.splitlines() if line.startswith("Database ")]
+
+    on_disk = Counter(app for app, _ in MigrationLoader(None, ignore_no_migrations=True)
+                      .disk_migrations)
+    lines = migrate_all()
+    contexts = settings.BOUNDED_CONTEXTS
+    expected = []
+    others = [app for app in on_disk if app not in contexts]
+    default_apps = ["accounts"] + [a.label for a in apps.get_app_configs()
+                                   if a.label in others and a.label != "accounts"]
+    expected.append(
+        f"Database 'default' (accounts): {sum(on_disk[a] for a in default_apps)} "
+        f"migration(s) applied ({', '.join(default_apps)})"
+    )
+    for context in contexts:
+        # A context's database holds the context's tables and the event bus's inbox.
+        count = on_disk[context] + on_disk["eventbus"]
+        expected.append(f"Database '{context}' ({context}): {count} migration(s) applied "
+                        f"({context}, eventbus)")
+    assert lines == expected
+    assert migrate_all() == [line.split(":")[0] + ": up to date" for line in expected]
