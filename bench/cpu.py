@@ -28,9 +28,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import run as bench  # noqa: E402  (bench/run.py: the same stack and load generator)
-
-cpu_ms = bench.cpu_ms
+# The same stack, load generator and backlog as bench/run.py's scenarios.
+from backlog import publish_backlog  # noqa: E402
+from harness import (  # noqa: E402
+    CONTEXTS,
+    Stack,
+    cpu_ms,
+    reset_data,
+    reset_jetstream,
+    setup_django,
+    wait_for_counts,
+)
+from scenario_drain import ceiling_rate  # noqa: E402
+from scenario_register import closed_loop  # noqa: E402
 
 
 def children(pid: int) -> list[int]:
@@ -60,14 +70,14 @@ def profile_register(env, workdir, nats, engine, requests, rounds) -> list:
     for r in range(rounds):
         modes = ("with_events", "without_events")
         for mode in modes if r % 2 == 0 else modes[::-1]:
-            bench.reset_data()
-            bench.reset_jetstream()
-            with bench.Stack(env, workdir) as stack:
+            reset_data()
+            reset_jetstream()
+            with Stack(env, workdir) as stack:
                 relay = stack.manage("outbox_relay")
                 web = stack.gunicorn(
                     port, ACCOUNTS_PUBLISH_EVENTS="true" if mode == "with_events" else "false"
                 )
-                bench.closed_loop(port, 200, 4, f"warm{mode}{r}")
+                closed_loop(port, 200, 4, f"warm{mode}{r}")
                 groups = {
                     "gunicorn": [web.pid, *children(web.pid)],
                     "relay": [relay.pid],
@@ -76,7 +86,7 @@ def profile_register(env, workdir, nats, engine, requests, rounds) -> list:
                 if engine == "postgres":
                     groups["postgres"] = postgres_pids()
                 before = snapshot(groups)
-                rate = bench.closed_loop(port, requests, 4, f"reg{mode}{r}")
+                rate = closed_loop(port, requests, 4, f"reg{mode}{r}")
                 time.sleep(1)  # let the relay and the publisher finish the tail
                 if engine == "postgres":
                     groups["postgres"] = postgres_pids()  # and new backends
@@ -89,12 +99,12 @@ def profile_register(env, workdir, nats, engine, requests, rounds) -> list:
 def profile_drain(env, workdir, nats, engine, events, batch, rounds) -> list:
     rows = []
     for _ in range(rounds):
-        bench.reset_data()
-        bench.reset_jetstream()
-        with bench.Stack(env, workdir) as stack:
+        reset_data()
+        reset_jetstream()
+        with Stack(env, workdir) as stack:
             consumers = [
                 stack.manage("consume", context, "--batch", str(batch))
-                for context in bench.CONTEXTS
+                for context in CONTEXTS
             ]
             time.sleep(5)  # started and bound: their start-up is not counted
             groups = {"consumers": [p.pid for p in consumers], "nats-server": [nats.process.pid]}
@@ -102,8 +112,8 @@ def profile_drain(env, workdir, nats, engine, events, batch, rounds) -> list:
                 groups["postgres"] = postgres_pids()
             before = snapshot(groups)
             started = time.monotonic()
-            bench.publish_backlog(events)
-            bench.wait_for_counts(events, timeout=600, label="drain")
+            publish_backlog(events)
+            wait_for_counts(events, timeout=600, label="drain")
             elapsed = time.monotonic() - started
             if engine == "postgres":
                 groups["postgres"] = postgres_pids()
@@ -111,12 +121,12 @@ def profile_drain(env, workdir, nats, engine, events, batch, rounds) -> list:
         per = {k: (after[k] - before.get(k, 0)) / events for k in after}
         rows.append(("drain (4 consumers)", f"{events / elapsed:.0f} ev/s", per))
 
-        bench.reset_data()
+        reset_data()
         groups = {"consumers": [], "nats-server": [nats.process.pid]}
         if engine == "postgres":
             groups["postgres"] = postgres_pids()
         before = snapshot(groups)
-        rate = bench.ceiling_rate(events, batch)
+        rate = ceiling_rate(events, batch)
         after = snapshot(groups)
         per = {k: (after[k] - before.get(k, 0)) / events for k in after}
         rows.append(("ceiling (bulk_create)", f"{rate:.0f} ev/s", per))
@@ -144,7 +154,7 @@ def main() -> None:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         try:
-            env = bench.setup_django(args.engine, workdir, nats.url)
+            env = setup_django(args.engine, workdir, nats.url)
             if args.scenario == "register":
                 rows = profile_register(
                     env, workdir, nats, args.engine, args.requests, args.rounds

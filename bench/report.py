@@ -1,0 +1,154 @@
+"""What a run prints: the markdown tables of docs/benchmarks.md, and the machine it ran on
+(recorded in the results file)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+
+from harness import FAST_HASHER
+
+
+def machine() -> dict:
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def markdown(results: dict) -> str:
+    engine = results["engine"]
+    lines = [f"### {engine}, {results.get('databases', '')} (drain, latency, relay: median of "
+             f"{results.get('runs', 1)} runs; register: median of its rounds)", "",
+             "| scenario | result | target |", "| --- | --- | --- |"]
+    for d in results.get("drain", {}).values():
+        project = d["project"]
+        peer = d.get("faststream")
+        versus = (f" vs {results.get('peer', 'peer')} **{peer['ratio_to_ceiling']:.0%}**"
+                  if peer else "")
+        lines.append(f"| drain {d['events']:,} events, batch {d['batch']} | project "
+                     f"**{project['ratio_to_ceiling']:.0%}** of the ceiling{versus} "
+                     f"(ceiling {d['ceiling_events_per_s']:,} ev/s) | ≥ the peer's; aim ≥ 90% |")
+    if "latency" in results:
+        la = results["latency"]
+        lines.append(
+            f"| latency, steady, at {la['rate_per_s']:g}/s ({la['steady']['count']} regs after "
+            f"the warm-up; polled every {la['poll_tick_ms']:g} ms, intervals p50 "
+            f"{la['poll_interval_p50_ms']} / p99 {la['poll_interval_p99_ms']} ms) | p50 "
+            f"**{la['steady']['p50_ms']} ms**, p95 {la['steady']['p95_ms']}, p99 "
+            f"**{la['steady']['p99_ms']} ms**, max {la['steady']['max_ms']} | p99 ≤ 25 |")
+        for key, what in (("cold_first_20", "first 20"), ("cold_first_second", "first second")):
+            c = la[key]
+            lines.append(
+                f"| latency, cold: the {what} after the stack is ready ({c['count']} regs; ready "
+                f"{la['ready_after_s']} s after start) | p50 {c['p50_ms']} ms, p95 "
+                f"{c['p95_ms']}, p99 {c['p99_ms']}, max **{c['max_ms']} ms** | ≤ 50 |")
+    if "register" in results:
+        r = results["register"]
+        hasher = results.get("hasher", FAST_HASHER).rsplit(".", 1)[-1]
+        lines.append(f"| register: the endpoint's time (1 client, both modes interleaved, "
+                     f"median; {hasher}) | "
+                     f"{r['with_events_ms']} ms vs {r['without_events_ms']} ms without events: "
+                     f"event costs **{r['event_time_fraction']:.1%}** | ≤ 10% |")
+        if r.get("registrations_per_s_per_core"):
+            lines.append(f"| register: web workers' CPU per registration ({hasher}) | "
+                         f"{r['web_cpu_ms_per_request_with_events']} ms with events, "
+                         f"{r['web_cpu_ms_per_request_without_events']} ms without: "
+                         f"**{r['registrations_per_s_per_core']:g} registrations/s per core** "
+                         "| — |")
+        lines.append(f"| register: capacity (4 clients, everything on 2 cores) | "
+                     f"{r['with_events_req_per_s']:,} vs {r['without_events_req_per_s']:,} "
+                     f"req/s without events: event costs **{r['event_cost_fraction']:.1%}** "
+                     "| — |")
+    if "relay" in results:
+        rl = results["relay"]
+        lines.append(f"| relay {rl['rows']:,} rows | **{rl['events_per_s']:,} ev/s** | ≥ 5,000 |")
+    if "grown" in results:
+        g = results["grown"]
+        grown_rate, empty_rate = (g[part]["drain_events_per_s"] for part in ("grown", "empty"))
+        lines.append(f"| grown: drain {g['events']:,} events after {g['prefill_users']:,} users "
+                     f"| {grown_rate:,} vs {empty_rate:,} ev/s on empty tables: falls "
+                     f"**{g['drain_fall']:.0%}**; steady p99 "
+                     f"{g['grown']['latency']['steady']['p99_ms']} vs "
+                     f"{g['empty']['latency']['steady']['p99_ms']} ms "
+                     "| fall ≤ 20% |")
+    if results.get("drain"):
+        lines += ["", f"Drain, side by side ({results.get('databases', '')}): from the moment "
+                  "the four consumers, already started, are let loose on the backlog until every "
+                  "row is visible, polled from outside; CPU over the same window, ms per event, "
+                  "the four consumer processes together:", "",
+                  "| backlog | drained by | ev/s | ratio to ceiling | players / characters / "
+                  "progression / buildings ev/s | consumers CPU ms/ev | nats-server CPU ms/ev | "
+                  "database server CPU ms/ev |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for d in results["drain"].values():
+            lines.append(f"| {d['events']:,} | ceiling (bulk_create, 1 process, no NATS) | "
+                         f"{d['ceiling_events_per_s']:,} | 100% | | | | |")
+            for phase, who in (("project", "project (4 consumers)"),
+                               ("faststream", f"{results.get('peer', 'peer')} (4 processes)")):
+                if phase not in d:
+                    continue
+                x = d[phase]
+                per = " / ".join(f"{v:,}" for v in x["per_consumer_events_per_s"].values())
+                cpu = x["cpu_ms_per_event"]
+                lines.append(f"| {d['events']:,} | {who} | {x['events_per_s']:,} | "
+                             f"**{x['ratio_to_ceiling']:.0%}** | {per} | "
+                             f"{cpu['consumers']:.2f} | {cpu.get('nats-server', 0):.2f} | "
+                             + (f"{cpu['postgres']:.2f} |" if "postgres" in cpu else "— |"))
+        for d in results["drain"].values():
+            profiled = {phase: d[phase]["profile_ms_per_event"] for phase in
+                        ("project", "faststream") if d.get(phase, {}).get("profile_ms_per_event")}
+            if not profiled:
+                continue
+            lines += ["", f"Where the consumers' time goes, {d['events']:,} events (cProfile, "
+                      "every thread, from the drain's start to the processes' exit; ms per "
+                      "event, the four processes summed; the profiler inflates Python-heavy "
+                      "parts, so compare shares, not totals):", "",
+                      "| part | " + " | ".join(profiled) + " |",
+                      "| --- | " + " | ".join("---" for _ in profiled) + " |"]
+            for part in next(iter(profiled.values())):
+                cells = [profiled[phase].get(part, 0) for phase in profiled]
+                if any(cells):
+                    lines.append(f"| {part} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    if "grown" in results:
+        lines += grown_markdown(results["grown"])
+    return "\n".join(lines)
+
+
+def grown_markdown(g: dict) -> list[str]:
+    """The grown scenario's tables: empty against grown, then what the grown tables weigh."""
+    lines = ["", f"Grown tables: the same {g['events']:,}-event drain (project, 4 consumers, batch "
+             f"{g['batch']}) and latency, on empty tables and after prefilling "
+             f"{g['prefill_users']:,} users (inbox and outbox rows, users, default rows; "
+             f"{g.get('user_ids', 'random')} user ids, {g.get('event_ids', 'random')} event ids); "
+             "ratios to the empty tables' ceiling:", "",
+             "| tables | drain ev/s | ratio to ceiling | consumers CPU ms/ev | ceiling ev/s | "
+             "latency, steady p50 / p99 ms | server per event drained: WAL kB (full-page images), "
+             "blocks read from the OS, buffers written by backends, checkpoints in the drain |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for part in ("empty", "grown"):
+        x = g[part]
+        server = x["server_per_event"]
+        lines.append(f"| {part} | {x['drain_events_per_s']:,} | {x['ratio_to_ceiling']:.0%} | "
+                     f"{x['drain_cpu_ms_per_event']['consumers']:.2f} | "
+                     f"{x['ceiling_events_per_s']:,} | {x['latency']['steady']['p50_ms']} / "
+                     f"{x['latency']['steady']['p99_ms']} | {server['wal_bytes'] / 1000:.1f} "
+                     f"({server['wal_full_page_images']:.2f}), {server['blocks_read']:.1f}, "
+                     f"{server['buffers_written_by_backends']:.1f}, "
+                     f"{server['checkpoints'] * g['events']:.0f} |")
+    lines.append(f"| fall | **{g['drain_fall']:.0%}** | | | {g['ceiling_fall']:.0%} | | |")
+    lines += ["", f"Sizes per million users (prefill {g['prefill']['seconds']} s; MB; B-tree "
+              "levels in brackets):", "",
+              "| database.table | heap | indexes | total | each index |",
+              "| --- | --- | --- | --- | --- |"]
+    for table, x in g["sizes"].items():
+        each = ", ".join(
+            f"{name} {i['mb_per_million']}" + (f" [{i['btree_levels']}]" if "btree_levels" in i
+                                                else "")
+            for name, i in x["indexes"].items())
+        lines.append(f"| {table} | {x['table_mb_per_million']} | "
+                     f"{x['indexes_mb_per_million']} | {x['total_mb_per_million']} | {each} |")
+    return lines
