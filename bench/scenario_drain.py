@@ -185,7 +185,7 @@ def peer_available() -> str | None:
 # named (module path part, function name), minus that of those marked "-"; an indented part is
 # inside the one above it.
 PROFILE_ROWS = {
-    "fetch (project: fetching.py; FastStream: nats-py's, incl. reading and parsing the "
+    "fetch (project: nats/pull.py; FastStream: nats-py's, incl. reading and parsing the "
     "messages)": [("onboarding/eventbus/nats/pull.py", "fetch"), ("nats/js/client.py", "fetch")],
     "decode + validate (project: parse_event)": [("onboarding/contracts.py", "parse_event")],
     "decode + validate (FastStream: JSON decoder, pydantic through fast-depends)": [
