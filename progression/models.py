@@ -16,4 +16,7 @@ class MetaProgression(models.Model):
         ordering = ["-created_at"]
 
     def __str__(self):
-        return f"progression {self.user_id}"
+        # What it holds, as a building says "HQ level 1": pages and lines that show one are
+        # already about its user (the user's page, onboarding_status --user), so the user id
+        # would only repeat; the admin's list and change page show it in a column of its own.
+        return f"meta progression level {self.level}"

@@ -18,6 +18,7 @@ import json
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -109,9 +110,58 @@ def resolved(letter_id: int) -> bool:
     return DeadLetter.objects.get(id=letter_id).resolved_at is not None
 
 
+@contextmanager
+def admin_in_chromium(base_url: str):
+    """Chromium logged into the admin as ``admin``/``pw`` (which the test creates): its page."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
+                                             timeout=TIMEOUT_MS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.set_default_navigation_timeout(TIMEOUT_MS)
+            expect.set_options(timeout=TIMEOUT_MS)
+            page.goto(f"{base_url}/admin/")
+            page.fill("#id_username", "admin")
+            page.fill("#id_password", "pw")
+            page.click("input[type=submit]")
+            expect(page.locator("#user-tools")).to_contain_text("admin")
+            yield page
+        finally:
+            browser.close()
+
+
+def assert_story_first_without_empty_bands(page):
+    """The user's page: the onboarding story inside the page's content, before the form (its
+    fieldsets, the permission pickers, Save), and no heading or fieldset drawn as an empty band:
+    each says something, and a heading is one line high."""
+    story = page.evaluate("""() => {
+      const story = document.getElementById('onboarding-story');
+      const form = document.getElementById('user_form');
+      return {inContentMain: !!story.closest('#content-main'),
+              beforeForm: !!(story.compareDocumentPosition(form)
+                             & Node.DOCUMENT_POSITION_FOLLOWING),
+              bottom: story.getBoundingClientRect().bottom,
+              formTop: form.getBoundingClientRect().top};
+    }""")
+    assert story["inContentMain"] and story["beforeForm"], story
+    assert story["bottom"] <= story["formTop"], story  # drawn above the form, not behind it
+    boxes = page.evaluate("""() => [...document.querySelectorAll(
+        '#content h1, #content h2, #content fieldset')].map(e => ({
+      tag: e.tagName, id: e.id, text: e.textContent.trim().slice(0, 60),
+      height: e.getBoundingClientRect().height}))""")
+    assert [box["tag"] for box in boxes].count("FIELDSET") >= 4, boxes
+    for box in boxes:
+        assert box["text"], f"an empty {box['tag']}: {box}"
+        if box["tag"] == "H2":
+            assert box["height"] < 50, f"a heading drawn as a band {box['height']}px high: {box}"
+
+
 def test_operator_in_the_browser(live_server, start_consumers, django_user_model, off_loop,
                                  tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     start_consumers()
     django_user_model.objects.create_superuser("admin", "admin@example.com", "pw")
@@ -121,74 +171,63 @@ def test_operator_in_the_browser(live_server, start_consumers, django_user_model
     services = list(get_consumers())  # the registry decides which services there are
     user_page = f"{live_server.url}/admin/accounts/user/{user_id}/change/"
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
-                                             timeout=TIMEOUT_MS)
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(TIMEOUT_MS)
-            page.set_default_navigation_timeout(TIMEOUT_MS)
-            expect.set_options(timeout=TIMEOUT_MS)
-            static = []  # (status, url) of every static file the pages load
-            page.on("response", lambda r: static.append((r.status, r.url))
-                    if "/static/" in r.url else None)
+    with admin_in_chromium(live_server.url) as page:
+        static = []  # (status, url) of every static file the pages load
+        page.on("response", lambda r: static.append((r.status, r.url))
+                if "/static/" in r.url else None)
 
-            # Log into the admin.
-            page.goto(f"{live_server.url}/admin/")
-            page.fill("#id_username", "admin")
-            page.fill("#id_password", "pw")
-            page.click("input[type=submit]")
-            expect(page.locator("#user-tools")).to_contain_text("admin")
+        # The freshly registered user's page: each service ready, with links to its records.
+        page.goto(user_page)
+        story = page.locator("#onboarding-story")
+        expect(story).to_be_visible()
+        expect(story.locator("tr[data-service]")).to_have_count(len(services))
+        for name in services:
+            row = story.locator(f'tr[data-service="{name}"]')
+            expect(row).to_have_attribute("data-complete", "true")
+            expect(row).to_contain_text("passed")
+            expect(row.locator("a[data-record]").first).to_be_visible()
+            expect(row).not_to_contain_text("missing")
+        page.screenshot(path=tmp_path / "user-admin.png", full_page=True)
+        assert_story_first_without_empty_bands(page)
+        # A record is named as `onboarding_status --user` names it: its own text, here the
+        # progression's level, not the user's id again.
+        progression = story.locator('tr[data-service="progression"] a[data-record]')
+        expect(progression).to_have_text("meta progression level 1")
 
-            # The freshly registered user's page: each service ready, with links to its records.
-            page.goto(user_page)
-            story = page.locator("#onboarding-story")
-            expect(story).to_be_visible()
-            expect(story.locator("tr[data-service]")).to_have_count(len(services))
-            for name in services:
-                row = story.locator(f'tr[data-service="{name}"]')
-                expect(row).to_have_attribute("data-complete", "true")
-                expect(row).to_contain_text("passed")
-                expect(row.locator("a[data-record]").first).to_be_visible()
-                expect(row).not_to_contain_text("missing")
-            page.screenshot(path=tmp_path / "user-admin.png", full_page=True)
+        # Follow one service's link: its record's (read-only) page, about this user.
+        link = story.locator(f'tr[data-service="{services[0]}"] a[data-record]').first
+        href = link.get_attribute("href")
+        link.click()
+        page.wait_for_url(f"{live_server.url}{href}")
+        expect(page.locator("#content-main")).to_contain_text(user_id)
 
-            # Follow one service's link: its record's (read-only) page, about this user.
-            link = story.locator(f'tr[data-service="{services[0]}"] a[data-record]').first
-            href = link.get_attribute("href")
-            link.click()
-            page.wait_for_url(f"{live_server.url}{href}")
-            expect(page.locator("#content-main")).to_contain_text(user_id)
+        # A dead letter for the user: its Replay button sends it to that consumer only, and
+        # the consumer's processing of the replay resolves it.
+        consumer = services[-1]
+        letter = off_loop(a_dead_letter, user_id, consumer)
+        page.goto(user_page)
+        entry = story.locator(f'tr[data-service="{consumer}"] [data-dead-letter="{letter.id}"]')
+        expect(entry).to_have_attribute("data-state", "open")
+        page.screenshot(path=tmp_path / "user-admin-dead-letter.png", full_page=True)
+        entry.locator('input[data-action="replay"]').click()
+        page.wait_for_url(user_page)
+        expect(page.locator(".messagelist .success")).to_contain_text(
+            f"Replayed dead letter #{letter.id} to {consumer}")
+        off_loop(wait_until, lambda: resolved(letter.id), timeout=15,
+                 message="the replayed dead letter resolved")
+        page.reload()
+        expect(entry).to_have_attribute("data-state", "resolved")
+        expect(entry.locator('input[data-action="replay"]')).to_have_count(0)
+        off_loop(wait_settled, timeout=15)
 
-            # A dead letter for the user: its Replay button sends it to that consumer only, and
-            # the consumer's processing of the replay resolves it.
-            consumer = services[-1]
-            letter = off_loop(a_dead_letter, user_id, consumer)
-            page.goto(user_page)
-            entry = story.locator(f'tr[data-service="{consumer}"] [data-dead-letter="{letter.id}"]')
-            expect(entry).to_have_attribute("data-state", "open")
-            page.screenshot(path=tmp_path / "user-admin-dead-letter.png", full_page=True)
-            entry.locator('input[data-action="replay"]').click()
-            page.wait_for_url(user_page)
-            expect(page.locator(".messagelist .success")).to_contain_text(
-                f"Replayed dead letter #{letter.id} to {consumer}")
-            off_loop(wait_until, lambda: resolved(letter.id), timeout=15,
-                     message="the replayed dead letter resolved")
-            page.reload()
-            expect(entry).to_have_attribute("data-state", "resolved")
-            expect(entry.locator('input[data-action="replay"]')).to_have_count(0)
-            off_loop(wait_settled, timeout=15)
+        # The API docs: Swagger UI (served from drf-spectacular-sidecar) renders the schema.
+        page.goto(f"{live_server.url}/api/docs/")
+        register = page.locator(
+            '.opblock-post:has(.opblock-summary-path[data-path="/api/auth/register"])')
+        expect(register).to_be_visible()
+        expect(register.locator(".opblock-summary-method")).to_have_text("POST")
 
-            # The API docs: Swagger UI (served from drf-spectacular-sidecar) renders the schema.
-            page.goto(f"{live_server.url}/api/docs/")
-            register = page.locator(
-                '.opblock-post:has(.opblock-summary-path[data-path="/api/auth/register"])')
-            expect(register).to_be_visible()
-            expect(register.locator(".opblock-summary-method")).to_have_text("POST")
-
-            # The admin's and Swagger UI's own files were served, none missing.
-            assert any("/static/admin/" in url for _, url in static)
-            assert any("/static/drf_spectacular_sidecar/" in url for _, url in static)
-            assert [(status, url) for status, url in static if status >= 400] == []
-        finally:
-            browser.close()
+        # The admin's and Swagger UI's own files were served, none missing.
+        assert any("/static/admin/" in url for _, url in static)
+        assert any("/static/drf_spectacular_sidecar/" in url for _, url in static)
+        assert [(status, url) for status, url in static if status >= 400] == []

@@ -272,6 +272,8 @@ def test_user_story_follows_the_event_to_each_service(start_consumers, manage):
     lines = {line.split()[0]: line for line in output.splitlines() if line.split()}
     assert "missing" in lines["buildings"] and "not yet" in lines["buildings"]
     assert "story0" in lines["players"] and "passed" in lines["players"]
+    # Named as the admin's user page names it (the record's own text), not by its primary key.
+    assert "meta progression level 1" in lines["progression"]
     assert f"nats: {display_url()}" in output
 
     code, output = status_process(manage, "--user", str(user.id), "--json")

@@ -56,10 +56,16 @@ def _durable_passed(durable: dict | None, seq: int | None, published: bool) -> b
     return None
 
 
-def _record(record) -> dict:
+def _record(record, user_id: uuid.UUID) -> dict:
+    """A record as the story names it, the same on the admin's user page and in
+    ``onboarding_status --user``: its own text (a player's name, "HQ level 1"), unless that text
+    only repeats the user's id, which the whole story is about: then its kind and primary key."""
     meta = record._meta
+    text = str(record)
+    if str(user_id) in text:
+        text = f"{meta.verbose_name} #{record.pk}"
     return {"model": meta.label_lower, "name": str(meta.verbose_name), "id": record.pk,
-            "text": str(record)}
+            "text": text}
 
 
 def _dead_letter_summary(letter) -> dict:
@@ -130,7 +136,7 @@ def user_story(*, user_id: str | uuid.UUID) -> dict:
         durable = stats.get(name)
         row = inbox[name]
         services[name] = {
-            "records": [_record(r) for r in found.records] if found else [],
+            "records": [_record(r, uid) for r in found.records] if found else [],
             "missing": found is None,
             "complete": bool(found and found.complete),
             "inbox": {

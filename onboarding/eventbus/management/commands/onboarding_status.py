@@ -141,11 +141,8 @@ class Command(BaseCommand):
             if service["missing"]:
                 records = "missing"
             else:
-                # A record's own text, unless it is just the user id again.
-                records = ", ".join(
-                    f"{r['name']} #{r['id']}" if story["user_id"] in r["text"] else r["text"]
-                    for r in service["records"]
-                )
+                # Named as the admin's user page names them (ops.story._record).
+                records = ", ".join(r["text"] for r in service["records"])
                 if not service["complete"]:
                     records += " (incomplete)"
             inbox = f"seq {service['inbox']['stream_seq']}" if service["inbox"] else "-"
