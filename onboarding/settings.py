@@ -92,6 +92,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First, so that it sees every other's answer: errors under /api/ are JSON in the API's
+    # shape with DEBUG on too (Django's technical 404/500 pages otherwise).
+    "onboarding.exceptions.ApiErrorMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",

@@ -165,6 +165,96 @@ def test_a_wrong_method_is_a_405_in_the_shape(client):
     assert assert_error_shape(response) == {"detail": ['Method "GET" not allowed.']}
 
 
+# -- with DEBUG on (make run) as with it off: never one of Django's HTML pages under /api/ -----
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["debug-off", "debug-on"])
+@pytest.mark.parametrize("path", [
+    "/api/auth/register/",  # a trailing slash: the API's paths have none
+    "/api/users/not-a-uuid/onboarding",  # the URL's converter refuses it
+    "/api/nope",
+    "/api/",
+])
+def test_an_unknown_api_url_is_a_json_404_with_debug_on_too(client, settings, caplog, debug,
+                                                            path):
+    settings.DEBUG = debug
+    for method in (client.get, client.post):
+        caplog.clear()
+        response = method(path)
+        assert response.status_code == 404, (method, response.content[:200])
+        assert assert_error_shape(response) == {"detail": ["Not found."]}
+        assert [r.getMessage() for r in caplog.records if r.name == "django.request"] == [
+            f"Not Found: {path}"
+        ]
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["debug-off", "debug-on"])
+@pytest.mark.parametrize("method, path", [
+    ("get", "/api/auth/register"), ("delete", "/api/auth/token"), ("post", "/api/docs/"),
+])
+def test_a_wrong_method_is_a_json_405_with_debug_on_too(client, settings, debug, method, path):
+    settings.DEBUG = debug
+    response = getattr(client, method)(path)
+    assert response.status_code == 405
+    assert assert_error_shape(response) == {
+        "detail": [f'Method "{method.upper()}" not allowed.']
+    }
+    assert response["Allow"]
+
+
+def crash(self, request):
+    raise ZeroDivisionError("a bug in a view")
+
+
+def test_an_unhandled_exception_is_a_json_500(settings, monkeypatch, caplog):
+    """With DEBUG off: the shape, and nothing of the exception (it may carry anything)."""
+    from django.test import Client
+
+    from accounts.apis import UserRegisterApi
+
+    settings.DEBUG = False
+    monkeypatch.setattr(UserRegisterApi, "post", crash)
+    response = Client(raise_request_exception=False).post("/api/auth/register")
+    assert response.status_code == 500
+    assert assert_error_shape(response) == {"detail": ["Server error."]}
+    assert "Internal Server Error: /api/auth/register" in caplog.text
+
+
+def test_with_debug_on_an_unhandled_exception_is_a_json_500_that_names_it(
+    settings, monkeypatch, caplog
+):
+    """With DEBUG on (make run): the shape too, not Django's technical page (HTML to a
+    browser, plain text to curl). What a developer needs from it, in the shape: the exception,
+    and where its traceback is (the server's log, which still gets it, as with DEBUG off)."""
+    from django.test import Client
+
+    from accounts.apis import UserRegisterApi
+
+    settings.DEBUG = True
+    monkeypatch.setattr(UserRegisterApi, "post", crash)
+    for accept in ("text/html", "*/*", "application/json"):
+        response = Client(raise_request_exception=False).post(
+            "/api/auth/register", HTTP_ACCEPT=accept
+        )
+        assert response.status_code == 500
+        assert assert_error_shape(response) == {"detail": [
+            "Server error.",
+            "ZeroDivisionError: a bug in a view (DEBUG is on; the traceback is in the "
+            "server's log)",
+        ]}
+    records = [r for r in caplog.records if r.name == "django.request"]
+    assert len(records) == 3, [r.getMessage() for r in records]  # once per request
+    assert all(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in records)
+
+
+def test_pages_outside_the_api_keep_django_s_debug_pages(client, settings):
+    """The admin and the rest are HTML pages for people: Django's debug 404 stays theirs."""
+    settings.DEBUG = True
+    response = client.get("/nope")
+    assert response.status_code == 404
+    assert response["Content-Type"].startswith("text/html")
+
+
 @pytest.mark.parametrize("path", ["/api/auth/register", "/api/auth/token"])
 def test_a_429_carries_retry_after(client, throttle, path):
     throttle(register="1/minute", token="1/minute")
