@@ -195,3 +195,25 @@ def test_dashboard_renders_with_nats_unreachable(staff_client, unreachable_nats)
     assert "unreachable" in html
     assert "pw-never-shown" not in html
     assert f"nats://watcher@127.0.0.1:{unreachable_nats}" in html
+
+
+def test_event_flow_page_has_its_own_url_behind_the_admins_checks(
+    client, django_user_model, jetstream
+):
+    from django.contrib.auth.models import Permission
+
+    url = reverse("admin:eventbus_flow")
+    assert url == "/admin/eventbus/flow/"
+    response = client.get(url)  # not logged in: the admin's login page
+    assert response.status_code == 302
+    assert response["Location"] == f"{reverse('admin:login')}?next={url}"
+    staff = django_user_model.objects.create_user("ops", "ops@example.com", "pw", is_staff=True)
+    client.login(username="ops", password="pw")
+    assert client.get(url).status_code == 403  # staff who may not see the dead letters
+    staff.user_permissions.add(Permission.objects.get(codename="view_deadletter"))
+    response = client.get(url)
+    assert response.status_code == 200
+    assert "Outbox: nothing waiting to be published." in response.content.decode()
+    # The page's old address, under the dead letters, leads to it.
+    old = client.get("/admin/eventbus/deadletter/flow/")
+    assert (old.status_code, old["Location"]) == (301, url)

@@ -15,6 +15,7 @@ on a thread of its own (``OffLoop``).
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -231,3 +232,56 @@ def test_operator_in_the_browser(live_server, start_consumers, django_user_model
         assert any("/static/admin/" in url for _, url in static)
         assert any("/static/drf_spectacular_sidecar/" in url for _, url in static)
         assert [(status, url) for status, url in static if status >= 400] == []
+
+
+def register_quietly(username: str) -> None:
+    """A registration whose event stays in the outbox: no relay runs in the test that calls it,
+    so nothing publishes it."""
+    from accounts.services import user_register
+
+    user_register(username=username, email=f"{username}@example.com", password=STRONG_PASSWORD)
+
+
+def test_event_flow_page_in_the_browser(live_server, jetstream, django_user_model, off_loop,
+                                        tmp_path):
+    from playwright.sync_api import expect
+
+    django_user_model.objects.create_superuser("admin", "admin@example.com", "pw")
+    flow_url = f"{live_server.url}/admin/eventbus/flow/"
+
+    with admin_in_chromium(live_server.url) as page:
+        # From the admin index to a page of its own, under the event bus, with no model of the
+        # sidebar highlighted (the dead letters were, when it lived under them).
+        page.locator("#event-flow caption a").click()
+        page.wait_for_url(flow_url)
+        expect(page).to_have_title("Event flow | Django site admin")
+        expect(page.locator(".breadcrumbs")).to_have_text("Home › Event bus › Event flow")
+        expect(page.locator("#nav-sidebar tr.model-deadletter")).to_be_visible()
+        expect(page.locator("#nav-sidebar .current-model")).to_have_count(0)
+
+        # An empty outbox does not read as something stuck.
+        outbox = page.locator("#flow-outbox")
+        expect(outbox).to_have_text("Outbox: nothing waiting to be published.")
+        # The consumers' "waiting" column says what it counts.
+        waiting = page.locator('#flow-consumers th[data-column="waiting"]')
+        expect(waiting).to_have_attribute("title", re.compile("open pull requests"))
+        legend = page.locator("#flow-legend")
+        expect(legend).to_contain_text("waiting: pull requests open on the durable")
+        expect(legend).to_contain_text("a consumer process is pulling")
+        page.screenshot(path=tmp_path / "event-flow.png", full_page=True)
+
+        # Events that do wait are counted, with the oldest's age and a link to them.
+        off_loop(register_quietly, "waits1")
+        off_loop(register_quietly, "waits2")
+        page.reload()
+        expect(outbox).to_contain_text(
+            re.compile(r"^Outbox: 2 events waiting for the relay, the oldest [0-9.]+ s old\."))
+        outbox.get_by_role("link", name="2 events").click()
+        page.wait_for_url(re.compile(r"/admin/eventbus/outboxevent/\?published=no$"))
+        expect(page.locator("#result_list tbody tr")).to_have_count(2)
+        page.go_back()
+        page.screenshot(path=tmp_path / "event-flow-waiting.png", full_page=True)
+
+        # The old address (bookmarks, older notes) leads to the page.
+        page.goto(f"{live_server.url}/admin/eventbus/deadletter/flow/")
+        page.wait_for_url(flow_url)
