@@ -21,6 +21,11 @@ def main():
         sys.exit(f"manage.py: {exc}")
     from django.core.management import execute_from_command_line
 
+    from onboarding.databases import name_connections
+
+    # pg_stat_activity tells whose each session is; the commands that are a role of their own
+    # (consume, outbox_relay) and the web app (wsgi.py) rename theirs.
+    name_connections(" ".join(["manage.py", *sys.argv[1:2]]))
     sys.stdout = Stdout(sys.stdout)
     try:
         try:

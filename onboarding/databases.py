@@ -14,6 +14,9 @@ import importlib.util
 from pathlib import Path
 
 SQLITE_ENGINE = "django.db.backends.sqlite3"
+POSTGRESQL_ENGINE = "django.db.backends.postgresql"
+# PostgreSQL keeps this many bytes of an application_name (NAMEDATALEN - 1) and drops the rest.
+APPLICATION_NAME_MAX = 63
 
 # The module in which a bounded context declares what it consumes (onboarding.eventbus.registry).
 CONSUMERS_MODULE = "consumers"
@@ -87,7 +90,7 @@ def prepare(config: dict, *, test_dir: Path) -> dict:
     config = dict(config)
     config.setdefault("CONN_MAX_AGE", 60)
     config.setdefault("CONN_HEALTH_CHECKS", True)
-    if config["ENGINE"] == "django.db.backends.postgresql":
+    if config["ENGINE"] == POSTGRESQL_ENGINE:
         # A database that stops answering must fail a call, not hang the consumer's only ORM
         # thread: bounded connect, and TCP keepalives to notice a dead peer.
         config["OPTIONS"] = {
@@ -111,8 +114,30 @@ def prepare(config: dict, *, test_dir: Path) -> dict:
     return config
 
 
+def name_connections(name: str) -> None:
+    """Name the PostgreSQL connections this process opens from now on: ``application_name``,
+    which ``pg_stat_activity`` shows beside each session, so an operator can tell which process
+    holds a connection slot, a lock or a long transaction.
+
+    ``name`` is the process's role: ``web`` (``onboarding/wsgi.py``: runserver's requests,
+    gunicorn's workers), ``relay``, ``consume:players``, else ``manage.py <command>``
+    (manage.py). It goes in each PostgreSQL alias's ``OPTIONS``, which Django hands to psycopg
+    as connection parameters: named as the session starts, no ``SET`` round trip. Connections
+    already open keep the name they had, so an entry point calls this before it opens any.
+    The relay's own psycopg sessions take theirs from
+    :func:`onboarding.eventbus.outbox.store.outbox_connection` (``relay-listen``,
+    ``relay-lock``). SQLite has no server and no session to name.
+    """
+    from django.conf import settings
+
+    for config in settings.DATABASES.values():
+        if config["ENGINE"] == POSTGRESQL_ENGINE:
+            # The same dict Django's connection handler reads when it connects.
+            config.setdefault("OPTIONS", {})["application_name"] = name[:APPLICATION_NAME_MAX]
+
+
 _LOOPBACK = {"", "localhost", "127.0.0.1", "::1", "[::1]"}
-_DEFAULT_PORTS = {"django.db.backends.postgresql": "5432", "django.db.backends.mysql": "3306"}
+_DEFAULT_PORTS = {POSTGRESQL_ENGINE: "5432", "django.db.backends.mysql": "3306"}
 
 
 def identity(config: dict) -> tuple:

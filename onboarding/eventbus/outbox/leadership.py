@@ -75,7 +75,7 @@ class AdvisoryLock:
         """
         try:
             if self._connection is None:
-                self._connection = outbox_connection()
+                self._connection = outbox_connection(application_name="relay-lock")
                 for parameter, value in SERVER_KEEPALIVES.items():
                     self._connection.execute(f"SET {parameter} = {int(value)}")
             self._held = self._connection.execute(

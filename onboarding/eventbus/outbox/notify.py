@@ -64,7 +64,7 @@ def _notify(row: OutboxEvent) -> None:
 
 def outbox_listen():
     """A new connection to the outbox database, LISTENing for commits."""
-    listener = outbox_connection()
+    listener = outbox_connection(application_name="relay-listen")
     listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
     return listener
 

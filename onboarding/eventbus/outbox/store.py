@@ -36,17 +36,21 @@ class OutboundMessage:
         )
 
 
-def outbox_connection():
+def outbox_connection(*, application_name: str | None = None):
     """A new autocommit psycopg connection to the outbox database (PostgreSQL), Django's aside.
 
     For what must not share Django's connection, which the ORM uses and may close: waiting for
-    notifications, holding the relay's session lock. Same parameters: timeouts, keepalives.
+    notifications, holding the relay's session lock. Same parameters: timeouts, keepalives, the
+    process's ``application_name`` unless ``application_name`` names this session's role
+    (``relay-listen``) for ``pg_stat_activity``.
     """
     import psycopg
 
     params = connections[OUTBOX_DATABASE].get_connection_params()
     for django_only in ("cursor_factory", "context"):
         params.pop(django_only, None)
+    if application_name is not None:
+        params["application_name"] = application_name
     return psycopg.connect(**params, autocommit=True)
 
 

@@ -2,6 +2,7 @@ import asyncio
 
 from django.core.management.base import BaseCommand, CommandError
 
+from onboarding.databases import name_connections
 from onboarding.eventbus.consumer.runner import ConsumerRunner
 from onboarding.eventbus.nats.refusals import NatsAccessError
 from onboarding.eventbus.registry import get_consumers
@@ -37,6 +38,8 @@ class Command(BaseCommand):
             )
         if batch is not None and batch < 1:
             raise CommandError("--batch must be at least 1")
+        # consume:players, or consume:players,characters,... (--all): in pg_stat_activity.
+        name_connections(f"consume:{','.join(names)}")
         runner = ConsumerRunner(
             [consumers[name] for name in names], batch=batch, per_message=per_message or None
         )

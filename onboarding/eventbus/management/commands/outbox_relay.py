@@ -2,6 +2,7 @@ import asyncio
 
 from django.core.management.base import BaseCommand, CommandError
 
+from onboarding.databases import name_connections
 from onboarding.eventbus.nats.refusals import NatsAccessError
 from onboarding.eventbus.outbox.relay import OutboxRelay
 from onboarding.eventbus.runtime import metrics
@@ -22,6 +23,8 @@ class Command(BaseCommand):
         parser.add_argument("--batch", type=int, help="rows per publish batch")
 
     def handle(self, *args, once, grace, batch, **options):
+        # Its ORM thread's sessions; its LISTEN and lock sessions are relay-listen, relay-lock.
+        name_connections("relay")
         relay = OutboxRelay(grace=grace, batch=batch)
         if not once:  # a service: metrics (METRICS_PORT) and liveness (HEARTBEAT_FILE)
             try:
