@@ -101,8 +101,46 @@ def wait_until(predicate, *, timeout: float = 20.0, interval: float = 0.05, mess
         time.sleep(interval)
 
 
-class RunningConsumers:
+class OnAThread:
+    """A loop run with ``asyncio.run`` on a thread of this process. Whatever the thread raised
+    (a crash) is kept, and ``stop()`` raises it: a runner that died during a test fails it."""
+
+    what = "loop"
+
+    def __init__(self):
+        self.error: BaseException | None = None
+        self.stopped = False  # stop() was called: whoever called it has seen what it raised
+        self.thread = threading.Thread(target=self._run, name=f"test-{self.what}", daemon=True)
+
+    def _main(self):
+        raise NotImplementedError
+
+    def _request_stop(self) -> None:
+        raise NotImplementedError
+
+    def _run(self):
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # surfaced by stop()
+            self.error = exc
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self, timeout: float = 15.0):
+        self.stopped = True
+        self._request_stop()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"{self.what} did not stop"
+        if self.error:
+            raise self.error
+
+
+class RunningConsumers(OnAThread):
     """Consumers running on a thread of this process, as ``manage.py consume`` runs them."""
+
+    what = "consumer runner"
 
     def __init__(self, names, batch=None, per_message=None):
         from onboarding.eventbus.consumer.runner import ConsumerRunner
@@ -112,46 +150,51 @@ class RunningConsumers:
         self.runner = ConsumerRunner(
             [consumers[name] for name in names], batch=batch, per_message=per_message
         )
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="test-consumers", daemon=True)
+        super().__init__()
 
-    def _run(self):
-        try:
-            asyncio.run(self.runner.run())
-        except BaseException as exc:  # surfaced by stop()
-            self.error = exc
+    def _main(self):
+        return self.runner.run()
 
-    def start(self):
-        self.thread.start()
-        return self
-
-    def stop(self, timeout: float = 15.0):
+    def _request_stop(self) -> None:
         self.runner.stop()
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "consumer runner did not stop"
-        if self.error:
-            raise self.error
 
 
-class RunningRelay:
+class RunningRelay(OnAThread):
     """The outbox relay on a thread of this process, as ``manage.py outbox_relay`` runs it."""
+
+    what = "relay"
 
     def __init__(self):
         from onboarding.eventbus.outbox.relay import OutboxRelay
 
         self.relay = OutboxRelay()
-        self.thread = threading.Thread(
-            target=lambda: asyncio.run(self.relay.run()), name="test-relay", daemon=True
-        )
+        super().__init__()
 
-    def start(self):
-        self.thread.start()
-        return self
+    def _main(self):
+        return self.relay.run()
 
-    def stop(self, timeout: float = 15.0):
+    def _request_stop(self) -> None:
         self.relay.stopper.stop()
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "relay did not stop"
+
+
+def stop_all(started: list[OnAThread]) -> None:
+    """Stop, last started first, every loop the test has not stopped itself, and fail if any
+    of them crashed, while the test ran or on stopping (each is stopped whatever the others
+    raised). One the test stopped raised there, in the test, already."""
+    crashed = []
+    for running in reversed(started):
+        if running.stopped:
+            continue
+        try:
+            running.stop()
+        except BaseException as exc:
+            crashed.append((running, exc))
+    if crashed:
+        running, exc = crashed[0]
+        others = f" (and {len(crashed) - 1} more)" if len(crashed) > 1 else ""
+        raise AssertionError(
+            f"the {running.what} on a thread of the test crashed: {exc!r}{others}"
+        ) from exc
 
 
 def start_fast_path_relay(settings) -> RunningRelay:
@@ -168,7 +211,8 @@ def start_fast_path_relay(settings) -> RunningRelay:
 @pytest.fixture
 def start_consumers(jetstream):
     """Start consumers on a thread; the first call also starts the relay, as a deployment runs
-    it (with ``OUTBOX_FAST_PATH=notify`` — PostgreSQL — it is the one that publishes)."""
+    it (with ``OUTBOX_FAST_PATH=notify`` — PostgreSQL — it is the one that publishes). After
+    the test, each is stopped, and one that crashed fails the test (``stop_all``)."""
     started = []
 
     def start(names=None, batch=None, per_message=None):
@@ -180,10 +224,9 @@ def start_consumers(jetstream):
         started.append(running)
         return running
 
+    start.started = started  # the relay first, then each RunningConsumers
     yield start
-    for running in reversed(started):
-        if running.thread.is_alive():
-            running.stop()
+    stop_all(started)
 
 
 def relay_flush(grace: float = 0.0) -> int:
