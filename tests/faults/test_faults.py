@@ -20,6 +20,7 @@ from onboarding.eventbus.models import DeadLetter, OutboxEvent, ProcessedEvent
 from tests.faults.harness import nats_stopped
 from tests.flow import Burst, complete_count, counts, register, sample_event
 from tests.test_consumer_failures import poison_messages, publish_all, valid
+from tests.test_replicas import logged
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True, databases="__all__")]
 
@@ -45,15 +46,37 @@ def assert_exactly(n: int) -> None:
     assert not DeadLetter.objects.exists()
 
 
-def test_kill_9_consumers_repeatedly_during_a_burst(manage, fault_timings):
+def test_kill_9_consumers_repeatedly_during_a_burst(manage, fault_timings, tmp_path):
+    """Each kill lands while the consumer holds a batch it has not committed: its players
+    handler is slowed (0.3 s a batch, tests/faults/faulty_manage.py) and logs each event it
+    starts on, and after a random wait the kill waits for it to hold more than it committed."""
     n, kills = 300, 4
     relay = manage("outbox_relay", **PROCESS_ENV)
-    consumer = manage("consume", "--all")
+
+    def consume(incarnation: int):
+        attempts = tmp_path / f"attempts-{incarnation}.log"
+        attempts.touch()
+        process = manage("consume", "--all", faults=True, FAULT_SLOW="players:0.3",
+                         FAULT_LOG=str(attempts), LOG_LEVEL="INFO")
+        return process, attempts
+
+    def holding(process, attempts) -> int:
+        """Players events its handler started on, less those it logged as committed."""
+        started = sum(line.startswith("players ") for line in attempts.read_text().splitlines())
+        return started - logged(process.output())[0]
+
+    consumer, attempts = consume(0)
     burst = Burst(n, 0.01, "kill").start()
-    for _ in range(kills):
+    held = []
+    for kill in range(kills):
         time.sleep(fault_timings.uniform(0.5, 1.5))
+        # Once the burst is over, what the last kill stranded comes back after ack_wait.
+        wait_until(lambda c=consumer, a=attempts: holding(c, a) > 0,
+                   timeout=settings.CONSUMER_ACK_WAIT + 30, interval=0.01,
+                   message="the consumer holding a batch")
         consumer.kill()  # SIGKILL: no cleanup, messages in flight stay unacked
-        consumer = manage("consume", "--all")
+        held.append(holding(consumer, attempts))
+        consumer, attempts = consume(kill + 1)
     burst.join()
     wait_until(lambda: counts() == complete_count(n), timeout=90, message="all defaults")
     # The last consumer may have found nothing left to do: the defaults can be complete before
@@ -64,8 +87,11 @@ def test_kill_9_consumers_repeatedly_during_a_burst(manage, fault_timings):
     assert code == 0
     relay.stop()
     assert_exactly(n)
-    report("kill -9", registrations=n, kills=kills, dead_letters=0, lost=0, duplicated=0,
-           seed=fault_timings.fault_seed)
+    report("kill -9", registrations=n, kills=kills, held=held, dead_letters=0, lost=0,
+           duplicated=0, seed=fault_timings.fault_seed)
+    # The kills stranded events in flight. Each waited for a batch in hand; one that came a
+    # millisecond after its batch committed would find none, so not every kill must show one.
+    assert sum(held) > 0, held
 
 
 def test_nats_restart_during_a_burst(client, manage, nats_server):
