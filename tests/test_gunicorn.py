@@ -44,8 +44,6 @@ pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 logger = logging.getLogger(__name__)
 
 GUNICORN_CONFIG = Path(settings.BASE_DIR) / "deploy" / "gunicorn.conf.py"
-# Settles a connection onto an idle worker: an idle sync worker accepts within microseconds.
-PARK_SETTLE_SECONDS = 0.3
 
 
 class Gunicorn:
@@ -165,6 +163,10 @@ class OneWorkerAtATime:
     ``next_worker()`` parks the worker that served and frees one that has not: with N workers,
     N turns are served by N different workers. Used as a context manager, it closes its parked
     connections (a parked worker would otherwise hold up a graceful stop).
+
+    Each park waits until a worker has accepted it (``accepted``), not for a while: a worker
+    freed before the one that served took its park could take that park instead, and the next
+    turn would go to the worker that served this one again.
     """
 
     def __init__(self, server: Gunicorn) -> None:
@@ -174,13 +176,16 @@ class OneWorkerAtATime:
             self._park()
 
     def _park(self) -> None:
-        self.parked.append(socket.create_connection(("127.0.0.1", self.server.port), 5))
-        time.sleep(PARK_SETTLE_SECONDS)
+        sock = socket.create_connection(("127.0.0.1", self.server.port), 5)
+        self.parked.append(sock)
+        wait_until(lambda: accepted(self.server.port, sock), timeout=15,
+                   interval=0.005, message="a worker accepting the parked connection")
 
     def next_worker(self) -> None:
         self._park()  # accepted by the one free worker: the one that served this turn
-        self.parked.pop(0).close()  # frees a worker that has not served yet
-        time.sleep(PARK_SETTLE_SECONDS)
+        # Frees a worker that has not served yet, the only free one: whatever connects next
+        # waits in the queue for it.
+        self.parked.pop(0).close()
 
     def __enter__(self) -> OneWorkerAtATime:
         return self
@@ -188,6 +193,20 @@ class OneWorkerAtATime:
     def __exit__(self, *exc) -> None:
         for sock in self.parked:
             sock.close()
+
+
+def accepted(port: int, client: socket.socket) -> bool:
+    """Whether a process listening on 127.0.0.1:``port`` has accept()ed ``client``'s
+    connection. Linux lists the server's end of a connection from the handshake on, with no
+    socket inode (0) while it waits in the listen queue, and with one once accept() took it."""
+    client_port = client.getsockname()[1]
+    ends = f":{port:04X}", f":{client_port:04X}"
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if (fields[1][-5:], fields[2][-5:]) == ends:
+                return fields[9] != "0"
+    return False
 
 
 def turns(server: Gunicorn, per_turn: int) -> list[set[int]]:
