@@ -29,7 +29,7 @@ import pytest
 from django.conf import settings
 
 from accounts.models import User
-from conftest import wait_settled, wait_until
+from conftest import run_async, wait_settled, wait_until
 from onboarding.eventbus.models import DeadLetter, ProcessedEvent
 from onboarding.eventbus.outbox.write import fast_path
 from players.models import Player
@@ -74,6 +74,13 @@ def inbox_count() -> int:
     return ProcessedEvent.objects.using(alias).filter(consumer="players").count()
 
 
+def pull_requests_waiting() -> int:
+    async def read(js):
+        return (await js.consumer_info(settings.NATS_STREAM, "players")).num_waiting
+
+    return run_async(read)
+
+
 def start_replicas(manage, **first) -> tuple:
     """The relay and the replicas, all up and waiting; ``first``: how to start the first one."""
     relay = manage("outbox_relay", **PROCESS_ENV)
@@ -86,7 +93,8 @@ def start_replicas(manage, **first) -> tuple:
     listening = {"notify": "relay: listening for commits", "wake": "relay: listening for wake-ups"}
     if fast_path() in listening:
         relay.wait_for_output(listening[fast_path()], timeout=30)
-    time.sleep(0.5)  # every replica has its first pull request waiting
+    wait_until(lambda: pull_requests_waiting() >= REPLICAS, timeout=30,
+               message="a pull request of every replica waiting")
     return relay, replicas
 
 
