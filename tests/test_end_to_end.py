@@ -35,7 +35,9 @@ def test_register_over_http_creates_every_default(client, start_consumers):
     wait_until(lambda: counts() == complete_count(1), message="all four defaults")
     assert_defaults(user_id, "sam")
     wait_settled()  # every durable acked it
-    # The fast path published it (no relay ran) and marked the row after its PubAck.
+    # The relay that start_consumers runs beside the consumers published it, woken by the
+    # commit (a wake-up datagram on SQLite, NOTIFY on PostgreSQL), and marked the row after its
+    # PubAck.
     wait_until(lambda: OutboxEvent.objects.filter(published_at__isnull=False).count() == 1)
 
 
