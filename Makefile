@@ -26,13 +26,16 @@ migrate: venv
 	$(DEV) $(BIN)/python manage.py migrate_all
 
 ## Run everything: nats (this checkout's embedded nats-server unless NATS_URL is set), web on
-## :$(WEB_PORT), relay, one consumer per context app. Ctrl-C stops it all. The process list comes
-## from the registry (manage.py procfile > var/Procfile); leave some out with WITHOUT="a b".
+## :$(WEB_PORT), relay, one consumer per context app. Ctrl-C stops it all (exit status 0). The
+## process list comes from the registry (manage.py procfile > var/Procfile); leave some out with
+## WITHOUT="a b".
+# honcho runs as the terminal's foreground job (onboarding/dev/foreground.py): a Ctrl-C reaches
+# it and not make, which would otherwise die of the signal and print "*** [run] Interrupt".
 WEB_PORT ?= 8000
 WITHOUT ?=
 run: migrate
 	@$(DEV) $(BIN)/python manage.py procfile --web-port $(WEB_PORT) --without $(WITHOUT) > var/Procfile
-	$(DEV) $(BIN)/honcho -f var/Procfile start
+	$(DEV) $(BIN)/python -m onboarding.dev.foreground $(BIN)/honcho -f var/Procfile start
 
 ## The test suite without the slow fault-injection tests (SQLite by default; PostgreSQL when
 ## DATABASE_URL points at one). A couple of minutes at most.
