@@ -185,14 +185,20 @@ def mtime(path) -> float:
     return os.stat(path).st_mtime
 
 
+def written(path) -> float:
+    """When ``path`` was last written: its ctime (a heartbeat write sets the mtime it reports)."""
+    return os.stat(path).st_ctime
+
+
 def test_heartbeat_freezes_while_a_handler_hangs_and_advances_when_healthy(manage, tmp_path):
     """Stuck = a unit of work (here one handler transaction) that has not returned: the file's
     mtime stays at the loop's last tick, while the keepalive still holds the message."""
     heartbeat, attempts = tmp_path / "consumer.alive", tmp_path / "attempts"
     port = free_port()
+    hang = 6.0  # seconds the handler hangs
     consumer = manage(
-        "consume", "players", faults=True, FAULT_SLOW="players:6", FAULT_LOG=str(attempts),
-        HEARTBEAT_FILE=str(heartbeat), **metrics_env(port),
+        "consume", "players", faults=True, FAULT_SLOW=f"players:{hang}",
+        FAULT_LOG=str(attempts), HEARTBEAT_FILE=str(heartbeat), **metrics_env(port),
     )
     relay_heartbeat = tmp_path / "relay.alive"
     manage("outbox_relay", HEARTBEAT_FILE=str(relay_heartbeat))
@@ -206,11 +212,14 @@ def test_heartbeat_freezes_while_a_handler_hangs_and_advances_when_healthy(manag
     user = user_register(username="hangs", email="hangs@example.com", password="x")
     wait_until(attempts.exists, timeout=20, message="the handler to start")
     hung_at = float(attempts.read_text().split()[2])
-    time.sleep(1.5)  # a heartbeat write after the handler began
-    frozen = mtime(heartbeat)
+    # Each write of the file sets its mtime (to the loop's last tick) and so its ctime (to now).
+    wait_until(lambda: written(heartbeat) > hung_at, timeout=10,
+               message="a heartbeat write after the handler began")
+    frozen, frozen_written = mtime(heartbeat), written(heartbeat)
     gauge = value(scrape(port), "onboarding_consumer_last_loop_timestamp_seconds",
                   consumer="players")
-    time.sleep(2.5)
+    wait_until(lambda: written(heartbeat) > frozen_written + 1, timeout=10,
+               message="two more heartbeat writes")
     assert counts()["players"] == 0, "the handler is still hanging"
     assert mtime(heartbeat) == frozen <= hung_at
     assert value(scrape(port), "onboarding_consumer_last_loop_timestamp_seconds",
@@ -218,7 +227,7 @@ def test_heartbeat_freezes_while_a_handler_hangs_and_advances_when_healthy(manag
 
     # The handler returns: the loop moves again, and so does the heartbeat.
     wait_until(lambda: counts()["players"] == 1, timeout=20, message="the slow handler")
-    wait_until(lambda: mtime(heartbeat) > hung_at + 5, timeout=10, message="heartbeat again")
+    wait_until(lambda: mtime(heartbeat) > hung_at + hang, timeout=10, message="heartbeat again")
     assert f"user_id={user.id}" in consumer.output()
 
     # The relay's heartbeat follows its scans, and a standby's its polls for the lock.
