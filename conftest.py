@@ -130,7 +130,7 @@ class OnAThread:
 
     def stop(self, timeout: float = 15.0):
         self.stopped = True
-        self._request_stop()
+        self._request_stop()  # idempotent: stop_all asks all first, then waits for each
         self.thread.join(timeout)
         assert not self.thread.is_alive(), f"{self.what} did not stop"
         if self.error:
@@ -178,13 +178,14 @@ class RunningRelay(OnAThread):
 
 
 def stop_all(started: list[OnAThread]) -> None:
-    """Stop, last started first, every loop the test has not stopped itself, and fail if any
-    of them crashed, while the test ran or on stopping (each is stopped whatever the others
-    raised). One the test stopped raised there, in the test, already."""
+    """Stop every loop the test has not stopped itself, and fail if any of them crashed, while
+    the test ran or on stopping (each is stopped whatever the others raised). One the test
+    stopped raised there, in the test, already."""
+    left = [running for running in reversed(started) if not running.stopped]
+    for running in left:  # all at once: each may wait up to a fetch timeout to see it
+        running._request_stop()
     crashed = []
-    for running in reversed(started):
-        if running.stopped:
-            continue
+    for running in left:
         try:
             running.stop()
         except BaseException as exc:
