@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 from django.conf import settings
@@ -95,12 +94,13 @@ def test_the_relay_is_connected_to_nats_before_it_listens(jetstream, monkeypatch
 
 
 def test_starting_a_publisher_that_cannot_connect_returns_and_raises_nothing(monkeypatch):
-    connecting, given_up = threading.Event(), threading.Event()
+    connecting, given_up, ended = threading.Event(), threading.Event(), threading.Event()
 
     async def unanswered(name, **kwargs):  # NATS that does not answer (connect keeps trying)
         connecting.set()
         while not given_up.is_set():
             await asyncio.sleep(0.01)
+        ended.set()
         raise asyncio.CancelledError  # ends the publisher's connecting task, for a clean close
 
     monkeypatch.setattr("onboarding.eventbus.outbox.publisher.connect", unanswered)
@@ -110,7 +110,7 @@ def test_starting_a_publisher_that_cannot_connect_returns_and_raises_nothing(mon
         assert connecting.is_set()
     finally:
         given_up.set()
-        time.sleep(0.1)
+        assert ended.wait(5), "the connecting task never saw it was given up"
         publisher.close(timeout=2)
 
 
