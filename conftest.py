@@ -32,8 +32,42 @@ def _nats_url(nats_server):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _publisher(django_db_setup, _nats_url):
-    """Close the on-commit publisher (and its DB connection) before the test databases go."""
+def _sessions_gone_before_the_drop(django_db_setup, django_db_blocker):
+    """Before the test databases are dropped, wait (5 s at most) until no other session is on
+    them, and name any left. ``DROP DATABASE`` refuses while one is there (pytest-django then
+    warns and leaves the databases behind): PostgreSQL ends the session of a process a test
+    killed only a moment after the kill, and a connection a thread kept would stay for good."""
+    yield
+    import warnings
+
+    from django.db import connection, connections
+
+    if connection.vendor != "postgresql":
+        return
+    names = sorted({settings.DATABASES[alias]["NAME"] for alias in settings.DATABASES})
+    connections.close_all()  # this thread's own (the query below opens default's again)
+
+    def others() -> list[tuple]:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT datname, application_name, state, left(query, 120) FROM pg_stat_activity"
+                " WHERE datname = ANY(%s) AND pid <> pg_backend_pid()", [names])
+            return cursor.fetchall()
+
+    with django_db_blocker.unblock():
+        deadline = time.monotonic() + 5
+        while (left := others()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        connection.close()
+    if left:
+        warnings.warn(f"sessions left on the test databases after the tests: {left}",
+                      stacklevel=1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _publisher(_sessions_gone_before_the_drop, _nats_url):
+    """Close the on-commit publisher (and its DB connection) before the test databases go (and
+    before the wait for the sessions left on them)."""
     yield
     from onboarding.eventbus.outbox.publisher import get_publisher
 
