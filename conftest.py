@@ -36,8 +36,22 @@ def _sessions_gone_before_the_drop(django_db_setup, django_db_blocker):
     """Before the test databases are dropped, wait (5 s at most) until no other session is on
     them, and name any left. ``DROP DATABASE`` refuses while one is there (pytest-django then
     warns and leaves the databases behind): PostgreSQL ends the session of a process a test
-    killed only a moment after the kill, and a connection a thread kept would stay for good."""
+    killed only a moment after the kill, and a connection a thread kept would stay for good.
+    Each of this process's sessions names its thread (``pytest <thread>``), so a warning says
+    which thread kept one."""
+    import threading
+
+    from django.db.backends.signals import connection_created
+
+    def name_by_thread(sender, connection, **kwargs):
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT set_config('application_name', %s, false)",
+                               [f"pytest {threading.current_thread().name}"[:63]])
+
+    connection_created.connect(name_by_thread, dispatch_uid="tests-name-sessions-by-thread")
     yield
+    connection_created.disconnect(dispatch_uid="tests-name-sessions-by-thread")
     import warnings
 
     from django.db import connection, connections

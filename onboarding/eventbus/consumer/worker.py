@@ -106,13 +106,17 @@ class Worker:
         return True
 
     async def close(self) -> None:
-        """Close the work thread's connections, unless it is still held by an abandoned call.
+        """Close the work thread's connections: now, or, while an abandoned call still holds the
+        thread, as soon as that call returns (queued behind it).
 
         Never blocks the event loop (``shutdown(wait=False)``): a thread still blocked in the
-        database ends with the process.
+        database ends with the process. Left to the thread's end, its connection would stay
+        open as long as the process (an idle session on the server, found by the suite).
         """
         if self._abandoned is None or self._abandoned.done():
             with contextlib.suppress(Exception):
                 await self.call(connections.close_all)
-        self._work.shutdown(wait=False, cancel_futures=True)
+        else:
+            self._work.submit(connections.close_all)
+        self._work.shutdown(wait=False)
         self._probe.shutdown(wait=False, cancel_futures=True)
