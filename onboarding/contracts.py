@@ -11,7 +11,8 @@ raises nothing else, whatever the bytes (tests/test_contracts_fuzz.py fuzzes it)
 
 Strict means one spelling for each value, so that every consumer, in any language, reads the
 same event: the payload is UTF-8 JSON with each key once; ``userId`` is a UUID in its canonical
-36-character form; ``registrationTimestamp`` is an RFC 3339 date and time (ISO 8601's profile
+36-character form; every timestamp (``registrationTimestamp``, ``deletedAt``,
+``renamedAt``) is an RFC 3339 date and time (ISO 8601's profile
 for the internet, in ASCII) with a zone and an instant that exists in UTC; text fields hold no
 control characters and no lone surrogates (a database column could not store them).
 """
@@ -64,7 +65,7 @@ class ContractError(ValueError):
 
 def _format_timestamp(value: dt.datetime) -> str:
     if value.tzinfo is None:
-        raise ValueError("registration timestamp must be timezone-aware")
+        raise ValueError("an event's timestamps must be timezone-aware")
     text = value.astimezone(dt.UTC).isoformat(timespec="microseconds")
     return text.replace("+00:00", "Z")
 
@@ -95,9 +96,67 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return data
 
 
+def _require_user_id(data: dict) -> uuid.UUID:
+    raw_id = _require_str(data, "userId", 36)
+    if not _UUID.fullmatch(raw_id):
+        raise ContractError(f"userId: not a UUID: {raw_id!r}")
+    return uuid.UUID(raw_id)
+
+
+def _require_timestamp(data: dict, key: str) -> dt.datetime:
+    raw_ts = _require_str(data, key, TIMESTAMP_MAX_LENGTH)
+    form = _RFC3339.fullmatch(raw_ts)
+    try:
+        timestamp = dt.datetime.fromisoformat(raw_ts) if form else None
+    except ValueError:  # the right shape, but no such date or time (February 30th...)
+        timestamp = None
+    if timestamp is None:
+        raise ContractError(f"{key}: not ISO 8601 (RFC 3339): {raw_ts!r}")
+    if form["zone"] is None:
+        raise ContractError(f"{key}: no time zone: {raw_ts!r}")
+    try:
+        # In UTC, as it is published again; near year 1 or 9999 an offset can leave the
+        # calendar.
+        return timestamp.astimezone(dt.UTC)
+    except OverflowError:
+        raise ContractError(f"{key}: out of range in UTC: {raw_ts!r}") from None
+
+
+def _require_object(data: object) -> dict:
+    if not isinstance(data, dict):
+        raise ContractError(f"payload: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+class _UserEvent:
+    """What every event of the contract has: it is about one user, whose id is its key.
+
+    ``key`` is what the event bus files the event under (the outbox, the stream's sequence
+    ledger): erasing a user deletes every message with that key from the stream.
+    """
+
+    subject: ClassVar[str]
+    version: ClassVar[int]
+    user_id: uuid.UUID
+
+    @property
+    def key(self) -> str:
+        return str(self.user_id)
+
+    def to_payload(self) -> dict:
+        raise NotImplementedError
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_payload(), separators=(",", ":")).encode()
+
+
 @dataclass(frozen=True)
-class UserRegistered:
-    """``user.registered``: a new user exists in the Auth Service. Broadcast to every context."""
+class UserRegistered(_UserEvent):
+    """``user.registered``: a new user exists in the Auth Service. Broadcast to every context.
+
+    Carries personal data (the username and the e-mail): a later ``user.deleted`` erases its
+    message from the stream.
+    """
 
     subject: ClassVar[str] = "user.registered"
     version: ClassVar[int] = 1
@@ -115,45 +174,79 @@ class UserRegistered:
             "registrationTimestamp": _format_timestamp(self.registration_timestamp),
         }
 
-    def to_json(self) -> bytes:
-        return json.dumps(self.to_payload(), separators=(",", ":")).encode()
-
     @classmethod
     def from_payload(cls, data: object) -> UserRegistered:
-        if not isinstance(data, dict):
-            raise ContractError(f"payload: expected a JSON object, got {type(data).__name__}")
-        raw_id = _require_str(data, "userId", 36)
-        if not _UUID.fullmatch(raw_id):
-            raise ContractError(f"userId: not a UUID: {raw_id!r}")
-        user_id = uuid.UUID(raw_id)
+        data = _require_object(data)
+        user_id = _require_user_id(data)
         username = _require_str(data, "username", USERNAME_MAX_LENGTH)
         email = _require_str(data, "email", EMAIL_MAX_LENGTH)
         try:
             _validate_email(email)
         except ValidationError:
             raise ContractError(f"email: not a valid address: {email!r}") from None
-        raw_ts = _require_str(data, "registrationTimestamp", TIMESTAMP_MAX_LENGTH)
-        form = _RFC3339.fullmatch(raw_ts)
-        try:
-            timestamp = dt.datetime.fromisoformat(raw_ts) if form else None
-        except ValueError:  # the right shape, but no such date or time (February 30th...)
-            timestamp = None
-        if timestamp is None:
-            raise ContractError(f"registrationTimestamp: not ISO 8601 (RFC 3339): {raw_ts!r}")
-        if form["zone"] is None:
-            raise ContractError(f"registrationTimestamp: no time zone: {raw_ts!r}")
-        try:
-            # In UTC, as it is published again; near year 1 or 9999 an offset can leave the
-            # calendar.
-            timestamp = timestamp.astimezone(dt.UTC)
-        except OverflowError:
-            raise ContractError(f"registrationTimestamp: out of range in UTC: {raw_ts!r}") from None
+        timestamp = _require_timestamp(data, "registrationTimestamp")
         return cls(
             user_id=user_id, username=username, email=email, registration_timestamp=timestamp
         )
 
 
-EVENT_TYPES: dict[str, type[UserRegistered]] = {UserRegistered.subject: UserRegistered}
+@dataclass(frozen=True)
+class UserDeleted(_UserEvent):
+    """``user.deleted``: the user erased their account (or staff erased it). Broadcast.
+
+    Each context deletes the user's rows and keeps a tombstone, so that an older
+    ``user.registered`` arriving later (a replay, a repair, a consumer that was down) creates
+    nothing. Carries no personal data: only the id and when.
+    """
+
+    subject: ClassVar[str] = "user.deleted"
+    version: ClassVar[int] = 1
+
+    user_id: uuid.UUID
+    deleted_at: dt.datetime
+
+    def to_payload(self) -> dict:
+        return {"userId": str(self.user_id), "deletedAt": _format_timestamp(self.deleted_at)}
+
+    @classmethod
+    def from_payload(cls, data: object) -> UserDeleted:
+        data = _require_object(data)
+        return cls(user_id=_require_user_id(data),
+                   deleted_at=_require_timestamp(data, "deletedAt"))
+
+
+@dataclass(frozen=True)
+class UserRenamed(_UserEvent):
+    """``user.renamed``: the user's username changed. Contexts that keep a copy update it.
+
+    Carries personal data (the new name): the user's erasure deletes it from the stream too.
+    """
+
+    subject: ClassVar[str] = "user.renamed"
+    version: ClassVar[int] = 1
+
+    user_id: uuid.UUID
+    username: str
+    renamed_at: dt.datetime
+
+    def to_payload(self) -> dict:
+        return {
+            "userId": str(self.user_id),
+            "username": self.username,
+            "renamedAt": _format_timestamp(self.renamed_at),
+        }
+
+    @classmethod
+    def from_payload(cls, data: object) -> UserRenamed:
+        data = _require_object(data)
+        return cls(user_id=_require_user_id(data),
+                   username=_require_str(data, "username", USERNAME_MAX_LENGTH),
+                   renamed_at=_require_timestamp(data, "renamedAt"))
+
+
+EVENT_TYPES: dict[str, type[_UserEvent]] = {
+    event.subject: event for event in (UserRegistered, UserDeleted, UserRenamed)
+}
 
 
 def event_headers(event, *, event_id: uuid.UUID | str) -> dict[str, str]:

@@ -80,7 +80,7 @@ def test_unknown_version_and_subject_are_contract_errors():
     with pytest.raises(ContractError, match="unsupported user.registered version '2'"):
         parse_event(SUBJECT, payload(), {"Event-Version": "2"})
     with pytest.raises(ContractError, match="unknown event subject"):
-        parse_event("user.deleted", payload())
+        parse_event("user.suspended", payload())
 
 
 def test_missing_version_header_means_version_1():

@@ -8,6 +8,7 @@ from django.conf import settings
 from django.db import connections, router
 
 from onboarding import databases
+from onboarding.routers import PER_CONTEXT_MODELS
 
 
 def sqlite(name):
@@ -48,7 +49,7 @@ def test_every_model_table_exists_in_its_database():
     """Migrations created every table where the router sends it (shared or separate)."""
     for model in apps.get_models():
         alias = router.db_for_write(model)
-        if model._meta.app_label == "eventbus" and model._meta.model_name == "processedevent":
+        if model._meta.app_label == "eventbus" and model._meta.model_name in PER_CONTEXT_MODELS:
             aliases = set(settings.CONTEXT_DATABASES.values())
         else:
             aliases = {alias or "default"}

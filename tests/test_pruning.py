@@ -104,9 +104,9 @@ def prune_command(*args) -> dict[str, dict[str, int]]:
 
 
 def expected_counts(*, outbox: int, inbox_per_consumer: int, dead_letters: int,
-                    access_logs: int = 0) -> dict:
+                    access_logs: int = 0, ledger: int = 0) -> dict:
     """What the command prints, database by database: contexts sharing a database share a line."""
-    expected = {"default": {pruning.OUTBOX: outbox}}
+    expected = {"default": {pruning.OUTBOX: outbox, pruning.LEDGER: ledger}}
     for alias in settings.CONTEXT_DATABASES.values():
         line = expected.setdefault(alias, {})
         line[pruning.INBOX] = line.get(pruning.INBOX, 0) + inbox_per_consumer

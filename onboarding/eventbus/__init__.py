@@ -7,11 +7,14 @@ A bounded context needs only the names below; everything else in this package is
   events it handles with which service, and which of a user's defaults it holds;
 - ``PermanentError``: what a handler raises for an event that can never succeed (dead-lettered
   at once, never retried);
-- ``insert_ignoring_conflicts``: the set-based, idempotent INSERT the contexts' services use;
+- ``insert_ignoring_conflicts``: the set-based, idempotent INSERT the contexts' services use
+  (``unless_erased=`` skips the users the context erased);
+- ``erase_users``: a context's ``user.deleted`` service: the user's rows go, a tombstone stays;
+  ``held_user_ids``: which users a context holds rows of (reconcile's search for orphans);
 - ``outbox_publish_on_commit``: how a producer publishes an event, in its own transaction;
 - ``ContextModelAdmin``: a context's rows in the admin, read-only.
 
-The last two import models, so they load on first use (this package is imported while Django
+The last four import models, so they load on first use (this package is imported while Django
 loads its apps, before models may be).
 """
 
@@ -24,6 +27,8 @@ __all__ = [
     "PermanentError",
     "Subscription",
     "UserDefaults",
+    "erase_users",
+    "held_user_ids",
     "insert_ignoring_conflicts",
     "outbox_publish_on_commit",
 ]
@@ -31,6 +36,8 @@ __all__ = [
 _LAZY = {
     "outbox_publish_on_commit": "onboarding.eventbus.outbox.write",
     "ContextModelAdmin": "onboarding.eventbus.admin.contexts",
+    "erase_users": "onboarding.eventbus.erasing",
+    "held_user_ids": "onboarding.eventbus.erasing",
 }
 
 

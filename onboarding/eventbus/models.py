@@ -22,6 +22,15 @@ class OutboxEvent(models.Model):
     subject = models.CharField(max_length=255)
     payload = models.TextField(help_text="The exact JSON published.")
     headers = models.JSONField(default=dict)
+    # What the event is about (the contract's ``key``: the user). An erasure of the key deletes
+    # the stream's copies of its earlier events and these rows (erasure.py). Not indexed: only
+    # an erasure looks rows up by key, in the relay, on a table pruning keeps to
+    # NATS_DUPLICATE_WINDOW; an index would cost every registration a random-key insert.
+    key = models.CharField(max_length=64, blank=True, default="")
+    # Where JetStream stored it (its PubAck), so that an erasure can delete it by sequence.
+    stream_seq = models.BigIntegerField(
+        null=True, blank=True, help_text="The message's sequence in the stream, once published."
+    )
     # Not indexed: every registration and every marking (an UPDATE that PostgreSQL cannot keep
     # HOT) paid for an index that only the admin's date filters read, on a table that pruning
     # keeps to NATS_DUPLICATE_WINDOW (docs/benchmarks.md, "Register").
@@ -52,6 +61,84 @@ class OutboxEvent(models.Model):
 
     def __str__(self):
         return f"{self.subject} {self.event_id}"
+
+
+class PublishedMessage(models.Model):
+    """A message about a key that the stream may still hold, and where: kept while the stream
+    keeps messages (``NATS_STREAM_MAX_AGE``), so that erasing the key can delete it by sequence.
+
+    Pruning moves a keyed outbox row here when it deletes the row (after
+    ``NATS_DUPLICATE_WINDOW``); copies published outside the outbox (a dead letter's replay, a
+    reconcile repair) are recorded here at once. Holds no payload: nothing personal.
+    """
+
+    key = models.CharField(max_length=64, db_index=True)
+    stream = models.CharField(max_length=255)
+    stream_seq = models.BigIntegerField()
+    subject = models.CharField(max_length=255)
+    event_id = models.CharField(max_length=128, blank=True)
+    published_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["stream", "stream_seq"], name="published_once_per_seq")
+        ]
+
+    def __str__(self):
+        return f"{self.subject} seq={self.stream_seq}"
+
+
+class Erasure(models.Model):
+    """A key to erase from the event bus: written in the transaction that erases its owner,
+    beside the event that announces it (``outbox_publish_on_commit(erase=True)``).
+
+    Once that event is published, the relay deletes the stream's copies of the key's earlier
+    events (by sequence: the outbox rows' and :class:`PublishedMessage`'s) and those outbox
+    rows, and notes when (``stream_erased_at``). The erasing event itself stays: it carries no
+    personal data, and the services that have not handled it yet still need it.
+    """
+
+    key = models.CharField(max_length=64, unique=True)
+    event_id = models.UUIDField(help_text="The event that announces the erasure.")
+    requested_at = models.DateTimeField(default=timezone.now)
+    stream_erased_at = models.DateTimeField(
+        null=True, blank=True,
+        help_text="When the stream's copies of the key's earlier events were deleted.",
+    )
+    messages_deleted = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-requested_at"]
+        indexes = [
+            models.Index(fields=["id"], condition=Q(stream_erased_at__isnull=True),
+                         name="erasure_pending"),
+        ]
+
+    def __str__(self):
+        return f"erasure of {self.key}"
+
+
+class Tombstone(models.Model):
+    """A user a context erased: in that context's own database, beside its inbox.
+
+    Written with the deletion of the user's rows (``user.deleted``); the services' INSERTs skip
+    tombstoned users (``insert_ignoring_conflicts(unless_erased=...)``), so an older event for
+    the user that arrives later — a replayed dead letter, a repair sent before, a consumer that
+    was down — creates nothing. Kept for good: it holds only the id, and it is what keeps an
+    erased user erased.
+    """
+
+    context = models.CharField(max_length=64)
+    user_id = models.UUIDField()
+    erased_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user_id", "context"], name="tombstone_once")
+        ]
+
+    def __str__(self):
+        return f"{self.context} erased {self.user_id}"
 
 
 class ProcessedEvent(models.Model):

@@ -1,8 +1,10 @@
 """Which consumers exist: each context app declares its own in ``<app>/consumers.py``.
 
 A context's ``consumers.py`` lists ``SUBSCRIPTIONS``: which contract events it handles and the
-handler (a one-line call into one of its services) for each; and ``DEFAULTS``: a selector that
-says which of a user's defaults exist (for the per-user story, readiness and reconciliation).
+handler (a one-line call into one of its services) for each; ``DEFAULTS``: a selector that
+says which of a user's defaults exist (for the per-user story, readiness and reconciliation);
+and ``USERS``: a selector that pages through the users it holds rows of (``reconcile``'s search
+for orphans).
 This module discovers them, the way ``django.contrib.admin`` discovers ``admin.py``. A consumer
 is named after its app label; that name is also its JetStream durable and its key in the inbox
 and dead letters.
@@ -53,6 +55,8 @@ class ConsumerSpec:
     name: str
     subscriptions: tuple[Subscription, ...]
     defaults: DefaultsSelector | None = None
+    # ``USERS(after=<user id or None>, limit=n)`` → the next ``n`` user ids it holds, in order.
+    users: Callable[..., list] | None = None
 
     @property
     def durable(self) -> str:
@@ -95,6 +99,7 @@ def get_consumers() -> dict[str, ConsumerSpec]:
         subscriptions = tuple(getattr(module, "SUBSCRIPTIONS", ()))
         if subscriptions:
             found[app_config.label] = ConsumerSpec(
-                app_config.label, subscriptions, getattr(module, "DEFAULTS", None)
+                app_config.label, subscriptions, getattr(module, "DEFAULTS", None),
+                getattr(module, "USERS", None),
             )
     return found

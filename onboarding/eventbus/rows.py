@@ -28,6 +28,7 @@ CHUNK_ROWS = 500
 def insert_ignoring_conflicts(
     model, fields: Sequence[str], rows: Sequence[Sequence], *, same: dict | None = None,
     using: str | None = None, returning: str | None = None, unless_present: str | None = None,
+    unless_erased: str | None = None,
 ) -> list:
     """INSERT ``rows`` (tuples of the values of ``fields``) into ``model``'s table; a row that
     conflicts with any unique constraint or index is skipped, not updated, and not an error.
@@ -42,6 +43,10 @@ def insert_ignoring_conflicts(
     ``unless_present`` (one of ``fields``) also skips a row whose value of that field the table
     already holds in any row, whatever its constraints say: "users who have a character keep
     theirs", in the same statement instead of a read before it.
+
+    ``unless_erased`` (a context's name) also skips a row whose ``user_id`` that context holds a
+    :class:`~onboarding.eventbus.models.Tombstone` for: a user erased there is never created
+    again, by an event that arrives late or twice. Also in the same statement.
     """
     if not rows:
         return []
@@ -51,6 +56,9 @@ def insert_ignoring_conflicts(
     fields, shared = tuple(fields), tuple(same)
     if unless_present is not None and unless_present not in fields:
         raise ValueError(f"unless_present={unless_present!r} is not one of {fields}")
+    if unless_erased is not None and "user_id" not in fields:
+        raise ValueError(f"unless_erased needs user_id among the fields, not {fields}")
+    erased = [unless_erased] if unless_erased is not None else []
     given = [model._meta.get_field(name) for name in fields]
     now = timezone.now()
     constants = [
@@ -64,8 +72,9 @@ def insert_ignoring_conflicts(
     inserted = []
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            sql = _unnest_sql(model, fields, shared, returning, unless_present, connection.alias)
-            cursor.execute(sql, [*constants, *columns])
+            sql = _unnest_sql(model, fields, shared, returning, unless_present,
+                              unless_erased is not None, connection.alias)
+            cursor.execute(sql, [*constants, *columns, *erased])
             if returning:
                 inserted = [value for (value,) in cursor.fetchall()]
             return inserted
@@ -77,9 +86,9 @@ def insert_ignoring_conflicts(
             for i in range(start, start + count):
                 params += [column[i] for column in columns]
                 params += constants
-            cursor.execute(_values_sql(model, fields, shared, returning, unless_present, count,
-                                       connection.alias),
-                           params)
+            cursor.execute(_values_sql(model, fields, shared, returning, unless_present,
+                                       unless_erased is not None, count, connection.alias),
+                           [*params, *erased])
             if returning:
                 inserted += [value for (value,) in cursor.fetchall()]
     if returning:
@@ -111,16 +120,30 @@ def _column_names(model, fields, shared, connection) -> tuple[list[str], str]:
     return [quote(name) for name in names], quote(model._meta.db_table)
 
 
-def _absent_clause(model, fields, unless_present: str | None, connection) -> str:
-    """``WHERE NOT EXISTS`` a row of the table with the candidate's value of ``unless_present``;
-    the candidate rows are ``r``, their columns ``c0``, ``c1``... in the order of ``fields``."""
-    if unless_present is None:
-        return ""
+def _absent_clause(model, fields, unless_present: str | None, unless_erased: bool,
+                   connection) -> str:
+    """``WHERE NOT EXISTS`` a row of the table with the candidate's value of ``unless_present``,
+    and (``unless_erased``) ``NOT EXISTS`` a tombstone of the candidate's user in the context
+    given as the statement's last parameter; the candidate rows are ``r``, their columns ``c0``,
+    ``c1``... in the order of ``fields``."""
     quote = connection.ops.quote_name
-    table = quote(model._meta.db_table)
-    column = quote(model._meta.get_field(unless_present).column)
-    return (f" WHERE NOT EXISTS (SELECT 1 FROM {table} AS present "
-            f"WHERE present.{column} = r.c{fields.index(unless_present)})")
+    conditions = []
+    if unless_present is not None:
+        table = quote(model._meta.db_table)
+        column = quote(model._meta.get_field(unless_present).column)
+        conditions.append(f"NOT EXISTS (SELECT 1 FROM {table} AS present "
+                          f"WHERE present.{column} = r.c{fields.index(unless_present)})")
+    if unless_erased:
+        from onboarding.eventbus.models import Tombstone  # rows.py loads before the models
+
+        meta = Tombstone._meta
+        conditions.append(
+            f"NOT EXISTS (SELECT 1 FROM {quote(meta.db_table)} AS erased "
+            f"WHERE erased.{quote(meta.get_field('user_id').column)} = "
+            f"r.c{fields.index('user_id')} "
+            f"AND erased.{quote(meta.get_field('context').column)} = %s)"
+        )
+    return f" WHERE {' AND '.join(conditions)}" if conditions else ""
 
 
 def _returning_clause(model, returning: str | None, connection) -> str:
@@ -131,7 +154,7 @@ def _returning_clause(model, returning: str | None, connection) -> str:
 
 @lru_cache(maxsize=64)
 def _unnest_sql(model, fields: tuple[str, ...], shared: tuple[str, ...], returning: str | None,
-                unless_present: str | None, alias: str) -> str:
+                unless_present: str | None, unless_erased: bool, alias: str) -> str:
     connection = connections[alias]
     columns, table = _column_names(model, fields, shared, connection)
     given = [model._meta.get_field(name) for name in fields]
@@ -144,24 +167,24 @@ def _unnest_sql(model, fields: tuple[str, ...], shared: tuple[str, ...], returni
         f"INSERT INTO {table} ({', '.join(columns)}) "
         f"SELECT {', '.join([*names, *selected])} "
         f"FROM unnest({', '.join(arrays)}) AS r({', '.join(names)})"
-        f"{_absent_clause(model, fields, unless_present, connection)} "
+        f"{_absent_clause(model, fields, unless_present, unless_erased, connection)} "
         f"ON CONFLICT DO NOTHING{_returning_clause(model, returning, connection)}"
     )
 
 
 @lru_cache(maxsize=256)
 def _values_sql(model, fields: tuple[str, ...], shared: tuple[str, ...], returning: str | None,
-                unless_present: str | None, count: int, alias: str) -> str:
+                unless_present: str | None, unless_erased: bool, count: int, alias: str) -> str:
     connection = connections[alias]
     columns, table = _column_names(model, fields, shared, connection)
     row = "(" + ", ".join(["%s"] * len(columns)) + ")"
     values = f"VALUES {', '.join([row] * count)}"
-    if unless_present is not None:
+    if unless_present is not None or unless_erased:
         # The candidates as a table r(c0, c1, ...); the WHERE also settles SQLite's parsing of
         # ON CONFLICT after INSERT ... SELECT.
         names = ", ".join(f"c{i}" for i in range(len(columns)))
         values = (f"WITH r({names}) AS ({values}) SELECT * FROM r"
-                  f"{_absent_clause(model, fields, unless_present, connection)}")
+                  f"{_absent_clause(model, fields, unless_present, unless_erased, connection)}")
     return (
         f"INSERT INTO {table} ({', '.join(columns)}) {values} "
         f"ON CONFLICT DO NOTHING{_returning_clause(model, returning, connection)}"

@@ -21,6 +21,7 @@ from functools import cached_property
 from django.conf import settings
 
 from onboarding.contracts import event_headers
+from onboarding.eventbus.erasing import ledger_record
 from onboarding.eventbus.nats.publish import describe, failed, publish_pipelined
 from onboarding.eventbus.subjects import replay_subject
 
@@ -54,9 +55,10 @@ class RedeliveryError(Exception):
         self.acked = acked
 
 
-async def redeliver(nc, js, redeliveries: list[Redelivery]) -> list[bool]:
-    """Publish ``redeliveries`` pipelined; per one, True if JetStream stored it, False if it
-    dropped it as a duplicate of a message with the same Nats-Msg-Id within its window.
+async def redeliver(nc, js, redeliveries: list[Redelivery]) -> list:
+    """Publish ``redeliveries`` pipelined; per one, its PubAck (``duplicate``: JetStream dropped
+    it as a duplicate of a message with the same Nats-Msg-Id within its window, whose ``seq``
+    it gives). Record them with :func:`redeliveries_record`, from a thread that may use the ORM.
 
     Raises ``RedeliveryError`` (with how many were acknowledged) if any publish failed or was
     not acknowledged within ``NATS_REQUEST_TIMEOUT``.
@@ -71,4 +73,13 @@ async def redeliver(nc, js, redeliveries: list[Redelivery]) -> list[bool]:
             f"{describe(failures[0])}",
             acked=len(outcomes) - len(failures),
         )
-    return [not ack.duplicate for ack in outcomes]
+    return outcomes
+
+
+def redeliveries_record(redeliveries: list[Redelivery], acks: list) -> None:
+    """Note where each redelivery sits in the stream, under its event's key: an erasure of the
+    user deletes these copies too (they carry the same personal data as the original)."""
+    ledger_record(
+        (getattr(item.event, "key", ""), ack.stream, ack.seq, item.subject, item.event_id)
+        for item, ack in zip(redeliveries, acks, strict=True)
+    )

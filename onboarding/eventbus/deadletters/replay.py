@@ -19,12 +19,14 @@ from django.utils import timezone
 
 from onboarding.contracts import EVENT_ID_HEADER, MSG_ID_HEADER
 from onboarding.eventbus.deadletters.store import DEAD_LETTER_HEADER
+from onboarding.eventbus.erasing import is_erased, ledger_record
 from onboarding.eventbus.models import DEAD_LETTER_DATABASE, DeadLetter
 from onboarding.eventbus.nats.connection import session
 from onboarding.eventbus.subjects import replay_subject
 
 
-async def _publish_replays(letters: list[DeadLetter], replayed: list[int]) -> None:
+async def _publish_replays(letters: list[DeadLetter], replayed: list[int],
+                           copies: list[tuple]) -> None:
     async with session("deadletters-replay", timeout=settings.NATS_REQUEST_TIMEOUT * 2) as nc:
         js = nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
         for letter in letters:
@@ -33,12 +35,11 @@ async def _publish_replays(letters: list[DeadLetter], replayed: list[int]) -> No
             if letter.event_id:
                 headers.setdefault(EVENT_ID_HEADER, letter.event_id)
             headers[DEAD_LETTER_HEADER] = str(letter.id)
-            await js.publish(
-                replay_subject(letter.consumer, letter.subject),
-                bytes(letter.payload),
-                headers=headers,
-            )
+            subject = replay_subject(letter.consumer, letter.subject)
+            ack = await js.publish(subject, bytes(letter.payload), headers=headers)
             replayed.append(letter.id)  # acknowledged by JetStream
+            # A copy of the user's event: an erasure of the user deletes it too.
+            copies.append((letter.user_id, ack.stream, ack.seq, subject, letter.event_id))
 
 
 def dead_letters_replay(*, letters: list[DeadLetter]) -> int:
@@ -47,13 +48,16 @@ def dead_letters_replay(*, letters: list[DeadLetter]) -> int:
     Sync (admin actions, management commands). Raises if NATS cannot be reached; letters sent
     before a failure are counted and marked.
     """
-    letters = list(letters)
+    # An erased user's dead letters hold nothing to send, and must bring no one back.
+    letters = [letter for letter in letters if not is_erased(key=letter.user_id)]
     if not letters:
         return 0
     replayed: list[int] = []
+    copies: list[tuple] = []
     try:
-        asyncio.run(_publish_replays(letters, replayed))
+        asyncio.run(_publish_replays(letters, replayed, copies))
     finally:
+        ledger_record(copies)
         if replayed:
             DeadLetter.objects.using(DEAD_LETTER_DATABASE).filter(id__in=replayed).update(
                 replays=F("replays") + 1, replayed_at=timezone.now()

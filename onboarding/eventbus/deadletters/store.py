@@ -18,6 +18,7 @@ import json
 from django.db.models import QuerySet
 from django.utils import timezone
 
+from onboarding.eventbus.erasing import ERASED_MESSAGE, ERASED_PAYLOAD, is_erased
 from onboarding.eventbus.models import DEAD_LETTER_DATABASE, DeadLetter
 
 DEAD_LETTER_HEADER = "Dead-Letter-Id"
@@ -86,8 +87,15 @@ def dead_letter_store(
                 setattr(letter, name, value)
             letter.save(using=DEAD_LETTER_DATABASE, update_fields=[*fields])
             return letter
+    user_id = storable(payload_user_id(payload))
+    if is_erased(key=user_id):
+        # The user was erased meanwhile (a consumer that was down failed on their older event):
+        # what is kept is what an erasure leaves of a dead letter, closed.
+        payload = ERASED_PAYLOAD
+        fields.update(error_message=ERASED_MESSAGE, discarded_at=now, discarded_by="erasure",
+                      discard_reason="its user was erased")
     fields.update(
-        subject=storable(subject), user_id=storable(payload_user_id(payload)), payload=payload,
+        subject=storable(subject), user_id=user_id, payload=payload,
         headers={storable(str(k)): storable(str(v)) for k, v in (headers or {}).items()},
     )
     letter, _ = letters.update_or_create(

@@ -204,7 +204,7 @@ class BackgroundPublisher:
         outcomes = await publish_pipelined(
             self._nc, self._js, messages, timeout=settings.NATS_REQUEST_TIMEOUT
         )
-        acked = [m.row_id for m, outcome in zip(messages, outcomes, strict=True)
+        acked = [(m.row_id, outcome.seq) for m, outcome in zip(messages, outcomes, strict=True)
                  if not failed(outcome)]
         if len(acked) < len(messages):
             error = next(outcome for outcome in outcomes if failed(outcome))
@@ -229,8 +229,8 @@ class BackgroundPublisher:
     def _run_marker(self) -> None:
         marks = self._marks
         while True:
-            row_ids = marks.get()
-            if row_ids is None:
+            acked = marks.get()
+            if acked is None:
                 break
             # Wait a moment and coalesce whatever else arrives into one UPDATE (see
             # MARK_COALESCE_SECONDS).
@@ -238,22 +238,23 @@ class BackgroundPublisher:
             while not marks.empty():
                 more = marks.get()
                 if more is None:
-                    self._mark(row_ids)
+                    self._mark(acked)
                     connections.close_all()
                     return
-                row_ids.extend(more)
-            self._mark(row_ids)
+                acked.extend(more)
+            self._mark(acked)
         connections.close_all()
 
     @staticmethod
-    def _mark(row_ids: list[int]) -> None:
+    def _mark(acked: list[tuple[int, int]]) -> None:
         try:
             close_old_connections()
-            outbox_mark_published(row_ids=row_ids)
+            outbox_mark_published(acked=acked)
         except Exception:
             # Published but not marked: the relay republishes after its grace period and
-            # JetStream drops the duplicate by Nats-Msg-Id.
-            logger.exception("could not mark %d published row(s)", len(row_ids))
+            # JetStream drops the duplicate by Nats-Msg-Id (its PubAck gives the sequence of
+            # the message it kept).
+            logger.exception("could not mark %d published row(s)", len(acked))
 
 
 # The process's on-commit publisher, built on first use: importing this module (the relay, the

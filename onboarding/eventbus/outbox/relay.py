@@ -38,6 +38,7 @@ from django.utils import timezone
 
 from onboarding.eventbus.nats.connection import close, connect
 from onboarding.eventbus.nats.publish import describe, failed, publish_pipelined
+from onboarding.eventbus.outbox.erasure import erase_messages, erasure_done, erasures_due
 from onboarding.eventbus.outbox.leadership import relay_lock
 from onboarding.eventbus.outbox.listening import FastPath
 from onboarding.eventbus.outbox.refusals import refusal
@@ -83,6 +84,7 @@ class OutboxRelay:
         self.listening = threading.Event()  # set once it first listened (or failed to)
         self.scanned = threading.Event()  # set once the first scan is over
         self.published = 0
+        self.erased = 0  # erasures carried out
 
     async def _orm(self, fn, /, **kwargs):
         def call():
@@ -125,6 +127,7 @@ class OutboxRelay:
                     await self.stopper.sleep(delay)
                     continue
                 backoff.reset()
+                await self._erase_due()
                 self.scanned.set()
                 if count < self.batch:
                     if once:
@@ -229,6 +232,18 @@ class OutboxRelay:
             return
         metrics.relay_backlog(count, (timezone.now() - oldest).total_seconds() if oldest else 0)
 
+    async def _erase_due(self) -> None:
+        """Carry out the erasures that are due (:mod:`.erasure`). Never raises: one that fails
+        stays pending, and the next round tries it again."""
+        try:
+            for work in await self._orm(erasures_due):
+                deleted = await erase_messages(self._js, work)
+                await self._orm(erasure_done, work=work, deleted=deleted)
+                self.erased += 1
+        except Exception as exc:
+            logger.warning("relay: erasure failed, retrying on the next round: %s: %s",
+                           type(exc).__name__, exc)
+
     async def flush_batch(self, grace: float | None = None) -> int:
         """Publish one batch of due rows; return how many rows it took (published or not).
 
@@ -251,12 +266,12 @@ class OutboxRelay:
         acked, refused, unacked = [], {}, []
         for message, outcome in zip(messages, outcomes, strict=True):
             if not failed(outcome):
-                acked.append(message.row_id)
+                acked.append((message.row_id, outcome.seq))
             elif (why := refusal(message, outcome)) is not None:
                 refused[message.row_id] = why
             else:
                 unacked.append((message.row_id, outcome))
-        await self._orm(outbox_mark_published, row_ids=acked)
+        await self._orm(outbox_mark_published, acked=acked)
         self.published += len(acked)
         metrics.relay_published(len(acked), path="scan")
         if acked:

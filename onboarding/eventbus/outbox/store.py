@@ -12,8 +12,8 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from django.db import connections, transaction
-from django.db.models import F
+from django.db import connections, models, transaction
+from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
 from onboarding.contracts import EVENT_ID_HEADER
@@ -143,15 +143,41 @@ def outbox_check_messages(
 MARK_COALESCE_SECONDS = 0.5
 
 
-def outbox_mark_published(*, row_ids: list[int]) -> int:
-    """Mark rows whose PubAck arrived. Idempotent: a row already marked keeps its first time."""
-    if not row_ids:
+def outbox_mark_published(*, acked: list[tuple[int, int]]) -> int:
+    """Mark rows whose PubAck arrived, given as (row id, stream sequence) pairs: the sequence is
+    kept, for an erasure to delete the message by. Idempotent: a row already marked keeps its
+    first time and sequence."""
+    if not acked:
         return 0
-    return (
-        OutboxEvent.objects.using(OUTBOX_DATABASE)
-        .filter(id__in=row_ids, published_at__isnull=True)
-        .update(published_at=timezone.now())
-    )
+    connection = connections[OUTBOX_DATABASE]
+    now = timezone.now()
+    if connection.vendor == "postgresql":
+        # One statement whatever the batch: the pairs travel as two arrays.
+        table = connection.ops.quote_name(OutboxEvent._meta.db_table)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {table} AS o SET published_at = %s, stream_seq = v.seq "
+                "FROM unnest(%s::bigint[], %s::bigint[]) AS v(id, seq) "
+                "WHERE o.id = v.id AND o.published_at IS NULL",
+                [now, [row_id for row_id, _ in acked], [seq for _, seq in acked]],
+            )
+            return cursor.rowcount
+    marked = 0
+    for start in range(0, len(acked), MARK_CHUNK):
+        chunk = dict(acked[start:start + MARK_CHUNK])
+        marked += (
+            OutboxEvent.objects.using(OUTBOX_DATABASE)
+            .filter(id__in=list(chunk), published_at__isnull=True)
+            .update(published_at=now, stream_seq=Case(
+                *(When(id=row_id, then=Value(seq)) for row_id, seq in chunk.items()),
+                output_field=models.BigIntegerField(),
+            ))
+        )
+    return marked
+
+
+# Rows per UPDATE where values are bound one by one (SQLite): three parameters a row.
+MARK_CHUNK = 300
 
 
 def outbox_record_failure(*, row_ids: list[int], error: str) -> None:

@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from onboarding.contracts import event_headers
 from onboarding.eventbus.ids import uuid7
-from onboarding.eventbus.models import OUTBOX_DATABASE, OutboxEvent
+from onboarding.eventbus.models import OUTBOX_DATABASE, Erasure, OutboxEvent
 from onboarding.eventbus.outbox.hints import after_response
 from onboarding.eventbus.outbox.notify import notify_on_commit
 from onboarding.eventbus.outbox.publisher import get_publisher
@@ -36,11 +36,15 @@ except ImportError:  # psycopg2, or SQLite only
 logger = logging.getLogger(__name__)
 
 
-def outbox_publish_on_commit(*, event) -> OutboxEvent:
+def outbox_publish_on_commit(*, event, erase: bool = False) -> OutboxEvent:
     """Record ``event`` in the current transaction; publish it once that transaction commits.
 
     Must be called inside ``transaction.atomic()`` together with the change the event announces:
     outside one, the event would be published for a change that may still fail.
+
+    The row is filed under the event's ``key`` (the user it is about). With ``erase``, the event
+    also erases its key from the event bus (:mod:`.erasure`): once it is published, the relay
+    deletes the stream's copies of the key's earlier events, and their outbox rows.
     """
     if not transaction.get_connection(OUTBOX_DATABASE).in_atomic_block:
         raise RuntimeError("outbox_publish_on_commit() must run inside transaction.atomic()")
@@ -50,9 +54,19 @@ def outbox_publish_on_commit(*, event) -> OutboxEvent:
         subject=event.subject,
         payload=event.to_json().decode(),
         headers=event_headers(event, event_id=event_id),
+        key=getattr(event, "key", ""),
     )
     mode = fast_path()
     _insert(row)
+    if erase:
+        if not row.key:
+            raise ValueError(f"{event.subject} has no key to erase")
+        Erasure.objects.using(OUTBOX_DATABASE).update_or_create(
+            key=row.key,
+            # Erasing a key again (its copies sent since) starts over with this event.
+            defaults={"event_id": event_id, "requested_at": row.created_at,
+                      "stream_erased_at": None},
+        )
     if mode == "notify":
         notify_on_commit(row)
     elif mode == "wake":
@@ -77,7 +91,7 @@ def fast_path() -> str | None:
 
 # The columns the outbox INSERT writes; ``attempts`` and ``last_error`` start at 0 and "" in
 # the statement itself, the others are null.
-_INSERTED = ("event_id", "subject", "payload", "headers", "created_at")
+_INSERTED = ("event_id", "subject", "payload", "headers", "created_at", "key")
 _insert_sql: dict[str, tuple[str, bool]] = {}
 
 
@@ -111,7 +125,7 @@ def _insert(row: OutboxEvent) -> None:
     params = [
         row.event_id if connection.features.has_native_uuid_field else row.event_id.hex,
         row.subject, row.payload, ops.adapt_json_value(row.headers, None),
-        ops.adapt_datetimefield_value(row.created_at),
+        ops.adapt_datetimefield_value(row.created_at), row.key,
     ]
     if psycopg is not None and isinstance(connection.connection, psycopg.Connection):
         connection.validate_no_broken_transaction()

@@ -5,7 +5,10 @@ Three kinds of rows outlive their use:
 - **outbox** rows published longer ago than ``NATS_DUPLICATE_WINDOW``. Nothing republishes a
   published row, and a republication would be dropped by JetStream only within that window, so
   the row is kept that long. An unpublished row is never removed, set aside or not: it is an
-  event still owed to the stream.
+  event still owed to the stream. Where its message sits in the stream (its key and sequence,
+  no payload) moves to the **published messages** ledger in the same transaction, which keeps
+  it for ``NATS_STREAM_MAX_AGE``, as long as the stream may hold the message: an erasure of the
+  key deletes the message by that sequence (``outbox/erasure.py``).
 - **inbox** rows (``ProcessedEvent``) older than ``NATS_STREAM_MAX_AGE``. A row was written when
   its event was already in the stream, so once it is that old the stream has dropped the event
   and can no longer redeliver it. (A replay or a repair may still bring the same fact back under
@@ -52,7 +55,9 @@ from onboarding.eventbus.models import (
     DeadLetter,
     OutboxEvent,
     ProcessedEvent,
+    PublishedMessage,
 )
+from onboarding.eventbus.rows import insert_ignoring_conflicts
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +70,7 @@ BATCH_PAUSE = 0.02  # seconds
 SKIPPED_ROUND_RETRY = 5.0  # seconds
 
 OUTBOX, INBOX, DEAD_LETTERS = "outbox rows", "inbox rows", "dead letters"  # the kinds
+LEDGER = "published messages"
 ACCESS_LOGS = "admin access logs"
 # Where django-axes keeps the admin's logins (the default database, with accounts).
 ACCESS_LOG_DATABASE = "default"
@@ -94,6 +100,31 @@ def outbox_prunable(*, now: dt.datetime | None = None) -> QuerySet[OutboxEvent]:
     cutoff = (now or timezone.now()) - dt.timedelta(seconds=settings.NATS_DUPLICATE_WINDOW)
     return OutboxEvent.objects.using(OUTBOX_DATABASE).filter(
         published_at__isnull=False, published_at__lt=cutoff, set_aside_at__isnull=True
+    )
+
+
+def ledger_prunable(*, now: dt.datetime | None = None) -> QuerySet[PublishedMessage]:
+    """Published messages older than ``NATS_STREAM_MAX_AGE``: the stream holds them no more."""
+    cutoff = (now or timezone.now()) - dt.timedelta(seconds=settings.NATS_STREAM_MAX_AGE)
+    return PublishedMessage.objects.using(OUTBOX_DATABASE).filter(published_at__lt=cutoff)
+
+
+def ledger_keep(pks: list) -> None:
+    """Before the outbox rows ``pks`` go: where the keyed ones sit in the stream, into the
+    ledger (:class:`~onboarding.eventbus.models.PublishedMessage`), unless the stream has
+    dropped them already (older than ``NATS_STREAM_MAX_AGE``)."""
+    kept_since = timezone.now() - dt.timedelta(seconds=settings.NATS_STREAM_MAX_AGE)
+    rows = (
+        OutboxEvent.objects.using(OUTBOX_DATABASE)
+        .filter(pk__in=pks, stream_seq__isnull=False, published_at__gte=kept_since)
+        .exclude(key="")
+        .values_list("key", "stream_seq", "subject", "event_id", "published_at")
+    )
+    insert_ignoring_conflicts(
+        PublishedMessage, ("key", "stream_seq", "subject", "event_id", "published_at"),
+        [(key, seq, subject, str(event_id), published)
+         for key, seq, subject, event_id, published in rows],
+        same={"stream": settings.NATS_STREAM}, using=OUTBOX_DATABASE,
     )
 
 
@@ -128,6 +159,7 @@ def delete_in_batches(
     batch: int = PRUNE_BATCH,
     pause: float = BATCH_PAUSE,
     should_stop: Callable[[], bool] = _never,
+    keep: Callable[[list], None] | None = None,
 ) -> int:
     """Delete ``rows`` a batch at a time, each batch its own short transaction; return the count.
 
@@ -137,7 +169,8 @@ def delete_in_batches(
     LOCKED``, which re-checks the conditions on a row changed meanwhile (a dead letter reopened)
     and passes over rows another pruner holds. A batch short of ``batch`` ends the prune: nothing
     older is left, or another pruner holds the rest and deletes it. ``should_stop`` is asked
-    between batches.
+    between batches. ``keep(pks)`` is called in each batch's transaction before its rows go
+    (the batch's keys are then read first, one more statement).
     """
     if batch < 1:
         raise ValueError("batch must be at least 1")
@@ -146,7 +179,12 @@ def delete_in_batches(
     while not should_stop():
         with transaction.atomic(using=alias):  # BEGIN IMMEDIATE on SQLite: no busy upgrade
             oldest = rows.order_by(order_by).select_for_update(skip_locked=True)
-            count = _delete_by_pk(rows.model, alias, oldest.values("pk")[:batch])
+            if keep is None:
+                count = _delete_by_pk(rows.model, alias, oldest.values("pk")[:batch])
+            else:
+                pks = list(oldest.values_list("pk", flat=True)[:batch])
+                keep(pks)
+                count = rows.model.objects.using(alias).filter(pk__in=pks).delete()[0]
         deleted += count
         if count < batch:
             break
@@ -177,8 +215,15 @@ def _prune(rows: QuerySet, order_by: str, *, dry_run: bool, **options) -> int:
 
 
 def outbox_prune(*, dry_run: bool = False, now: dt.datetime | None = None, **options) -> int:
-    """Delete (or, dry, count) the outbox rows published before the duplicate window."""
-    return _prune(outbox_prunable(now=now), "published_at", dry_run=dry_run, **options)
+    """Delete (or, dry, count) the outbox rows published before the duplicate window; keyed ones
+    leave their place in the stream to the ledger."""
+    return _prune(outbox_prunable(now=now), "published_at", dry_run=dry_run, keep=ledger_keep,
+                  **options)
+
+
+def ledger_prune(*, dry_run: bool = False, now: dt.datetime | None = None, **options) -> int:
+    """Delete (or, dry, count) the ledger's messages older than the stream's max age."""
+    return _prune(ledger_prunable(now=now), "published_at", dry_run=dry_run, **options)
 
 
 def inbox_prune(
@@ -232,6 +277,7 @@ def prune_everything(
     now = now or timezone.now()
     return [
         Pruned(OUTBOX_DATABASE, OUTBOX, outbox_prune(dry_run=dry_run, now=now, **options)),
+        Pruned(OUTBOX_DATABASE, LEDGER, ledger_prune(dry_run=dry_run, now=now, **options)),
         *(
             Pruned(alias, INBOX, inbox_prune(database=alias, dry_run=dry_run, now=now, **options))
             for alias in inbox_databases()
@@ -249,6 +295,7 @@ def prune_everything(
 def relay_prune(*, should_stop: Callable[[], bool] = _never) -> list[Pruned]:
     """The relay's share: the outbox it publishes, and the admin's access logs beside it."""
     return [Pruned(OUTBOX_DATABASE, OUTBOX, outbox_prune(should_stop=should_stop)),
+            Pruned(OUTBOX_DATABASE, LEDGER, ledger_prune(should_stop=should_stop)),
             Pruned(ACCESS_LOG_DATABASE, ACCESS_LOGS, access_logs_prune(should_stop=should_stop))]
 
 
