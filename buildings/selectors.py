@@ -4,7 +4,7 @@ from collections.abc import Iterable
 
 from buildings.defaults import STARTER_BUILDINGS
 from buildings.models import Building
-from onboarding.eventbus import UserDefaults
+from onboarding.eventbus import UserDefaults, held_user_ids
 
 
 def buildings_defaults(*, user_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, UserDefaults]:
@@ -17,3 +17,8 @@ def buildings_defaults(*, user_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, User
         user_id: UserDefaults(records=tuple(rows), complete=starter <= {b.kind for b in rows})
         for user_id, rows in found.items()
     }
+
+
+def buildings_user_ids(*, after: uuid.UUID | None, limit: int) -> list[uuid.UUID]:
+    """The users with rows here, in id order after ``after``: reconcile's search for orphans."""
+    return held_user_ids(models=[Building], after=after, limit=limit)

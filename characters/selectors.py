@@ -3,7 +3,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from characters.models import Character
-from onboarding.eventbus import UserDefaults
+from onboarding.eventbus import UserDefaults, held_user_ids
 
 
 def characters_defaults(*, user_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, UserDefaults]:
@@ -15,3 +15,8 @@ def characters_defaults(*, user_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, Use
         user_id: UserDefaults(records=tuple(rows), complete=any(c.is_active for c in rows))
         for user_id, rows in found.items()
     }
+
+
+def characters_user_ids(*, after: uuid.UUID | None, limit: int) -> list[uuid.UUID]:
+    """The users with rows here, in id order after ``after``: reconcile's search for orphans."""
+    return held_user_ids(models=[Character], after=after, limit=limit)

@@ -1,7 +1,7 @@
 import uuid
 from collections.abc import Iterable
 
-from onboarding.eventbus import UserDefaults
+from onboarding.eventbus import UserDefaults, held_user_ids
 from players.models import Player
 
 
@@ -11,3 +11,8 @@ def players_defaults(*, user_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, UserDe
         player.user_id: UserDefaults(records=(player,), complete=True)
         for player in Player.objects.filter(user_id__in=list(user_ids))
     }
+
+
+def players_user_ids(*, after: uuid.UUID | None, limit: int) -> list[uuid.UUID]:
+    """The users with rows here, in id order after ``after``: reconcile's search for orphans."""
+    return held_user_ids(models=[Player], after=after, limit=limit)
