@@ -1,8 +1,11 @@
+from django import forms
 from django.contrib import admin
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
+from django.contrib.auth.forms import AdminUserCreationForm
 from django.urls import NoReverseMatch, reverse
 
 from accounts.models import User
+from accounts.services import user_delete, user_register, user_rename, user_taken_field
 from onboarding.eventbus.admin.contexts import copyable_id
 from onboarding.eventbus.ops.story import UserStoryError, user_story
 
@@ -15,8 +18,27 @@ def _admin_url(label: str, pk) -> str | None:
         return None
 
 
+class UserAddForm(AdminUserCreationForm):
+    """The admin's Add user, with the e-mail every account has, checked as registration does."""
+
+    def clean_email(self):
+        email = User.objects.normalize_email(self.cleaned_data.get("email") or "")
+        if not email:
+            raise forms.ValidationError("Every account has an e-mail address.")
+        if user_taken_field(username="", email=email) == "email":
+            raise forms.ValidationError("A user with that email already exists.")
+        return email
+
+
 @admin.register(User)
 class UserAdmin(DjangoUserAdmin):
+    """Users, made, renamed and erased through the accounts services only, so that every
+    change is announced: Add user registers (``user.registered``), a new username renames
+    (``user.renamed``), Delete and the bulk delete erase (``user.deleted``)."""
+
+    add_form = UserAddForm
+    add_fieldsets = ((None, {"classes": ("wide",), "fields": (
+        "username", "email", "usable_password", "password1", "password2")}),)
     list_display = ("username", "email", "short_user_id", "date_joined", "is_active", "is_staff")
     list_filter = ("is_active", "is_staff", "is_superuser", "date_joined")
     search_fields = ("username", "email", "=id")
@@ -33,6 +55,32 @@ class UserAdmin(DjangoUserAdmin):
     @admin.display(description="user", ordering="id")
     def short_user_id(self, obj):
         return copyable_id(obj.pk)
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            user = user_register(
+                username=obj.username, email=obj.email, password_hash=obj.password,
+                **{name: getattr(obj, name) for name in ("first_name", "last_name",
+                                                          "is_active", "is_staff",
+                                                          "is_superuser")},
+            )
+            obj.pk, obj.username, obj.email = user.pk, user.username, user.email
+            obj.date_joined = user.date_joined
+            obj._state.adding, obj._state.db = False, user._state.db
+            return
+        renamed = "username" in form.changed_data
+        if renamed:
+            new_name, obj.username = obj.username, form.initial["username"]
+        super().save_model(request, obj, form, change)
+        if renamed:
+            user_rename(user=obj, username=new_name)
+
+    def delete_model(self, request, obj):
+        user_delete(user=obj)
+
+    def delete_queryset(self, request, queryset):
+        for user in queryset:
+            user_delete(user=user)
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         extra_context = {**(extra_context or {}), **self._story_context(request, object_id)}

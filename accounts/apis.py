@@ -21,7 +21,9 @@ from accounts.selectors import UserOnboarding, token_expires_at, user_onboarding
 from accounts.services import (
     RegistrationConflict,
     user_authenticate,
+    user_delete,
     user_register,
+    user_rename,
     user_token_get_or_create,
     user_token_revoke,
 )
@@ -246,7 +248,33 @@ class LogoutApi(APIView):
 
 
 class MeApi(APIView):
-    """GET /api/auth/me — who the token (``Authorization: Token <key>``) belongs to."""
+    """/api/auth/me — the token's user (``Authorization: Token <key>``): read it, rename it,
+    erase it."""
+
+    class RenameInputSerializer(serializers.Serializer):
+        username = StrictCharField(
+            max_length=User._meta.get_field("username").max_length,
+            validators=USERNAME_VALIDATORS,
+        )
+
+        class Meta:
+            ref_name = "Rename"
+
+    class EraseInputSerializer(serializers.Serializer):
+        password = StrictCharField(
+            max_length=PASSWORD_MAX_LENGTH, trim_whitespace=False,
+            style={"input_type": "password"}, help_text="The user's current password.",
+        )
+
+        class Meta:
+            ref_name = "Erase"
+
+    def get_throttles(self):
+        if self.request.method == "DELETE":
+            # It checks a password: the login's limits, per address and per account.
+            self.throttle_scope = "token"
+            return [ScopedRateThrottle(), UsernameRateThrottle()]
+        return super().get_throttles()
 
     @extend_schema(
         operation_id="auth_me", tags=["auth"],
@@ -254,6 +282,75 @@ class MeApi(APIView):
     )
     def get(self, request):
         return Response(user_representation(request.user))
+
+    @extend_schema(
+        operation_id="auth_me_rename", tags=["auth"], request=RenameInputSerializer,
+        examples=[OpenApiExample("rename", request_only=True, value={"username": "sammy"})],
+        responses={
+            200: OpenApiResponse(UserOutputSerializer, description="Renamed; every service "
+                                 "keeping a copy of the name hears of it (user.renamed)."),
+            400: error_response(
+                "A missing or malformed username, or one another user has (compared "
+                "case-insensitively), under username.",
+                error_serializer("RenameError", "username"),
+            ),
+            401: UNAUTHENTICATED, 413: TOO_LARGE, 415: UNSUPPORTED,
+        },
+    )
+    def patch(self, request):
+        serializer = self.RenameInputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        try:
+            user = user_rename(user=request.user, **serializer.validated_data)
+        except RegistrationConflict as exc:
+            raise serializers.ValidationError({exc.field: [exc.message]})
+        return Response(user_representation(user))
+
+    @extend_schema(
+        operation_id="auth_me_erase", tags=["auth"], request=EraseInputSerializer,
+        examples=[OpenApiExample("erase", request_only=True,
+                                 value={"password": EXAMPLE_PASSWORD})],
+        responses={
+            204: OpenApiResponse(description="Erased: the account and its tokens are gone at "
+                                 "once, and every service erases the user's data on its own "
+                                 "(user.deleted)."),
+            400: error_response("A missing or wrong password, under password.",
+                                error_serializer("EraseError", "password")),
+            401: UNAUTHENTICATED, 413: TOO_LARGE, 415: UNSUPPORTED,
+            429: error_response("Too many password checks from this address, or for this "
+                                "account (the login's limits); see Retry-After."),
+        },
+        parameters=[RETRY_AFTER],
+    )
+    def delete(self, request):
+        serializer = self.EraseInputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        if not request.user.check_password(serializer.validated_data["password"]):
+            raise serializers.ValidationError({"password": ["Wrong password."]})
+        user_delete(user=request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class UserApi(APIView):
+    """/api/users/{userId} — a user by id, for staff: erase it."""
+
+    @extend_schema(
+        operation_id="users_erase", tags=["auth"], request=None,
+        responses={
+            204: OpenApiResponse(description="Erased, as DELETE /api/auth/me erases."),
+            401: UNAUTHENTICATED,
+            403: error_response("Not staff."),
+            404: error_response("No user with this id."),
+        },
+    )
+    def delete(self, request, userId):  # the path parameter's name, as documented
+        if not request.user.is_staff:
+            raise PermissionDenied("Only staff may erase a user.")
+        user = User.objects.filter(pk=userId).first()
+        if user is None:
+            raise NotFound("No user with this id.")
+        user_delete(user=user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 class OnboardingOutputSerializer(serializers.Serializer):

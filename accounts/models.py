@@ -1,10 +1,30 @@
 import uuid
 
 from django.contrib.auth.models import AbstractUser
+from django.contrib.auth.models import UserManager as DjangoUserManager
 from django.db import models
 from django.db.models.functions import Lower
 
 from onboarding.contracts import EMAIL_MAX_LENGTH
+
+
+class UserManager(DjangoUserManager):
+    """``create_user`` and ``create_superuser`` (``manage.py createsuperuser`` among their
+    callers) make the account through the registration service, which announces it: no
+    account exists that the services never heard of."""
+
+    def _create_user(self, username, email, password, **extra_fields):
+        from accounts.services import user_register  # services import this module
+
+        if not username:
+            raise ValueError("The given username must be set")
+        return user_register(username=username, email=email or "", password=password,
+                             **extra_fields)
+
+    async def _acreate_user(self, username, email, password, **extra_fields):
+        from asgiref.sync import sync_to_async
+
+        return await sync_to_async(self._create_user)(username, email, password, **extra_fields)
 
 
 class User(AbstractUser):
@@ -14,6 +34,8 @@ class User(AbstractUser):
     email = models.EmailField("email address", max_length=EMAIL_MAX_LENGTH)
 
     REQUIRED_FIELDS = ["email"]
+
+    objects = UserManager()
 
     class Meta(AbstractUser.Meta):
         swappable = "AUTH_USER_MODEL"

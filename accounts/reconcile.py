@@ -36,7 +36,7 @@ from django.db import connections
 
 from accounts.models import User
 from accounts.services import user_registered_event
-from onboarding.eventbus.deadletters.redelivery import Redelivery, redeliver
+from onboarding.eventbus.deadletters.redelivery import Redelivery, redeliver, redeliveries_record
 from onboarding.eventbus.nats.connection import session
 from onboarding.eventbus.registry import get_consumers
 from onboarding.readiness import onboarding_readiness
@@ -246,7 +246,9 @@ def reconcile_run(
                             session("reconcile", timeout=settings.NATS_REQUEST_TIMEOUT * 2)
                         )
                         js = nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
-                    totals.sent(repairs, await redeliver(nc, js, repairs))
+                    acks = await redeliver(nc, js, repairs)
+                    await loop.run_in_executor(executor, redeliveries_record, repairs, acks)
+                    totals.sent(repairs, [not ack.duplicate for ack in acks])
                 if on_chunk:
                     on_chunk(totals)
 

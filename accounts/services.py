@@ -1,20 +1,32 @@
-"""Auth Service business logic: registration and login."""
+"""Auth Service business logic: an account's whole life (registration, renaming, erasure) and
+logging in.
+
+Every account is made by :func:`user_register`, however it is made (the API, the admin's Add
+user, ``createsuperuser``, ``User.objects.create_user``: the manager calls it), and announced
+once; every erasure goes through :func:`user_delete` (the API, the admin's Delete and bulk
+delete), every change of username through :func:`user_rename`. Each writes its event in the
+transaction that makes the change (the outbox), so the services hear of exactly what committed.
+"""
 
 from __future__ import annotations
 
 import logging
 
+from django.apps import apps
 from django.conf import settings
+from django.contrib.admin.models import LogEntry
 from django.contrib.auth import authenticate
 from django.contrib.auth.hashers import make_password
+from django.contrib.contenttypes.models import ContentType
 from django.db import IntegrityError, transaction
-from django.db.models import Value
+from django.db.models import Q, Value
 from django.db.models.functions import Lower
+from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
 from accounts.models import User
 from accounts.selectors import token_is_expired
-from onboarding.contracts import UserRegistered
+from onboarding.contracts import UserDeleted, UserRegistered, UserRenamed
 from onboarding.eventbus import outbox_publish_on_commit
 
 logger = logging.getLogger(__name__)
@@ -28,8 +40,10 @@ class RegistrationConflict(Exception):
         self.field, self.message = field, message
 
 
-def user_taken_field(*, username: str, email: str) -> str | None:
-    """Which of username/email already belongs to someone (case-insensitive), if any.
+def user_taken_field(*, username: str, email: str | None,
+                     exclude: User | None = None) -> str | None:
+    """Which of username/email already belongs to someone (case-insensitive), if any; email
+    None is not checked, ``exclude`` is a user who may keep their own.
 
     Compares with the database's own LOWER(), the function the unique constraints use, so
     the check and the constraint agree on every character.
@@ -37,9 +51,11 @@ def user_taken_field(*, username: str, email: str) -> str | None:
     users = User.objects.annotate(
         username_ci=Lower("username"), email_ci=Lower("email")
     )
+    if exclude is not None:
+        users = users.exclude(pk=exclude.pk)
     if users.filter(username_ci=Lower(Value(username))).exists():
         return "username"
-    if users.filter(email_ci=Lower(Value(email))).exists():
+    if email is not None and users.filter(email_ci=Lower(Value(email))).exists():
         return "email"
     return None
 
@@ -72,12 +88,16 @@ def user_registered_event(*, user: User) -> UserRegistered:
     )
 
 
-def user_register(*, username: str, email: str, password: str) -> User:
+def user_register(*, username: str, email: str, password: str | None = None,
+                  password_hash: str | None = None, **extra_fields) -> User:
     """Create a user and announce ``user.registered``, atomically.
 
     The user row and the event's outbox row commit together: a failed registration publishes
     nothing, and a committed one is published even if NATS is down at the time (by the relay).
-    Raises ``RegistrationConflict`` when the username or email is taken.
+    Raises ``RegistrationConflict`` when the username or email is taken. ``password`` is the
+    raw password (None: an unusable one), or ``password_hash`` one hashed already (the admin's
+    form hashes it); ``extra_fields`` are other fields of the user (``is_staff``,
+    ``is_superuser``... from the manager).
     """
     # The pre-check gives the common case a precise error; the database constraints decide
     # races. Both, and the slow hashing, stay outside the transaction: on SQLite it holds the
@@ -89,7 +109,9 @@ def user_register(*, username: str, email: str, password: str) -> User:
     taken = user_taken_field(username=username, email=email)
     if taken:
         raise _conflict(taken)
-    user = User(username=username, email=email, password=make_password(password))
+    user = User(username=username, email=email,
+                password=password_hash if password_hash is not None else make_password(password),
+                **extra_fields)
     try:
         with transaction.atomic():
             user.save(force_insert=True)
@@ -103,6 +125,70 @@ def user_register(*, username: str, email: str, password: str) -> User:
         raise _conflict(taken) from None
     logger.info("user registered user_id=%s", user.id)
     return user
+
+
+def user_rename(*, user: User, username: str) -> User:
+    """Give ``user`` a new username and announce ``user.renamed``, atomically.
+
+    The same rules as registration: NFKC-normalised, unique case-insensitively (the user may
+    change the case of their own name). Raises ``RegistrationConflict`` when another user has
+    the name. Renaming to the very same name changes nothing and announces nothing.
+    """
+    username = User.normalize_username(username)
+    if username == user.username:
+        return user
+    if user_taken_field(username=username, email=None, exclude=user):
+        raise _conflict("username")
+    try:
+        with transaction.atomic():
+            User.objects.filter(pk=user.pk).update(username=username)
+            if settings.ACCOUNTS_PUBLISH_EVENTS:
+                outbox_publish_on_commit(event=UserRenamed(
+                    user_id=user.id, username=username, renamed_at=timezone.now()))
+    except IntegrityError as exc:
+        if _conflicting_field(exc) == "username" or user_taken_field(
+                username=username, email=None, exclude=user):
+            raise _conflict("username") from None
+        raise
+    user.username = username
+    logger.info("user renamed user_id=%s", user.id)
+    return user
+
+
+def user_delete(*, user: User) -> None:
+    """Erase ``user``'s account and announce ``user.deleted``, atomically.
+
+    In one transaction: the ``user.deleted`` event (which also erases the user from the event
+    bus: the relay deletes the stream's copies of their earlier events, their outbox rows and
+    their dead letters' contents once it is published), the admin's history of the account
+    (``LogEntry``: its name, in ``object_repr``), the admin logins attempted under its name or
+    e-mail (django-axes), and the row itself, with what depends on it (tokens, the admin's log
+    entries the user made, group memberships). Each service then deletes the user's rows on its
+    own and keeps a tombstone. A user already gone is not an error: erasing twice is harmless.
+    """
+    with transaction.atomic():
+        if settings.ACCOUNTS_PUBLISH_EVENTS:
+            outbox_publish_on_commit(
+                event=UserDeleted(user_id=user.id, deleted_at=timezone.now()), erase=True)
+        _forget_admin_traces(user)
+        User.objects.filter(pk=user.pk).delete()
+    logger.info("user deleted user_id=%s", user.id)
+
+
+ERASED_REPR = "(erased user)"
+
+
+def _forget_admin_traces(user: User) -> None:
+    """The copies of the user's name and e-mail that Django's and django-axes' tables keep."""
+    LogEntry.objects.filter(
+        content_type=ContentType.objects.get_for_model(User), object_id=str(user.pk)
+    ).update(object_repr=ERASED_REPR, change_message="")
+    if apps.is_installed("axes"):
+        from axes.models import AccessAttempt, AccessFailureLog, AccessLog
+
+        names = Q(username__iexact=user.username) | Q(username__iexact=user.email)
+        for model in (AccessAttempt, AccessFailureLog, AccessLog):
+            model.objects.filter(names).delete()
 
 
 def user_authenticate(*, username: str, password: str, request=None) -> User | None:

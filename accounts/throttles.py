@@ -29,6 +29,8 @@ class UsernameRateThrottle(SimpleRateThrottle):
     Every attempt counts, right or wrong: a user who has exhausted it waits like the attacker
     (Retry-After says how long) — the price of not letting a distributed guess run at full
     speed. A body without a string ``username`` is not throttled here (it fails validation).
+    A request that checks the password of the signed-in user (``DELETE /api/auth/me``) counts
+    against that user's name: a stolen token gives no faster guess at the password.
 
     A subclass of ``SimpleRateThrottle``, not ``ScopedRateThrottle``: its rate is its own, and
     tests that swap the scoped rates do not touch it.
@@ -38,7 +40,10 @@ class UsernameRateThrottle(SimpleRateThrottle):
 
     def get_cache_key(self, request, view):
         data = request.data  # parsed here already: a body DRF cannot parse is its 400 / 413
-        username = data.get("username") if isinstance(data, Mapping) else None
+        if request.user.is_authenticated:
+            username = request.user.username
+        else:
+            username = data.get("username") if isinstance(data, Mapping) else None
         if not isinstance(username, str) or not username.strip():
             return None
         # Hashed: a key of bounded length and plain characters whatever the client sent.

@@ -5,6 +5,7 @@ from accounts.apis import (
     MeApi,
     MeOnboardingApi,
     TokenObtainApi,
+    UserApi,
     UserOnboardingApi,
     UserRegisterApi,
 )
@@ -21,5 +22,6 @@ urlpatterns = [
 
 # Mounted at /api/users/ (onboarding/urls.py): users by id, for staff.
 user_urlpatterns = [
+    path("<uuid:userId>", UserApi.as_view(), name="user"),
     path("<uuid:userId>/onboarding", UserOnboardingApi.as_view(), name="user-onboarding"),
 ]

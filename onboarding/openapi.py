@@ -73,9 +73,10 @@ RETRY_AFTER = OpenApiParameter(
 )
 
 
-# The order a client uses the API in: register, log in, read yourself and your onboarding, log
-# out; then the staff endpoint. Swagger UI lists operations in the schema's order (within each
-# tag), and drf-spectacular's default sorts them alphabetically (logout, me, register, token).
+# The order a client uses the API in: register, log in, read yourself (rename, erase) and your
+# onboarding, log out; then the staff endpoints. Swagger UI lists operations in the schema's
+# order (within each tag), and drf-spectacular's default sorts them alphabetically (logout, me,
+# register, token).
 CLIENT_ORDER = (
     "/api/auth/register",
     "/api/auth/token",
@@ -83,13 +84,18 @@ CLIENT_ORDER = (
     "/api/auth/me/onboarding",
     "/api/auth/logout",
     "/api/users/{userId}/onboarding",
+    "/api/users/{userId}",
 )
+# Within one path: read it, change it, delete it last.
+METHOD_ORDER = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 
 def operation_order(endpoint) -> tuple:
     """``SPECTACULAR_SETTINGS["SORT_OPERATIONS"]``: the sort key of an endpoint
     ``(path, path_regex, method, callback)``. The paths of :data:`CLIENT_ORDER` first, in that
     order; every other one after them, alphabetically (drf-spectacular's own order)."""
-    path = endpoint[0]
-    rank = CLIENT_ORDER.index(path) if path in CLIENT_ORDER else len(CLIENT_ORDER)
-    return rank, alpha_operation_sorter(endpoint)
+    path, method = endpoint[0], endpoint[2]
+    if path not in CLIENT_ORDER:
+        return len(CLIENT_ORDER), 0, alpha_operation_sorter(endpoint)
+    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    return CLIENT_ORDER.index(path), rank, alpha_operation_sorter(endpoint)

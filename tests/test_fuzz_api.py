@@ -92,8 +92,9 @@ STAFF_TOKEN = "fuzz0staff0token0" + "0" * 23
 
 
 def staff_token_exists() -> None:
+    # Found by e-mail: an earlier case may have renamed the user (PATCH /api/auth/me).
     user, _ = User.objects.get_or_create(
-        username="fuzz-staff", defaults={"email": "fuzz-staff@example.com", "is_staff": True}
+        email="fuzz-staff@example.com", defaults={"username": "fuzz-staff", "is_staff": True}
     )
     Token.objects.get_or_create(user=user, defaults={"key": STAFF_TOKEN})
 

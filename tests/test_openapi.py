@@ -30,6 +30,7 @@ ME = "/api/auth/me"
 LOGOUT = "/api/auth/logout"
 ME_ONBOARDING = "/api/auth/me/onboarding"
 USER_ONBOARDING = "/api/users/{userId}/onboarding"
+USER = "/api/users/{userId}"
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +67,26 @@ class World:
         body = json.dumps(data) if content_type == "application/json" else data
         return self.client.post(path, data=body, content_type=content_type)
 
-    def throttle_after_one(self, scope, path, data):
+    def send(self, method, path, data=None, token=None, content_type="application/json"):
+        """PATCH or DELETE ``path`` with a body, as the token's user."""
+        headers = {"HTTP_AUTHORIZATION": f"Token {token}"} if token else {}
+        body = json.dumps(data) if content_type == "application/json" else data
+        return getattr(self.client, method)(path, data=body, content_type=content_type,
+                                            **headers)
+
+    def throttle_after_one(self, scope, path, data, method="post", token=None):
         cache.clear()
         self.monkeypatch.setattr(ScopedRateThrottle, "THROTTLE_RATES", {scope: "1/minute"})
-        self.post(path, data)
-        return self.post(path, data)
+        if method == "post":
+            self.post(path, data)
+            return self.post(path, data)
+        self.send(method, path, data, token)
+        return self.send(method, path, data, token)
 
-    def too_large(self, path):
+    def too_large(self, path, method="post", token=None):
         self.settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 64
-        return self.post(path, {"username": "x" * 100, "password": "y"})
+        data = {"username": "x" * 100, "password": "y"}
+        return self.post(path, data) if method == "post" else self.send(method, path, data, token)
 
     def onboarded_get(self, path):
         """GET ``path`` once every service has set the user up (as its consumer does)."""
@@ -90,6 +102,10 @@ def new_user(n=1):
 
 def user_onboarding(user_id) -> str:
     return USER_ONBOARDING.replace("{userId}", str(user_id))
+
+
+def user_path(user_id) -> str:
+    return USER.replace("{userId}", str(user_id))
 
 
 def readyz_without_nats(w: World):
@@ -132,6 +148,23 @@ CASES: dict[tuple[str, str, str], Callable[[World], object]] = {
     ("post", LOGOUT, "401"): lambda w: w.logout(),
     ("get", ME, "200"): lambda w: w.get(ME, w.token),
     ("get", ME, "401"): lambda w: w.get(ME),
+    ("patch", ME, "200"): lambda w: w.send("patch", ME, {"username": "sammy"}, w.token),
+    ("patch", ME, "400"): lambda w: w.send("patch", ME, {"username": "STAFF"}, w.token),
+    ("patch", ME, "401"): lambda w: w.send("patch", ME, {"username": "sammy"}),
+    ("patch", ME, "413"): lambda w: w.too_large(ME, "patch", w.token),
+    ("patch", ME, "415"): lambda w: w.send(
+        "patch", ME, "username=sammy", w.token, content_type="application/x-www-form-urlencoded"
+    ),
+    ("delete", ME, "204"): lambda w: w.send("delete", ME, {"password": STRONG_PASSWORD}, w.token),
+    ("delete", ME, "400"): lambda w: w.send("delete", ME, {"password": "wrong"}, w.token),
+    ("delete", ME, "401"): lambda w: w.send("delete", ME, {"password": STRONG_PASSWORD}),
+    ("delete", ME, "413"): lambda w: w.too_large(ME, "delete", w.token),
+    ("delete", ME, "415"): lambda w: w.send(
+        "delete", ME, "password=x", w.token, content_type="application/x-www-form-urlencoded"
+    ),
+    ("delete", ME, "429"): lambda w: w.throttle_after_one(
+        "token", ME, {"password": "wrong"}, method="delete", token=w.token
+    ),
     ("get", ME_ONBOARDING, "200"): lambda w: w.onboarded_get(ME_ONBOARDING),
     ("get", ME_ONBOARDING, "401"): lambda w: w.get(ME_ONBOARDING, "not-a-token"),
     ("get", USER_ONBOARDING, "200"): lambda w: w.get(user_onboarding(w.user.id), w.staff_token),
@@ -140,6 +173,11 @@ CASES: dict[tuple[str, str, str], Callable[[World], object]] = {
     ("get", USER_ONBOARDING, "404"): lambda w: w.get(
         user_onboarding(uuid.uuid4()), w.staff_token
     ),
+    ("delete", USER, "204"): lambda w: w.send("delete", user_path(w.user.id), token=w.staff_token),
+    ("delete", USER, "401"): lambda w: w.send("delete", user_path(w.user.id)),
+    ("delete", USER, "403"): lambda w: w.send("delete", user_path(w.staff.id), token=w.token),
+    ("delete", USER, "404"): lambda w: w.send("delete", user_path(uuid.uuid4()),
+                                              token=w.staff_token),
 }
 
 
@@ -228,18 +266,22 @@ def test_the_index_links_to_the_docs_schema_admin_and_probes(client):
 
 def test_operations_are_listed_in_the_order_a_client_uses_them(schema):
     """Swagger UI lists operations in the schema's order (no ``operationsSorter``): register,
-    log in, read yourself, your onboarding, log out; then the staff endpoint; then the rest."""
+    log in, read yourself (rename, erase), your onboarding, log out; then the staff endpoints;
+    then the rest."""
     operations = [(path, method) for path, methods in schema["paths"].items()
                   for method in methods]
-    assert operations[:6] == [
+    assert operations[:9] == [
         ("/api/auth/register", "post"),
         ("/api/auth/token", "post"),
         (ME, "get"),
+        (ME, "patch"),
+        (ME, "delete"),
         (ME_ONBOARDING, "get"),
         (LOGOUT, "post"),
         (USER_ONBOARDING, "get"),
+        (USER, "delete"),
     ]
-    rest = operations[6:]
+    rest = operations[9:]
     assert rest == sorted(rest) and {path for path, _ in rest} == {"/", "/healthz", "/readyz"}
 
 

@@ -40,7 +40,9 @@ def test_creates_limits_stream_and_one_durable_per_context(jetstream):
     assert set(consumers) == {"players", "characters", "progression", "buildings"}
     for name, config in consumers.items():
         assert config.durable_name == name
-        assert config.filter_subjects == ["user.registered", f"replay.{name}.>"]
+        handled = ["user.registered", "user.deleted"]
+        handled += ["user.renamed"] if name == "players" else []
+        assert sorted(config.filter_subjects) == sorted([*handled, f"replay.{name}.>"])
         assert str(getattr(config.ack_policy, "value", config.ack_policy)) == "explicit"
         assert config.max_deliver == -1  # the runner enforces CONSUMER_MAX_DELIVER
         assert config.inactive_threshold in (None, 0)  # durables never expire
@@ -111,5 +113,6 @@ def test_a_durable_from_an_older_config_is_brought_up_to_date(jetstream):
         return (await js.consumer_info(settings.NATS_STREAM, "players")).config
 
     config = run_async(read)
-    assert config.filter_subjects == ["user.registered", "replay.players.>"]
+    assert config.filter_subjects == [
+        "user.registered", "user.deleted", "user.renamed", "replay.players.>"]
     assert config.max_deliver == -1
