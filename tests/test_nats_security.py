@@ -17,6 +17,7 @@ import urllib.request
 
 import pytest
 from django.core.management import call_command
+from django.test import override_settings
 
 from accounts.services import user_register
 from conftest import wait_until
@@ -151,6 +152,18 @@ def test_full_flow_with_every_role_on_its_own_user(secured, manage):
                timeout=20, message="the replayed dead letter resolved")
     assert counts() == complete_count(3)
 
+    # An erasure, each role doing its part: the relay (its own user) publishes user.deleted and
+    # deletes the user's earlier messages from the stream; each consumer erases its rows.
+    from accounts.models import User
+    from accounts.services import user_delete
+    from onboarding.eventbus.models import Erasure
+
+    with override_settings(OUTBOX_PUBLISH_ON_COMMIT=False):  # the relay's work, not this one's
+        user_delete(user=User.objects.get(username="secure0"))
+    wait_until(lambda: counts() == complete_count(2), timeout=20, message="erased everywhere")
+    wait_until(lambda: Erasure.objects.filter(stream_erased_at__isnull=False).exists(),
+               timeout=20, message="the relay erased the user's messages from the stream")
+
 
 # -- least privilege, enforced by the server -------------------------------------------------
 
@@ -178,6 +191,12 @@ def test_publishers_may_publish_user_events_and_nothing_else(role, provisioned, 
     as_role(role)
     ack = allowed(lambda js: js.publish("user.registered", b"{}"))
     assert ack.stream == STREAM
+    # The relay erases a deleted user's messages one by one; the web never deletes anything.
+    delete = (lambda js: js.delete_msg(STREAM, ack.seq))
+    if role == "relay":
+        assert allowed(delete) is True
+    else:
+        assert "stream.msg.delete" in refusal(delete).lower()
     for attempt, subject in [
         (lambda js: fetch_from("players", js), "msg.next.users.players"),
         (lambda js: js.publish("replay.players.user.registered", b"{}"), "replay.players"),
