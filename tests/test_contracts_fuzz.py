@@ -22,7 +22,9 @@ from onboarding.contracts import (
     USERNAME_MAX_LENGTH,
     VERSION_HEADER,
     ContractError,
+    UserDeleted,
     UserRegistered,
+    UserRenamed,
     event_headers,
     parse_event,
 )
@@ -437,3 +439,90 @@ hostile_payloads = st.one_of(
     st.builds(_with_invalid_utf_8, st.integers(0, 4),
               st.sampled_from([b"\xff", b"\xc0\xaf", b"\xed\xa0\x80", b"\xe2\x82", b"\x80"])),
 )
+
+
+# -- user.deleted and user.renamed: the same strictness --------------------------------------------
+
+OTHER_VALID = {
+    UserDeleted: {"userId": VALID["userId"], "deletedAt": "2026-01-02T03:04:05.000006Z"},
+    UserRenamed: {"userId": VALID["userId"], "username": "alicia",
+                  "renamedAt": "2026-01-02T03:04:05Z"},
+}
+other_types = st.sampled_from(sorted(OTHER_VALID, key=lambda t: t.subject))
+
+
+def decode_other(event_type, data: bytes, headers: dict | None = None):
+    """The verdict for ``event_type``'s subject; an accepted event round-trips."""
+    try:
+        event = parse_event(event_type.subject, data, headers)
+    except ContractError:
+        return None
+    assert type(event) is event_type
+    if isinstance(event, UserRenamed):
+        assert "\x00" not in event.username
+        event.username.encode("utf-8")
+    again = parse_event(event_type.subject, event.to_json(),
+                        event_headers(event, event_id=uuid.uuid4()))
+    assert again == event and again.to_json() == event.to_json()
+    return event
+
+
+@fuzz
+@given(event_type=other_types, data=st.binary(max_size=2048))
+def test_other_types_take_arbitrary_bytes(event_type, data):
+    decode_other(event_type, data)
+
+
+@fuzz
+@given(event_type=other_types, value=st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                  max_size=4),
+    max_leaves=12,
+))
+def test_other_types_take_arbitrary_json(event_type, value):
+    decode_other(event_type, json.dumps(value).encode())
+
+
+@fuzz
+@given(event_type=other_types, data=st.data())
+def test_other_types_with_one_field_hostile_or_missing(event_type, data):
+    valid = OTHER_VALID[event_type]
+    field = data.draw(st.sampled_from(sorted(valid)))
+    missing = {k: v for k, v in valid.items() if k != field}
+    assert decode_other(event_type, json.dumps(missing).encode()) is None
+    hostile = {**valid, field: data.draw(st.one_of(hostile_strings(valid[field]), wrong_types()))}
+    event = decode_other(event_type, dump(hostile, ensure_ascii=data.draw(st.booleans())))
+    if event is not None and field != "username":  # the id and the time are exact spellings
+        assert hostile[field] in (valid[field], valid[field].upper()) or field.endswith("At")
+
+
+@fuzz
+@given(event_type=other_types, version=st.sampled_from(["1", "2", "0", " 1", ""]))
+def test_other_types_versions(event_type, version):
+    data = json.dumps(OTHER_VALID[event_type]).encode()
+    assert (decode_other(event_type, data, {VERSION_HEADER: version}) is not None) == (
+        version == "1")
+
+
+def test_a_registration_payload_is_not_a_deletion():
+    """Each subject has its own contract: a payload of one type is refused on another's."""
+    assert decode_other(UserDeleted, json.dumps(VALID).encode()) is None
+    assert decode_other(UserRenamed, json.dumps(VALID).encode()) is None
+    assert decode_other(UserDeleted, json.dumps(OTHER_VALID[UserRenamed]).encode()) is None
+
+
+deleted_events = st.builds(UserDeleted, user_id=st.uuids(), deleted_at=st.datetimes(
+    min_value=dt.datetime(1, 1, 2), max_value=dt.datetime(9999, 12, 30),
+    timezones=st.builds(dt.timezone, offsets)))
+renamed_events = st.builds(UserRenamed, user_id=st.uuids(), username=usernames,
+                           renamed_at=st.datetimes(
+                               min_value=dt.datetime(1, 1, 2), max_value=dt.datetime(9999, 12, 30),
+                               timezones=st.builds(dt.timezone, offsets)))
+
+
+@fuzz
+@given(event=st.one_of(deleted_events, renamed_events))
+def test_other_valid_events_round_trip(event):
+    assert decode_other(type(event), event.to_json(),
+                        event_headers(event, event_id=uuid.uuid4())) == event
