@@ -116,3 +116,34 @@ def test_a_durable_from_an_older_config_is_brought_up_to_date(jetstream):
     assert config.filter_subjects == [
         "user.registered", "user.deleted", "user.renamed", "replay.players.>"]
     assert config.max_deliver == -1
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+def test_a_consumer_on_a_durable_from_before_a_new_event_type_says_so(jetstream, start_consumers,
+                                                                     caplog):
+    """A durable that does not deliver user.deleted would never erase a user there: the
+    consumer says which subjects it misses, and how to fix it, and goes on with the rest."""
+    import logging
+
+    from nats.js.api import ConsumerConfig
+
+    from conftest import wait_until
+    from onboarding.eventbus.nats.provisioning import missing_subjects
+    from onboarding.eventbus.registry import get_consumers
+
+    async def old(js):
+        await js.delete_consumer(settings.NATS_STREAM, "players")
+        await js.add_consumer(settings.NATS_STREAM, ConsumerConfig(
+            durable_name="players", filter_subjects=["user.registered", "replay.players.>"]))
+
+    run_async(old)
+    spec = get_consumers()["players"]
+    assert missing_subjects(spec, ConsumerConfig(filter_subject="user.registered")) == [
+        "user.deleted", "user.renamed", "replay.players.>"]
+    assert missing_subjects(spec, ConsumerConfig()) == []  # no filter: the whole stream
+    caplog.set_level(logging.ERROR, logger="onboarding.eventbus.consumer.runner")
+    start_consumers(["players"])
+    wait_until(lambda: any(
+        "the durable does not deliver user.deleted, user.renamed; run `manage.py "
+        "setup_jetstream`" in record.getMessage() for record in caplog.records),
+        message="the consumer names what its durable misses")

@@ -62,6 +62,7 @@ from onboarding.eventbus.consumer.settling import Counts
 from onboarding.eventbus.consumer.worker import Worker
 from onboarding.eventbus.nats import compat, pull
 from onboarding.eventbus.nats.connection import close, connect
+from onboarding.eventbus.nats.provisioning import missing_subjects
 from onboarding.eventbus.registry import ConsumerSpec
 from onboarding.eventbus.runtime import metrics, pruning
 from onboarding.eventbus.runtime.lifecycle import Backoff, Stopper
@@ -174,6 +175,16 @@ class ConsumerRunner:
                                 "consumer %s: the durable has max_deliver=%s; a message at that "
                                 "limit whose dead letter cannot be stored would be stuck. Run "
                                 "`manage.py setup_jetstream`.", spec.name, info.config.max_deliver,
+                            )
+                        unfiltered = missing_subjects(spec, info.config)
+                        if unfiltered:
+                            # A durable from before a new event type: it never delivers that
+                            # type (a deletion never reaches this service). Loud, not fatal:
+                            # the other events still flow while an operator provisions.
+                            logger.error(
+                                "consumer %s: the durable does not deliver %s; run `manage.py "
+                                "setup_jetstream` to bring it up to date", spec.name,
+                                ", ".join(unfiltered),
                             )
                         psub = await js.pull_subscribe_bind(
                             spec.durable, stream=settings.NATS_STREAM

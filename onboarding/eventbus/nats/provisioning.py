@@ -76,6 +76,17 @@ def consumer_fields(spec: ConsumerSpec) -> dict:
     }
 
 
+def missing_subjects(spec: ConsumerSpec, config) -> list[str]:
+    """The subjects ``spec`` handles that its durable (``config``, a ConsumerConfig) does not
+    deliver: a durable provisioned before a new event type (``setup_jetstream`` adds them)."""
+    delivered = set(config.filter_subjects or ([config.filter_subject]
+                                               if config.filter_subject else []))
+    if not delivered:
+        return []  # no filter: the whole stream
+    return [subject for subject in [*spec.subjects, replay_filter(spec.name)]
+            if subject not in delivered]
+
+
 async def ensure_stream(js) -> Change:
     name = settings.NATS_STREAM
     try:
