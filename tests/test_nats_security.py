@@ -395,3 +395,34 @@ def test_a_client_certificate_is_presented_where_the_server_verifies_clients(tmp
         assert time.monotonic() - started < 5
     finally:
         server.stop()
+
+
+def test_a_relay_that_may_not_delete_messages_ends_and_the_erasure_waits_for_one_that_may(
+    provisioned, as_role, settings
+):
+    """Erasure's unhealthy state: a relay whose NATS user lacks the stream's message delete (an
+    auth.conf from before erasure) publishes the deletion, then is refused the delete. As every
+    refusal does, it ends the relay with one line naming it (retrying cannot help; a relay that
+    went on would look healthy while no user is ever erased from the stream). The erasure stays
+    pending, and the next relay with the permission carries it out."""
+    from accounts.models import User
+    from accounts.services import user_delete
+    from conftest import relay_flush
+    from onboarding.eventbus.models import Erasure
+
+    settings.OUTBOX_PUBLISH_ON_COMMIT = False
+    as_role("web")  # may publish user.>, may not delete a message
+    user = user_register(username="kept", email="kept@example.com", password="x")
+    user_delete(user=User.objects.get(pk=user.pk))
+    with pytest.raises(NatsAccessError) as refused:
+        relay_flush()
+    assert 'permissions violation for publish to "$js.api.stream.msg.delete.users"' in (
+        str(refused.value).lower())
+    assert not OutboxEvent.objects.filter(key=str(user.pk), published_at__isnull=True).exists()
+    assert Erasure.objects.get(key=str(user.pk)).stream_erased_at is None
+    assert OutboxEvent.objects.filter(key=str(user.pk), subject="user.registered").exists()
+
+    as_role("relay")
+    relay_flush()
+    assert Erasure.objects.get(key=str(user.pk)).stream_erased_at is not None
+    assert not OutboxEvent.objects.filter(key=str(user.pk), subject="user.registered").exists()

@@ -240,7 +240,9 @@ class OutboxRelay:
                 deleted = await erase_messages(self._js, work)
                 await self._orm(erasure_done, work=work, deleted=deleted)
                 self.erased += 1
+                metrics.relay_erasure(done=True)
         except Exception as exc:
+            metrics.relay_erasure(done=False)
             logger.warning("relay: erasure failed, retrying on the next round: %s: %s",
                            type(exc).__name__, exc)
 

@@ -103,6 +103,12 @@ RELAY_PUBLISH_FAILED = Counter(
     "onboarding_relay_publish_failed_total",
     "Scanned outbox events whose publish was not acknowledged (they are retried).",
 )
+RELAY_ERASURES = Counter(
+    "onboarding_relay_erasures_total",
+    "Erasures carried out (result: done — the user's earlier messages deleted from the stream "
+    "and their outbox rows and dead letters emptied —, or failed: retried on the next round).",
+    ["result"],
+)
 RELAY_BACKLOG = Gauge(
     "onboarding_relay_backlog_events",
     "Unpublished outbox rows (refreshed on the active relay's scans).",
@@ -255,6 +261,10 @@ def relay_published(count: int, *, path: str) -> None:
 
 def relay_publish_failed(count: int) -> None:
     RELAY_PUBLISH_FAILED.inc(count)
+
+
+def relay_erasure(*, done: bool) -> None:
+    RELAY_ERASURES.labels(result="done" if done else "failed").inc()
 
 
 def relay_backlog(count: int, age: float) -> None:
