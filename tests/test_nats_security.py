@@ -192,7 +192,9 @@ def test_publishers_may_publish_user_events_and_nothing_else(role, provisioned, 
     ack = allowed(lambda js: js.publish("user.registered", b"{}"))
     assert ack.stream == STREAM
     # The relay erases a deleted user's messages one by one; the web never deletes anything.
-    delete = (lambda js: js.delete_msg(STREAM, ack.seq))
+    def delete(js):
+        return js.delete_msg(STREAM, ack.seq)
+
     if role == "relay":
         assert allowed(delete) is True
     else:
