@@ -1,7 +1,7 @@
 from django import forms
 from django.contrib import admin
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
-from django.contrib.auth.forms import AdminUserCreationForm
+from django.contrib.auth.forms import AdminUserCreationForm, UserChangeForm
 from django.urls import NoReverseMatch, reverse
 
 from accounts.models import User
@@ -30,6 +30,25 @@ class UserAddForm(AdminUserCreationForm):
         return email
 
 
+class UserEditForm(UserChangeForm):
+    """The admin's change form, with registration's rules for a new username and e-mail:
+    NFKC, unique case-insensitively (a taken name is a form error, not a failed rename)."""
+
+    def clean_username(self):
+        username = User.normalize_username(self.cleaned_data.get("username") or "")
+        if user_taken_field(username=username, email=None, exclude=self.instance):
+            raise forms.ValidationError("A user with that username already exists.")
+        return username
+
+    def clean_email(self):
+        email = User.objects.normalize_email(self.cleaned_data.get("email") or "")
+        if not email:
+            raise forms.ValidationError("Every account has an e-mail address.")
+        if user_taken_field(username="", email=email, exclude=self.instance) == "email":
+            raise forms.ValidationError("A user with that email already exists.")
+        return email
+
+
 @admin.register(User)
 class UserAdmin(DjangoUserAdmin):
     """Users, made, renamed and erased through the accounts services only, so that every
@@ -37,6 +56,7 @@ class UserAdmin(DjangoUserAdmin):
     (``user.renamed``), Delete and the bulk delete erase (``user.deleted``)."""
 
     add_form = UserAddForm
+    form = UserEditForm
     add_fieldsets = ((None, {"classes": ("wide",), "fields": (
         "username", "email", "usable_password", "password1", "password2")}),)
     list_display = ("username", "email", "short_user_id", "date_joined", "is_active", "is_staff")

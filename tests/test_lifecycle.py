@@ -457,3 +457,38 @@ def test_no_personal_data_is_left_once_every_service_handled_the_deletion(client
     wait_settled()
     assert counts() == complete_count(1)  # the boss's, announced like every account
     assert personal_data_found(name, email) == []
+
+
+def test_the_admin_renames_through_the_service_and_refuses_a_taken_name(client,
+                                                                        start_consumers):
+    from players.models import Player
+
+    start_consumers()
+    User.objects.create_superuser("boss", "boss@example.com", "pw")
+    client.login(username="boss", password="pw")
+    user = user_register(username="sam", email="sam@example.com", password="x")
+    wait_until(lambda: counts() == complete_count(2))
+    page = reverse("admin:accounts_user_change", args=[user.pk])
+
+    def change(**fields):
+        form = client.get(page).context["adminform"].form
+        data = {name: form[name].value() for name in form.fields
+                if form[name].value() is not None and name != "password"}
+        data.update(fields)
+        for name in ("groups", "user_permissions"):
+            data.pop(name, None)
+        now = timezone.localtime(User.objects.get(pk=user.pk).date_joined)
+        data.update({"date_joined_0": now.strftime("%Y-%m-%d"),
+                     "date_joined_1": now.strftime("%H:%M:%S")})
+        return client.post(page, data)
+
+    taken = change(username="BOSS")  # another user's name in another case
+    assert taken.status_code == 200
+    assert "username" in taken.context["adminform"].form.errors
+    assert not OutboxEvent.objects.filter(subject="user.renamed").exists()
+
+    assert change(username="samuel").status_code == 302
+    assert User.objects.get(pk=user.pk).username == "samuel"
+    renamed = OutboxEvent.objects.get(subject="user.renamed")
+    assert renamed.key == str(user.pk) and '"username":"samuel"' in renamed.payload
+    wait_until(lambda: Player.objects.get(user_id=user.pk).username == "samuel")
