@@ -340,3 +340,31 @@ def test_a_stop_is_not_held_up_by_a_handler_that_still_hangs(start_consumers, se
                                for t in threading.enumerate()),
                message="the released thread finished")
     assert counts()["players"] == 0
+
+
+def test_events_of_different_users_commute_and_each_users_order_is_kept():
+    """A mixed batch is one handler call per subject where the users' own orders allow it."""
+    import datetime as dt
+
+    from onboarding.contracts import UserDeleted, UserRenamed
+    from onboarding.eventbus.consumer.inbox import Incoming, handler_runs
+
+    now = dt.datetime.now(dt.UTC)
+    a, b, c = (sample_event(username=name) for name in "abc")
+    ren = {e.username: UserRenamed(user_id=e.user_id, username=e.username + "2", renamed_at=now)
+           for e in (a, b, c)}
+    dele = {e.username: UserDeleted(user_id=e.user_id, deleted_at=now) for e in (a, b, c)}
+    stream = [a, ren["a"], b, dele["a"], c, ren["b"], ren["b"], dele["c"], ren["c"]]
+    items = [Incoming(event, f"e{n}", event.subject, n) for n, event in enumerate(stream)]
+    calls = [(subject, [item.stream_seq for item in run]) for subject, run in handler_runs(items)]
+    assert calls == [
+        ("user.registered", [0, 2, 4]),  # a, b, c registered
+        ("user.renamed", [1, 5, 6]),  # a renamed; b renamed twice, in order
+        ("user.deleted", [7, 3]),  # c deleted; a deleted (after its rename)
+        ("user.renamed", [8]),  # c's rename after its deletion stays after it
+    ]
+    # Each user's events, read off the calls, are in stream order.
+    order = [seq for _, seqs in calls for seq in seqs]
+    for user in (a, b, c):
+        mine = [n for n, event in enumerate(stream) if event.user_id == user.user_id]
+        assert [seq for seq in order if seq in mine] == mine

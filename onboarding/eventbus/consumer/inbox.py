@@ -73,9 +73,8 @@ def process_events(
     The inbox rows and the handlers' rows commit together in the context's own database, so
     after any crash either both exist or neither does. Events already in the inbox, and
     repeats within ``items``, are skipped. The rest reach their handlers in the order of
-    ``items`` (the stream's): consecutive events of one subject go to its handler in one list,
-    and a change of subject starts the next list, so ``[deleted(A), registered(B), deleted(B)]``
-    makes three calls, in that order — never B's registration after its deletion.
+    ``items`` (the stream's) for each key (a user), in as few calls as that allows
+    (:func:`handler_runs`): never B's registration after its deletion.
 
     With a ``gate``, the transaction commits only if the runner has not given up on it
     (:class:`CommitGate`); otherwise it rolls back with :class:`Abandoned`.
@@ -93,7 +92,7 @@ def process_events(
             applied.append(is_new)
             if is_new:
                 fresh.append(item)
-        for subject, run in itertools.groupby(fresh, key=lambda item: item.subject):
+        for subject, run in handler_runs(fresh):
             handler = spec.handler_for(subject)
             if handler is None:
                 raise PermanentError(f"consumer {spec.name} has no handler for {subject}")
@@ -101,6 +100,45 @@ def process_events(
         if gate is not None and not gate.commit():
             raise Abandoned(f"consumer {spec.name}: the runner gave up on this transaction")
     return applied
+
+
+def handler_runs(items: list[Incoming]) -> list[tuple[str, list[Incoming]]]:
+    """The handler calls for ``items``, as ``(subject, items)``: each key's (user's) events in
+    stream order, in as few calls as that order allows.
+
+    Events of different keys commute (every handler's rows are keyed by the user), so only a
+    key's own changes of subject force a new call: an event goes to phase *n*, where *n* counts
+    the changes of subject among its key's earlier events in ``items``, and each phase makes one
+    call per subject. A mixed batch of 100 events of 100 users is one call per subject, where
+    cutting at every change of subject in the batch made dozens (measured: the mixed drain ran at
+    40% of the registrations' rate). ``[deleted(A), registered(B), deleted(B)]`` is still three
+    calls: deleted [A] and registered [B], then deleted [B]. An event without a ``key`` keeps the
+    stricter order: a new call at every change of subject in the batch.
+    """
+    keys = [getattr(item.event, "key", None) for item in items]
+    if None in keys:
+        return [(subject, list(run))
+                for subject, run in itertools.groupby(items, key=lambda item: item.subject)]
+    phases: list[dict[str, list[Incoming]]] = []
+    last: dict[str, tuple[int, str]] = {}  # key -> (its phase, its subject) so far
+    for item, key in zip(items, keys, strict=True):
+        phase, subject = last.get(key, (-1, None))
+        if subject != item.subject:
+            phase += 1
+        last[key] = (phase, item.subject)
+        if phase == len(phases):
+            phases.append({})
+        phases[phase].setdefault(item.subject, []).append(item)
+    runs: list[tuple[str, list[Incoming]]] = []
+    for phase in phases:
+        for subject, run in phase.items():
+            if runs and runs[-1][0] == subject:
+                # The last call of one phase and the first of the next share a subject: one
+                # call. Every key in the later phase had its earlier events in earlier calls.
+                runs[-1][1].extend(run)
+            else:
+                runs.append((subject, run))
+    return runs
 
 
 INBOX_CHUNK = 500  # rows per inbox statement: 2,500 parameters
