@@ -492,3 +492,35 @@ def test_the_admin_renames_through_the_service_and_refuses_a_taken_name(client,
     renamed = OutboxEvent.objects.get(subject="user.renamed")
     assert renamed.key == str(user.pk) and '"username":"samuel"' in renamed.payload
     wait_until(lambda: Player.objects.get(user_id=user.pk).username == "samuel")
+
+
+def test_a_service_that_fails_on_the_deletion_keeps_it_open_and_a_replay_erases(
+    start_consumers, monkeypatch
+):
+    """The deletion's own dead letter holds no personal data and is what that service still
+    has to do: the erasure neither empties nor closes it, and its replay erases the user."""
+    import buildings.consumers
+    from onboarding.eventbus import PermanentError
+
+    start_consumers()
+    user = user_register(username="stuck", email="stuck@example.com", password="x")
+    wait_until(lambda: counts() == complete_count(1))
+
+    def refuse(**kwargs):
+        raise PermanentError("the warehouse is locked")
+
+    monkeypatch.setattr(buildings.consumers, "buildings_erase", refuse)
+    user_delete(user=user)
+    wait_until(lambda: DeadLetter.objects.filter(consumer="buildings",
+                                                 subject="user.deleted").exists())
+    wait_until(lambda: Erasure.objects.filter(stream_erased_at__isnull=False).exists())
+    letter = DeadLetter.objects.get(consumer="buildings", subject="user.deleted")
+    assert letter.discarded_at is None and letter.resolved_at is None
+    assert str(user.pk) in bytes(letter.payload).decode()
+    assert counts()["buildings"] == complete_count(1)["buildings"]  # not erased there yet
+
+    monkeypatch.undo()
+    assert dead_letters_replay(letters=[letter]) == 1
+    wait_until(lambda: erased_everywhere(user.pk), message="the replay erased buildings' rows")
+    wait_until(lambda: DeadLetter.objects.get(pk=letter.pk).resolved_at is not None)
+    assert counts() == NONE

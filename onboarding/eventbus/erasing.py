@@ -90,25 +90,41 @@ ERASED_PAYLOAD = b""
 ERASED_MESSAGE = "(erased with its user)"
 
 
-def dead_letters_erase(*, user_id: str) -> int:
+def dead_letters_erase(*, user_id: str, erasing_event_id: str | None = None) -> int:
     """Empty the dead letters of an erased user and discard the open ones: no replay can bring
-    the user back, and no copy of their data stays. Returns how many there were."""
+    the user back, and no copy of their data stays. Returns how many there were.
+
+    The erasing event's own letters (a service that failed on the deletion) stay as they are:
+    they hold no personal data, and they must stay open to be replayed: that service has yet to
+    erase the user."""
     from django.utils import timezone
 
     from onboarding.eventbus.models import DEAD_LETTER_DATABASE, DeadLetter
 
     letters = DeadLetter.objects.using(DEAD_LETTER_DATABASE).filter(user_id=user_id)
+    if erasing_event_id:
+        letters = letters.exclude(event_id=str(erasing_event_id))
     now = timezone.now()
     letters.filter(discarded_at__isnull=True, resolved_at__isnull=True).update(
         discarded_at=now, discarded_by="erasure", discard_reason="its user was erased")
     return letters.update(payload=ERASED_PAYLOAD, error_message=ERASED_MESSAGE)
 
 
-def is_erased(*, key: str) -> bool:
-    """Whether the event bus was asked to erase ``key`` (an erasure is pending or done)."""
+def is_erased(*, key: str, event_id: str | None = None) -> bool:
+    """Whether the event bus was asked to erase ``key`` (an erasure is pending or done); with
+    ``event_id``, whether that event is one the erasure removes: any of the key's events but
+    the erasing one (the deletion a service failed on must stay replayable)."""
     from onboarding.eventbus.models import OUTBOX_DATABASE, Erasure
 
-    return bool(key) and Erasure.objects.using(OUTBOX_DATABASE).filter(key=key).exists()
+    if not key:
+        return False
+    erasures = Erasure.objects.using(OUTBOX_DATABASE).filter(key=key)
+    if event_id:
+        try:
+            erasures = erasures.exclude(event_id=uuid.UUID(str(event_id)))
+        except ValueError:
+            pass  # not an event id of ours: never the erasing event
+    return erasures.exists()
 
 
 def ledger_record(messages: Iterable[tuple[str, str, int, str, str]]) -> None:

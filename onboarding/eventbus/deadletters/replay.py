@@ -49,7 +49,9 @@ def dead_letters_replay(*, letters: list[DeadLetter]) -> int:
     before a failure are counted and marked.
     """
     # An erased user's dead letters hold nothing to send, and must bring no one back.
-    letters = [letter for letter in letters if not is_erased(key=letter.user_id)]
+    # The deletion itself is not: a service that failed on it has yet to erase the user.
+    letters = [letter for letter in letters
+               if not is_erased(key=letter.user_id, event_id=letter.event_id)]
     if not letters:
         return 0
     replayed: list[int] = []

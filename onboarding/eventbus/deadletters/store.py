@@ -88,7 +88,7 @@ def dead_letter_store(
             letter.save(using=DEAD_LETTER_DATABASE, update_fields=[*fields])
             return letter
     user_id = storable(payload_user_id(payload))
-    if is_erased(key=user_id):
+    if is_erased(key=user_id, event_id=event_id):
         # The user was erased meanwhile (a consumer that was down failed on their older event):
         # what is kept is what an erasure leaves of a dead letter, closed.
         payload = ERASED_PAYLOAD

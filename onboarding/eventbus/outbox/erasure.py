@@ -39,6 +39,7 @@ class ErasureWork:
 
     erasure_id: int
     key: str
+    event_id: str  # the erasing event's
     messages: tuple[tuple[str, int], ...]  # (stream, sequence)
     outbox_rows: tuple[int, ...]
     ledger_rows: tuple[int, ...]
@@ -75,7 +76,7 @@ def erasures_due(*, limit: int = 50) -> list[ErasureWork]:
         messages = {(settings.NATS_STREAM, seq) for _, _, seq, _, _ in earlier if seq}
         messages |= {(stream, seq) for _, stream, seq in ledger}
         found.append(ErasureWork(
-            erasure.id, erasure.key, tuple(sorted(messages)),
+            erasure.id, erasure.key, str(erasure.event_id), tuple(sorted(messages)),
             tuple(row[0] for row in earlier), tuple(row[0] for row in ledger),
         ))
     return found
@@ -85,7 +86,7 @@ def erasure_done(*, work: ErasureWork, deleted: int) -> None:
     """Its messages are off the stream: delete the rows that pointed at them, empty the key's
     dead letters (``dead_letters_erase``: one failing later is emptied as it is stored), note
     the time."""
-    dead_letters_erase(user_id=work.key)
+    dead_letters_erase(user_id=work.key, erasing_event_id=work.event_id)
     with transaction.atomic(using=OUTBOX_DATABASE):
         OutboxEvent.objects.using(OUTBOX_DATABASE).filter(id__in=work.outbox_rows).delete()
         PublishedMessage.objects.using(OUTBOX_DATABASE).filter(id__in=work.ledger_rows).delete()
