@@ -1,9 +1,10 @@
 from django.conf import settings
 from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied
 from django.http import HttpResponseNotAllowed, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
-from django.urls import path, reverse
+from django.urls import NoReverseMatch, path, reverse
 from django.utils.html import format_html
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.generic import RedirectView
@@ -13,10 +14,13 @@ from onboarding.eventbus.deadletters.replay import dead_letters_replay
 from onboarding.eventbus.deadletters.store import dead_letter_state, dead_letters_discard
 from onboarding.eventbus.models import (
     DEAD_LETTER_DATABASE,
+    OUTBOX_DATABASE,
     DeadLetter,
+    Erasure,
     OutboxEvent,
     ProcessedEvent,
 )
+from onboarding.eventbus.ops.story import UserStoryError, user_story
 from onboarding.eventbus.outbox.store import outbox_requeue
 
 
@@ -248,3 +252,76 @@ class ProcessedEventAdmin(ReadOnlyAdmin):
             consumer = next(iter(settings.CONTEXT_DATABASES))
         alias = settings.CONTEXT_DATABASES[consumer]
         return super().get_queryset(request).using(alias).filter(consumer=consumer)
+
+
+class StreamErasedFilter(admin.SimpleListFilter):
+    title = "stream"
+    parameter_name = "stream"
+
+    def lookups(self, request, model_admin):
+        return [("erased", "Erased from the stream"), ("pending", "Waiting for the relay")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "erased":
+            return queryset.filter(stream_erased_at__isnull=False)
+        if self.value() == "pending":
+            return queryset.filter(stream_erased_at__isnull=True)
+        return queryset
+
+
+def _change_url(label: str, pk) -> str | None:
+    app_label, model_name = label.split(".")
+    try:
+        return reverse(f"admin:{app_label}_{model_name}_change", args=[pk])
+    except NoReverseMatch:  # a model the admin does not show
+        return None
+
+
+@admin.register(Erasure)
+class ErasureAdmin(ReadOnlyAdmin):
+    """Deleted users. Their accounts row is gone, so the accounts user page cannot tell their
+    erasure: each row's page does, per service (``onboarding_status --user``'s story: erased,
+    or pending behind its durable, or dead-lettered). Read-only: ``user_delete`` writes them and
+    the relay completes them."""
+
+    list_display = ("user_id", "requested_at", "stream_erased", "stream_erased_at",
+                    "messages_deleted")
+    list_filter = (StreamErasedFilter, "requested_at")
+    search_fields = ("=key",)  # the whole user id: the key is unique, so indexed
+    readonly_fields = [f.name for f in Erasure._meta.fields]
+    date_hierarchy = "requested_at"
+
+    @admin.display(description="user id", ordering="key")
+    def user_id(self, obj):
+        return obj.key
+
+    @admin.display(description="stream erased", boolean=True, ordering="stream_erased_at")
+    def stream_erased(self, obj):
+        return obj.stream_erased_at is not None
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        erasure = self.get_object(request, unquote(object_id))
+        # Told only to whom may see the page (the admin refuses the others next), and only for
+        # a row that exists (the admin says so of the others).
+        if erasure is not None and self.has_view_or_change_permission(request, erasure):
+            extra_context = {**(extra_context or {}), **self._story_context(erasure)}
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    @staticmethod
+    def _story_context(erasure) -> dict:
+        """The user's erasure story, as ``onboarding_status --user`` tells it, with links to
+        what it names in the admin (records a service still holds, dead letters)."""
+        try:
+            story = user_story(user_id=erasure.key)
+        except UserStoryError as exc:
+            return {"story_error": str(exc)}
+        for service in story["services"].values():
+            for record in service["records"]:
+                record["admin_url"] = _change_url(record["model"], record["id"])
+            for letter in service["dead_letters"]:
+                letter["admin_url"] = reverse("admin:eventbus_deadletter_change",
+                                              args=[letter["id"]])
+        return {"story": story, "copyable_user_id": copyable_id(erasure.key, short=False)}
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).using(OUTBOX_DATABASE)
