@@ -1,4 +1,5 @@
-"""Reconciliation: which registered users lack a service's defaults, and the events that repair it.
+"""Reconciliation: which registered users lack a service's defaults, which rows belong to no user,
+and the events that repair both.
 
 The accounts database is the source of truth for who registered — not the stream, whose history
 ends at ``NATS_STREAM_MAX_AGE`` and which says nothing about defaults lost *after* an event was
@@ -19,6 +20,15 @@ The repair of (service, user) is the user's ``user.registered`` rebuilt from the
 ``accounts.services.user_registered_event`` (the builder registration uses) and addressed to that
 service alone (``onboarding.eventbus.deadletters.redelivery``). Its event id — ``Event-Id`` and
 ``Nats-Msg-Id`` — is :func:`repair_event_id`.
+
+Orphans, the other way round: rows a service holds for a user id the users table does not have
+(left by deletions made before ``user.deleted`` existed, or by a registration whose user is gone).
+Each service's ``USERS`` selector pages through the ids it holds, ``chunk_size`` at a time by
+keyset on ``user_id``, and each page is checked against the users table in one query. The repair
+of an orphan (service, user) is a ``user.deleted`` addressed to that service alone: it erases the
+rows and keeps a tombstone there, so no later ``user.registered`` (a replay, an earlier repair)
+brings them back. A user whose deletion accounts announced less than ``min_age`` ago is no orphan
+yet: that ``user.deleted`` may still be on its way.
 """
 
 from __future__ import annotations
@@ -36,7 +46,10 @@ from django.db import connections
 
 from accounts.models import User
 from accounts.services import user_registered_event
+from onboarding.contracts import UserDeleted
 from onboarding.eventbus.deadletters.redelivery import Redelivery, redeliver, redeliveries_record
+from onboarding.eventbus.ids import uuid7
+from onboarding.eventbus.models import OUTBOX_DATABASE, Erasure
 from onboarding.eventbus.nats.connection import session
 from onboarding.eventbus.registry import get_consumers
 from onboarding.readiness import onboarding_readiness
@@ -150,17 +163,98 @@ def repairs_for(
 
 
 @dataclass
+class OrphanPage:
+    """One page of the users a service holds rows of, and those of them that are orphans."""
+
+    service: str
+    held: list[uuid.UUID]
+    orphans: list[uuid.UUID]
+
+
+def erasures_announced(*, user_ids: list[uuid.UUID], after: dt.datetime) -> set[uuid.UUID]:
+    """Those of ``user_ids`` whose ``user.deleted`` accounts wrote after ``after`` (its outbox
+    keeps an ``Erasure`` per erased user): their rows are expected to go, shortly."""
+    keys = Erasure.objects.using(OUTBOX_DATABASE).filter(
+        key__in=[str(user_id) for user_id in user_ids], requested_at__gt=after,
+    ).values_list("key", flat=True)
+    return {uuid.UUID(key) for key in keys}
+
+
+def orphan_scan(
+    *, services: list[str], until: dt.datetime, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Iterator[OrphanPage]:
+    """Per service that declares ``USERS`` and per page of the users it holds rows of, those
+    the users table does not have: orphans.
+
+    Each page costs one query on the service's database (its ``USERS`` selector, keyset on
+    ``user_id``) and one on the accounts database (the page's ids against the users table),
+    whatever the tables' sizes; a page that finds ids unknown costs one more, on the outbox,
+    to leave out users erased after ``until`` (their ``user.deleted`` may still be on its way,
+    as a registration younger than the grace may be). The service is read before accounts: a
+    service makes a user's rows only once the user has committed, so an id accounts lacks when
+    asked after is gone, never a registration still on its way.
+    """
+    consumers = get_consumers()
+    for service in services:
+        select = consumers[service].users
+        if select is None:
+            continue
+        after = None
+        while True:
+            held = list(select(after=after, limit=chunk_size))
+            if held:
+                known = set(User.objects.filter(pk__in=held).values_list("pk", flat=True))
+                unknown = [user_id for user_id in held if user_id not in known]
+                if unknown:
+                    erasing = erasures_announced(user_ids=unknown, after=until)
+                    unknown = [user_id for user_id in unknown if user_id not in erasing]
+                yield OrphanPage(service, held, unknown)
+            if len(held) < chunk_size:
+                break
+            after = held[-1]
+
+
+def orphan_repairs(page: OrphanPage, *, now: dt.datetime) -> list[Redelivery]:
+    """The redeliveries that erase a page's orphans: a ``user.deleted`` per orphan, to the
+    service holding it alone.
+
+    Each under a fresh event id (``uuid7``, as the outbox gives its events), not a
+    per-window one as a ``user.registered`` repair: erasing is idempotent whatever arrives (the
+    rows are gone, the first tombstone stays), so a copy needs no deduplication, and a fresh id
+    is never skipped by the inbox, whatever came before. A second ``--repair`` before the
+    consumer caught up stores a second copy, which then erases nothing.
+    """
+    return [
+        Redelivery(
+            consumer=page.service,
+            event=UserDeleted(user_id=user_id, deleted_at=now),
+            event_id=str(uuid7()),
+        )
+        for user_id in page.orphans
+    ]
+
+
+@dataclass
 class ServiceTotals:
     missing: int = 0
     repaired: int = 0  # stored by JetStream for the consumer
     already_sent: int = 0  # dropped by JetStream: the same repair is already in the stream
     listed: list[tuple[str, str]] = field(default_factory=list)  # (user id, username)
+    # Users the service holds rows of; None: it declares no USERS, orphans are not searched.
+    held: int | None = None
+    orphans: int = 0
+    erased: int = 0  # user.deleted sent for orphans, acknowledged by JetStream
+    orphans_listed: list[str] = field(default_factory=list)  # user ids
 
 
 class Totals:
     def __init__(self, services: list[str]) -> None:
         self.checked = 0
-        self.services = {name: ServiceTotals() for name in services}
+        consumers = get_consumers()
+        self.services = {
+            name: ServiceTotals(held=None if consumers[name].users is None else 0)
+            for name in services
+        }
 
     def add(self, result: ChunkResult) -> None:
         self.checked += len(result.users)
@@ -170,10 +264,19 @@ class Totals:
             room = LISTED_PER_SERVICE - len(totals.listed)
             totals.listed += [(str(user.pk), user.username) for user in users[:max(room, 0)]]
 
+    def add_orphans(self, page: OrphanPage) -> None:
+        totals = self.services[page.service]
+        totals.held = (totals.held or 0) + len(page.held)
+        totals.orphans += len(page.orphans)
+        room = LISTED_PER_SERVICE - len(totals.orphans_listed)
+        totals.orphans_listed += [str(user_id) for user_id in page.orphans[:max(room, 0)]]
+
     def sent(self, repairs, stored: list[bool]) -> None:
         for repair, was_stored in zip(repairs, stored, strict=True):
             totals = self.services[repair.consumer]
-            if was_stored:
+            if isinstance(repair.event, UserDeleted):
+                totals.erased += 1  # a fresh id each: never dropped as a duplicate
+            elif was_stored:
                 totals.repaired += 1
             else:
                 totals.already_sent += 1
@@ -190,13 +293,45 @@ class Totals:
     def already_sent(self) -> int:
         return sum(t.already_sent for t in self.services.values())
 
+    @property
+    def orphans(self) -> int:
+        return sum(t.orphans for t in self.services.values())
+
+    @property
+    def erased(self) -> int:
+        return sum(t.erased for t in self.services.values())
+
     def sent_so_far(self) -> str:
         """What a repair that failed had sent before, for its error message."""
         return (
             f"{self.repaired} repair(s) sent and acknowledged before it"
             + (f" ({self.already_sent} already in the stream)" if self.already_sent else "")
+            + (f", and {self.erased} erasure(s) of orphans" if self.erased else "")
             + "; run it again: repairs are idempotent"
         )
+
+
+def reconcile_steps(
+    totals: Totals,
+    *,
+    since: dt.datetime | None,
+    until: dt.datetime,
+    chunk_size: int,
+    repair: bool,
+    force: bool,
+    now: dt.datetime,
+) -> Iterator[list[Redelivery]]:
+    """Both directions, a chunk at a time: each step adds a chunk of users (then, service by
+    service, a page of the users a service holds) into ``totals`` and yields the redeliveries
+    that repair it (none without ``repair``). Uses the ORM: run it where the ORM may run."""
+    services = list(totals.services)
+    for result in reconcile_scan(services=services, since=since, until=until,
+                                 chunk_size=chunk_size):
+        totals.add(result)
+        yield repairs_for(result, now=now, force=force) if repair else []
+    for page in orphan_scan(services=services, until=until, chunk_size=chunk_size):
+        totals.add_orphans(page)
+        yield orphan_repairs(page, now=now) if repair else []
 
 
 def reconcile_run(
@@ -210,9 +345,12 @@ def reconcile_run(
     now: dt.datetime,
     on_chunk: Callable[[Totals], None] | None = None,
 ) -> Totals:
-    """Check every user registered in ``[since, until]`` against ``totals``' services, adding
-    up into ``totals`` (``on_chunk(totals)`` after each chunk: a progress bar); with ``repair``,
-    re-deliver each missing (service, user)'s event to that service alone.
+    """Check every user registered in ``[since, until]`` against ``totals``' services, then
+    search each of those services for orphans (whenever their users registered: the users table
+    has no date for them), adding up into ``totals`` (``on_chunk(totals)`` after each chunk or
+    page: a progress bar); with ``repair``, re-deliver each missing (service, user)'s
+    ``user.registered``, and a ``user.deleted`` for each orphan (service, user), to that service
+    alone.
 
     Repairing, the scan runs on one worker thread (the ORM may not run on the event loop) and
     publishing on the loop; NATS is connected on the first chunk that needs a repair, with this
@@ -220,11 +358,10 @@ def reconcile_run(
     ``NatsAccessError``, ``TimeoutError`` or ``RedeliveryError`` if a repair cannot be sent;
     ``totals`` then says what was sent before (:meth:`Totals.sent_so_far`).
     """
-    scan = reconcile_scan(services=list(totals.services), since=since, until=until,
-                          chunk_size=chunk_size)
+    steps = reconcile_steps(totals, since=since, until=until, chunk_size=chunk_size,
+                            repair=repair, force=force, now=now)
     if not repair:
-        for result in scan:
-            totals.add(result)
+        for _ in steps:
             if on_chunk:
                 on_chunk(totals)
         return totals
@@ -235,11 +372,9 @@ def reconcile_run(
         async with contextlib.AsyncExitStack() as stack:
             nc = js = None
             while True:
-                result = await loop.run_in_executor(executor, next, scan, None)
-                if result is None:
+                repairs = await loop.run_in_executor(executor, next, steps, None)
+                if repairs is None:
                     break
-                totals.add(result)
-                repairs = repairs_for(result, now=now, force=force)
                 if repairs:
                     if js is None:
                         nc = await stack.enter_async_context(
@@ -268,7 +403,8 @@ def _iso(value: dt.datetime | None) -> str | None:
 
 def reconcile_report(totals: Totals, *, since: dt.datetime | None, until: dt.datetime,
                      min_age: float, repair: bool) -> dict:
-    """What a run found, as ``reconcile --json`` prints it."""
+    """What a run found, as ``reconcile --json`` prints it. ``complete``: no checked user lacks
+    defaults; ``orphans``: rows of unknown users, across the services (either makes exit 1)."""
     return {
         "checked": totals.checked,
         "since": _iso(since),
@@ -276,6 +412,7 @@ def reconcile_report(totals: Totals, *, since: dt.datetime | None, until: dt.dat
         "min_age": min_age,
         "repair": repair,
         "complete": totals.missing == 0,
+        "orphans": totals.orphans,
         "services": {
             name: {
                 "checked": totals.checked,
@@ -286,6 +423,11 @@ def reconcile_report(totals: Totals, *, since: dt.datetime | None, until: dt.dat
                     {"userId": user_id, "username": username} for user_id, username in t.listed
                 ],
                 "missing_users_truncated": t.missing > len(t.listed),
+                "held": t.held,
+                "orphans": t.orphans,
+                "erased": t.erased,
+                "orphan_users": [{"userId": user_id} for user_id in t.orphans_listed],
+                "orphan_users_truncated": t.orphans > len(t.orphans_listed),
             }
             for name, t in totals.services.items()
         },

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import uuid
 from io import StringIO
 
 import pytest
@@ -15,15 +16,15 @@ from django.db import connections
 from django.test.utils import CaptureQueriesContext
 
 from accounts.models import User
-from accounts.reconcile import reconcile_scan, repair_event_id, user_chunks
-from accounts.services import user_register, user_registered_event
+from accounts.reconcile import orphan_scan, reconcile_scan, repair_event_id, user_chunks
+from accounts.services import user_delete, user_register, user_registered_event
 from buildings.models import Building
 from conftest import run_async, wait_settled, wait_until
-from onboarding.eventbus.models import ProcessedEvent
+from onboarding.eventbus.models import ProcessedEvent, PublishedMessage, Tombstone
 from onboarding.eventbus.registry import get_consumers
 from players.models import Player
 from progression.models import MetaProgression
-from tests.flow import assert_defaults, complete_count, counts
+from tests.flow import assert_defaults, complete_count, counts, sample_event
 
 
 def reconcile(*args) -> tuple[int, str]:
@@ -68,6 +69,29 @@ def set_up_everywhere(users: list[User]) -> None:
     events = [user_registered_event(user=user) for user in users]
     for spec in get_consumers().values():
         spec.handler_for(events[0].subject)(events)
+
+
+def make_orphans(n: int, services: list[str]) -> list[uuid.UUID]:
+    """Rows in ``services`` for ``n`` user ids accounts never had: each context's own
+    ``user.registered`` handler, called directly (as a registration whose user is gone left
+    them). Sorted, as reconcile lists them."""
+    user_ids = sorted(uuid.uuid4() for _ in range(n))
+    events = [sample_event(user_id=user_id, username=f"orphan-{user_id.hex[:8]}")
+              for user_id in user_ids]
+    consumers = get_consumers()
+    for service in services:
+        consumers[service].handler_for("user.registered")(events)
+    return user_ids
+
+
+def tombstones(service: str) -> set[uuid.UUID]:
+    spec = get_consumers()[service]
+    return set(Tombstone.objects.using(spec.database).filter(context=service)
+               .values_list("user_id", flat=True))
+
+
+def orphan_counts(report: dict) -> dict[str, int]:
+    return {name: s["orphans"] for name, s in report["services"].items()}
 
 
 # -- the flow, with consumers running ---------------------------------------------------------
@@ -185,6 +209,105 @@ class TestWithConsumers:
             "players": 0, "characters": 0, "progression": 3, "buildings": 0}
         assert reconcile()[0] == 0
 
+    def test_orphans_are_named_then_erased_in_the_services_holding_them_only(
+        self, start_consumers
+    ):
+        running = start_consumers()
+        (user,) = register_users(1, "kept")
+        wait_until(lambda: counts() == complete_count(1), message="all defaults")
+        wait_settled()
+        both = make_orphans(1, ["players", "buildings"])[0]
+        buildings_only = make_orphans(1, ["buildings"])[0]
+        processed_before = dict(running.runner.processed)
+
+        code, output = reconcile()
+        assert code == 1, output
+        assert f"players: orphan rows of 1 user(s) accounts does not know:\n  {both}\n" in output
+        assert ("buildings: orphan rows of 2 user(s) accounts does not know:\n"
+                f"  {min(both, buildings_only)}\n  {max(both, buildings_only)}\n") in output
+        assert "orphans: players 1, buildings 2. `manage.py reconcile --repair`" in output
+        assert "nothing missing" not in output and "missing defaults" not in output
+        code, report = reconcile_json()
+        assert code == 1
+        assert report["complete"] is True and report["orphans"] == 3  # nobody lacks defaults
+        assert orphan_counts(report) == {
+            "players": 1, "characters": 0, "progression": 0, "buildings": 2}
+        assert {n: s["held"] for n, s in report["services"].items()} == {
+            "players": 2, "characters": 1, "progression": 1, "buildings": 3}
+        assert report["services"]["players"]["orphan_users"] == [{"userId": str(both)}]
+        assert report["services"]["players"]["orphan_users_truncated"] is False
+
+        code, output = reconcile("--repair")
+        assert code == 0, output
+        assert "Sent user.deleted for them (3 event(s)) to those services only" in output
+        wait_until(lambda: counts() == complete_count(1), message="orphans erased")
+        wait_settled()
+        assert_defaults(user.id, "kept0")
+        processed = running.runner.processed
+        assert {n: processed[n] - processed_before[n] for n in processed} == {
+            "players": 1, "characters": 0, "progression": 0, "buildings": 2}
+        subjects = stream_subjects()
+        assert subjects["replay.players.user.deleted"] == 1
+        assert subjects["replay.buildings.user.deleted"] == 2
+        assert not any(s.startswith(("replay.characters", "replay.progression")) for s in subjects)
+        assert "user.deleted" not in subjects  # nothing broadcast
+        assert tombstones("players") == {both}
+        assert tombstones("buildings") == {both, buildings_only}
+        assert tombstones("characters") == tombstones("progression") == set()
+        # The copies are in the ledger, under their user: an erasure of the key deletes them.
+        assert sorted(PublishedMessage.objects.filter(subject__endswith="user.deleted")
+                      .values_list("key", "subject")) == sorted([
+                          (str(both), "replay.players.user.deleted"),
+                          (str(both), "replay.buildings.user.deleted"),
+                          (str(buildings_only), "replay.buildings.user.deleted")])
+
+        code, output = reconcile()
+        assert code == 0, output
+        assert "nothing missing, no orphans" in output
+        # The tombstones keep them gone: a late user.registered for them creates nothing.
+        get_consumers()["players"].handler_for("user.registered")(
+            [sample_event(user_id=both, username="late")])
+        assert not Player.objects.filter(user_id=both).exists()
+        assert reconcile()[0] == 0
+
+    def test_an_orphan_on_a_service_whose_consumer_is_down_is_erased_when_it_comes_back(
+        self, start_consumers
+    ):
+        running = start_consumers()
+        gone, kept = register_users(2, "raw")
+        wait_until(lambda: counts() == complete_count(2), message="all defaults")
+        wait_settled()
+        running.stop()
+        # Deleted behind the service's back (as before user.deleted existed): no event, and
+        # every service keeps the user's rows.
+        User.objects.filter(pk=gone.pk).delete()
+        others = start_consumers(["characters", "progression", "buildings"])
+
+        code, report = reconcile_json()
+        assert code == 1 and orphan_counts(report) == {
+            "players": 1, "characters": 1, "progression": 1, "buildings": 1}
+        code, report = reconcile_json("--repair")
+        assert code == 0 and {n: s["erased"] for n, s in report["services"].items()} == {
+            "players": 1, "characters": 1, "progression": 1, "buildings": 1}
+        wait_until(lambda: counts() == {**complete_count(1), "players": 2},
+                   message="erased where the consumers run")
+        wait_settled(["characters", "progression", "buildings"])
+        assert others.runner.processed == {"characters": 1, "progression": 1, "buildings": 1}
+        # players' copy waits on the stream for its consumer; until then, still an orphan there.
+        code, report = reconcile_json()
+        assert code == 1 and orphan_counts(report) == {
+            "players": 1, "characters": 0, "progression": 0, "buildings": 0}
+        assert report["services"]["players"]["orphan_users"] == [{"userId": str(gone.pk)}]
+
+        late = start_consumers(["players"])
+        wait_until(lambda: counts() == complete_count(1), message="player erased on return")
+        wait_settled(["players"])
+        assert late.runner.processed == {"players": 1}
+        assert not Player.objects.filter(user_id=gone.pk).exists()
+        assert_defaults(kept.id, "raw1")
+        assert tombstones("players") == {gone.pk}
+        assert reconcile()[0] == 0
+
     def test_repair_fails_clearly_when_nats_cannot_be_reached(self, monkeypatch):
         (user,) = register_users(1, "refused")
         set_up_everywhere([user])
@@ -280,3 +403,62 @@ class TestReportOnly:
                                        now=now + dt.timedelta(seconds=1))
         assert same != repair_event_id(service="buildings", user_id=user.pk, now=now)
         assert same != repair_event_id(service="players", user_id=user.pk, now=now + window)
+
+    def test_orphans_are_searched_in_keyset_pages(self):
+        """Every service's users paged ``--chunk-size`` at a time by keyset on user_id: one
+        query on the service's database and one on the users table per page, each LIMITed or
+        bounded by the page's ids, none with OFFSET; the orphans counted whole, named bounded."""
+        users = register_users(7, "paged")
+        set_up_everywhere(users)
+        orphans = make_orphans(11, ["players"])
+        until = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1)
+
+        aliases = {"default", *settings.CONTEXT_DATABASES.values()}
+        with contextlib.ExitStack() as stack:
+            captured = {a: stack.enter_context(CaptureQueriesContext(connections[a]))
+                        for a in aliases}
+            pages = list(orphan_scan(services=list(get_consumers()), until=until, chunk_size=5))
+        # players holds 18 users (5, 5, 5, 3), each other service 7 (5, 2).
+        assert [(p.service, len(p.held)) for p in pages] == [
+            ("players", 5), ("players", 5), ("players", 5), ("players", 3),
+            ("characters", 5), ("characters", 2), ("progression", 5), ("progression", 2),
+            ("buildings", 5), ("buildings", 2)]
+        assert [u for p in pages if p.service == "players" for u in p.held] == sorted(
+            [u.pk for u in users] + orphans)
+        assert [u for p in pages for u in p.orphans] == orphans
+        queries = [q["sql"] for c in captured.values() for q in c.captured_queries]
+        user_queries = [q for q in queries if "accounts_user" in q]
+        assert len(user_queries) == len(pages), user_queries
+        assert all("LIMIT" not in q and "OFFSET" not in q for q in user_queries)
+        held_queries = [q for a, c in captured.items() if a != "default"
+                        for q in (q["sql"] for q in c.captured_queries)]
+        assert len(held_queries) == len(pages), held_queries
+        assert all("LIMIT 5" in q and "OFFSET" not in q for q in held_queries)
+
+        code, report = reconcile_json("--chunk-size", "5")
+        assert code == 1 and report["orphans"] == 11 and report["complete"] is True
+        assert report["services"]["players"]["held"] == 18
+        assert report["services"]["players"]["orphan_users"] == [
+            {"userId": str(u)} for u in orphans]
+        code, output = reconcile("--chunk-size", "5")
+        assert code == 1
+        listed = "".join(f"  {u}\n" for u in orphans[:10])
+        assert (f"players: orphan rows of 11 user(s) accounts does not know:\n{listed}"
+                "  … and 1 more (--json lists 50 per service)\n") in output
+        # --service searches that service only; --since does not limit the search.
+        code, report = reconcile_json("--service", "buildings")
+        assert code == 0 and list(report["services"]) == ["buildings"]
+        assert report["orphans"] == 0
+        code, report = reconcile_json("--since", "2999-01-01")
+        assert code == 1 and report["checked"] == 0 and report["orphans"] == 11
+
+    def test_a_deletion_still_on_its_way_is_no_orphan_within_the_grace(self):
+        (user,) = register_users(1, "erasing")
+        set_up_everywhere([user])
+        user_delete(user=user)  # its user.deleted is written, not handled yet
+        out = StringIO()
+        call_command("reconcile", "--json", stdout=out)  # the default grace: 60 s
+        assert json.loads(out.getvalue())["orphans"] == 0
+        code, report = reconcile_json()  # no grace
+        assert code == 1 and orphan_counts(report) == {
+            "players": 1, "characters": 1, "progression": 1, "buildings": 1}

@@ -1,15 +1,17 @@
-"""``manage.py reconcile``: find users who lack a service's defaults, and re-deliver to repair.
+"""``manage.py reconcile``: find users who lack a service's defaults and rows of users who do not
+exist (orphans), and re-deliver to repair.
 
 The command parses, reports and draws a progress bar; what is checked and sent is
 ``accounts.reconcile``, which lives in accounts because accounts owns both sides of what it
 compares against: the users table (the source of truth for who registered) and the
 ``user.registered`` event (rebuilt by the same builder registration uses).
 
-Report mode (no ``--repair``) only reads, and exits 1 when anything is missing: a cron job alerts
-on it. ``--repair`` publishes, per (service, user) missing, the user's event on
-``replay.<service>.user.registered`` (``accounts.reconcile`` says which event id and why), and
-exits 0 once JetStream has acknowledged every one; the consumers apply them asynchronously, so
-a report run afterwards says whether they did. It connects to NATS only when there is something
+Report mode (no ``--repair``) only reads, and exits 1 when anything is missing or orphaned: a
+cron job alerts on it. ``--repair`` publishes, per (service, user) missing, the user's event on
+``replay.<service>.user.registered`` (``accounts.reconcile`` says which event id and why), per
+(service, user) orphaned a ``user.deleted`` on ``replay.<service>.user.deleted``, and exits 0
+once JetStream has acknowledged every one; the consumers apply them asynchronously, so a report
+run afterwards says whether they did. It connects to NATS only when there is something
 to send, with this process's own NATS settings: in a secured deployment run it as the ``replay``
 role (``deploy/nats/auth.conf``: publishes ``replay.>`` only).
 """
@@ -55,6 +57,7 @@ class Progress:
             f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {totals.checked:,}/{self.total:,} "
             f"users ({share:.0%}), missing {totals.missing:,}"
             + (f", repaired {totals.repaired:,}" if self.repair else "")
+            + (f", orphans {totals.orphans:,}" if totals.orphans else "")
         )
         self.out.write("\r" + line.ljust(self.drawn), ending="")
         self.out.flush()
@@ -93,12 +96,15 @@ class Command(BaseCommand):
     help = (
         "Find registered users who lack a service's defaults (the accounts database is the\n"
         "source of truth) and, with --repair, re-deliver their user.registered to the services\n"
-        "that lack them only. Without --repair it only reports, and exits 1 when anything is\n"
-        "missing. Also how a newly added service fills its defaults for existing users.\n"
+        "that lack them only. Also finds orphans, rows a service holds for users accounts does\n"
+        "not know (whatever --since), and with --repair sends user.deleted for them to the\n"
+        "services holding them only. Without --repair it only reports, and exits 1 when anything\n"
+        "is missing or orphaned. Also how a newly added service fills its defaults for existing\n"
+        "users.\n"
         "Examples:\n"
-        "  manage.py reconcile                               # report; exit 1 if missing\n"
+        "  manage.py reconcile                               # report; exit 1 if missing/orphans\n"
         "  manage.py reconcile --service buildings --since 2026-01-01 --json\n"
-        "  manage.py reconcile --repair                      # re-deliver what is missing\n"
+        "  manage.py reconcile --repair                      # re-deliver, erase orphans\n"
         "  manage.py reconcile --service inventory --repair  # backfill a new service"
     )
 
@@ -112,16 +118,17 @@ class Command(BaseCommand):
         parser.add_argument(
             "--since", metavar="DATE",
             help="only users registered at or after this ISO date or date-time "
-                 "(no zone: TIME_ZONE)",
+                 "(no zone: TIME_ZONE); the search for orphans is not limited by it",
         )
         parser.add_argument(
             "--min-age", type=float, default=60.0, metavar="SECONDS",
-            help="leave out users registered less than this long ago: their event may still be "
-                 "on its way (default 60)",
+            help="leave out users registered (or, for orphans, erased) less than this long ago: "
+                 "their event may still be on its way (default 60)",
         )
         parser.add_argument(
             "--repair", action="store_true",
-            help="re-deliver user.registered to each service that lacks a user's defaults",
+            help="re-deliver user.registered to each service that lacks a user's defaults, "
+                 "and send user.deleted to each service holding an orphan",
         )
         parser.add_argument(
             "--force", action="store_true",
@@ -131,7 +138,8 @@ class Command(BaseCommand):
         parser.add_argument("--json", action="store_true", help="print one JSON object")
         parser.add_argument(
             "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="N",
-            help=f"users read and checked at a time (default {DEFAULT_CHUNK_SIZE})",
+            help=f"users read and checked at a time, in accounts and in each service's "
+                 f"search for orphans (default {DEFAULT_CHUNK_SIZE})",
         )
 
     def handle(self, *args, **options):
@@ -184,7 +192,7 @@ class Command(BaseCommand):
             self.stdout.write(json.dumps(report, indent=2))
         else:
             self._print(report, totals)
-        if not repair and totals.missing:
+        if not repair and (totals.missing or totals.orphans):
             raise SystemExit(1)
 
     # -- output ------------------------------------------------------------------------------
@@ -200,9 +208,13 @@ class Command(BaseCommand):
         header = ["service", "checked", "missing"]
         if repair:
             header += ["repaired", "already sent"]
+        header += ["held", "orphans"] + (["erased"] if repair else [])
         rows = [
             [name, str(s["checked"]), str(s["missing"])]
             + ([str(s["repaired"]), str(s["already_sent"])] if repair else [])
+            # A service that declares no USERS selector is not searched: "-".
+            + ([str(s["held"]), str(s["orphans"])] if s["held"] is not None else ["-", "-"])
+            + ([str(s["erased"])] if repair else [])
             for name, s in report["services"].items()
         ]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
@@ -221,23 +233,50 @@ class Command(BaseCommand):
                 self.stdout.write(
                     f"  … and {more} more (--json lists {LISTED_PER_SERVICE} per service)"
                 )
+        for name, s in report["services"].items():
+            if not s["orphans"]:
+                continue
+            self.stdout.write(
+                f"{name}: orphan rows of {s['orphans']} user(s) accounts does not know:"
+            )
+            for user in s["orphan_users"][:LISTED_AS_TEXT]:
+                self.stdout.write(f"  {user['userId']}")
+            more = s["orphans"] - min(len(s["orphan_users"]), LISTED_AS_TEXT)
+            if more:
+                self.stdout.write(
+                    f"  … and {more} more (--json lists {LISTED_PER_SERVICE} per service)"
+                )
         missing = ", ".join(
             f"{name} {s['missing']}" for name, s in report["services"].items() if s["missing"]
         )
-        if not totals.missing:
+        orphans = ", ".join(
+            f"{name} {s['orphans']}" for name, s in report["services"].items() if s["orphans"]
+        )
+        if not totals.missing and not totals.orphans:
             self.stdout.write(self.style.SUCCESS(
-                "nothing missing" + (": nothing sent" if repair else "")
+                "nothing missing, no orphans" + (": nothing sent" if repair else "")
             ))
-        elif not repair:
+        if totals.missing and not repair:
             self.stdout.write(self.style.ERROR(
                 f"missing defaults: {missing}. `manage.py reconcile --repair` re-delivers "
                 "user.registered to those services only"
             ))
-        else:
+        elif totals.missing:
             self.stdout.write(self.style.SUCCESS(
                 f"missing defaults: {missing}. Re-delivered {totals.repaired} event(s) to those "
                 "services only"
                 + (f"; {totals.already_sent} already in the stream from an earlier run in the "
                    "duplicate window, not sent again" if totals.already_sent else "")
                 + ". `manage.py reconcile` tells once the consumers have caught up"
+            ))
+        if totals.orphans and not repair:
+            self.stdout.write(self.style.ERROR(
+                f"orphans: {orphans}. `manage.py reconcile --repair` sends user.deleted to "
+                "those services only"
+            ))
+        elif totals.orphans:
+            self.stdout.write(self.style.SUCCESS(
+                f"orphans: {orphans}. Sent user.deleted for them ({totals.erased} event(s)) to "
+                "those services only; their tombstones keep them gone. `manage.py reconcile` "
+                "tells once the consumers have caught up"
             ))
