@@ -1,8 +1,9 @@
 """The drain's backlog on the JetStream side: events published up front, and the durables held
 until every consumer process waits on its own, then released together.
 
-Used by the drain and grown scenarios (``scenario_drain.py``, ``scenario_grown.py``), by the
-latency scenario to see the consumers pulling (``on_jetstream``) and by ``bench/cpu.py``.
+Used by the drain, mixed drain and grown scenarios (``scenario_drain.py``,
+``scenario_drain_mixed.py``, ``scenario_grown.py``), by the latency and erasure scenarios to see
+the consumers pulling (``on_jetstream``) and by ``bench/cpu.py``.
 """
 
 from __future__ import annotations
@@ -11,28 +12,25 @@ import datetime as dt
 import subprocess
 import time
 import uuid
+from dataclasses import dataclass
 
 from harness import check_alive, progress
 
 
-def publish_backlog(events: int, user_ids: list[uuid.UUID] | None = None,
-                    new_id=uuid.uuid4) -> float:
-    """Publish ``events`` user.registered events (for ``user_ids`` when given, with event ids
-    from ``new_id``), pipelined; return events/s."""
+def publish_events(events: int, event_of, new_id=uuid.uuid4) -> float:
+    """Publish ``event_of(i)`` for i in range(``events``) (contract events, with event ids from
+    ``new_id``), pipelined, in that order; return events/s."""
     import asyncio
 
-    from onboarding.contracts import UserRegistered, event_headers
+    from onboarding.contracts import event_headers
     from onboarding.eventbus.nats.connection import close, connect_within
 
     async def publish():
         nc = await connect_within("bench-publish", 5)
         js = nc.jetstream(timeout=10)
-        now = dt.datetime.now(dt.UTC)
         started = time.monotonic()
         for i in range(events):
-            user_id = user_ids[i] if user_ids else uuid.uuid4()
-            event = UserRegistered(user_id=user_id, username=f"drain{i}",
-                                   email=f"drain{i}@example.com", registration_timestamp=now)
+            event = event_of(i)
             await js.publish_async(event.subject, event.to_json(),
                                    headers=event_headers(event, event_id=new_id()))
             if i % 1000 == 0:
@@ -44,6 +42,98 @@ def publish_backlog(events: int, user_ids: list[uuid.UUID] | None = None,
         return events / elapsed
 
     return asyncio.run(publish())
+
+
+def publish_backlog(events: int, user_ids: list[uuid.UUID] | None = None,
+                    new_id=uuid.uuid4) -> float:
+    """Publish ``events`` user.registered events (for ``user_ids`` when given, with event ids
+    from ``new_id``), pipelined; return events/s."""
+    from onboarding.contracts import UserRegistered
+
+    now = dt.datetime.now(dt.UTC)
+
+    def event_of(i: int) -> UserRegistered:
+        return UserRegistered(user_id=user_ids[i] if user_ids else uuid.uuid4(),
+                              username=f"drain{i}", email=f"drain{i}@example.com",
+                              registration_timestamp=now)
+
+    return publish_events(events, event_of, new_id)
+
+
+@dataclass
+class MixedBacklog:
+    """A backlog of registrations, renames and deletions, in stream order (``plan``: (subject,
+    user id, new username or None)); ``registered`` in registration order."""
+
+    plan: list[tuple[str, uuid.UUID, str | None]]
+    registered: list[uuid.UUID]
+    renamed: dict[uuid.UUID, str]
+    deleted: set[uuid.UUID]
+
+    def count(self, subject: str) -> int:
+        return sum(s == subject for s, _, _ in self.plan)
+
+    def of_context(self, subjects: set[str]) -> list[tuple[str, uuid.UUID, str | None]]:
+        """What a durable filtered on ``subjects`` receives, in order."""
+        return [item for item in self.plan if item[0] in subjects]
+
+
+def mixed_backlog(events: int, shares: tuple[int, int, int] = (70, 15, 15),
+                  seed: int = 17) -> MixedBacklog:
+    """``events`` events: ``shares`` percent registrations, renames and deletions (the last two
+    of registered users, a user at most once each, so some users are renamed and deleted),
+    in stream order per user — its registration, then its rename, then its deletion. Each
+    rename lands at a random point within the next fifth of the backlog's registrations after
+    its user's registration, each deletion within the next fifth after its user's registration
+    or rename: most fall in later batches, some in the same batch of 100."""
+    import random
+
+    from onboarding.contracts import UserDeleted, UserRegistered, UserRenamed
+
+    rng = random.Random(seed)
+    renames = events * shares[1] // 100
+    deletions = events * shares[2] // 100
+    registrations = events - renames - deletions
+    if renames > registrations or deletions > registrations:
+        raise ValueError(f"{shares}: more renames or deletions than registrations")
+    users = [uuid.UUID(int=rng.getrandbits(128), version=4) for _ in range(registrations)]
+    spread = max(registrations / 5, 1.0)
+    keyed: list[tuple[float, int, str, uuid.UUID, str | None]] = [
+        (float(i), 0, UserRegistered.subject, user, None) for i, user in enumerate(users)]
+    renamed: dict[uuid.UUID, str] = {}
+    renamed_at: dict[int, float] = {}
+    for i in rng.sample(range(registrations), renames):
+        renamed[users[i]] = f"mixr{i}"
+        renamed_at[i] = i + rng.uniform(0.01, spread)
+        keyed.append((renamed_at[i], 1, UserRenamed.subject, users[i], renamed[users[i]]))
+    deleted = set()
+    for i in rng.sample(range(registrations), deletions):
+        deleted.add(users[i])
+        keyed.append((renamed_at.get(i, float(i)) + rng.uniform(0.01, spread), 2,
+                      UserDeleted.subject, users[i], None))
+    keyed.sort()
+    return MixedBacklog([(subject, user, name) for _, _, subject, user, name in keyed], users,
+                        renamed, deleted)
+
+
+def publish_mixed_backlog(backlog: MixedBacklog, new_id=uuid.uuid4) -> float:
+    """Publish ``backlog``'s events in its order, pipelined; return events/s."""
+    from onboarding.contracts import UserDeleted, UserRegistered, UserRenamed
+
+    now = dt.datetime.now(dt.UTC)
+    names = {user: f"mix{i}" for i, user in enumerate(backlog.registered)}
+
+    def event_of(i: int):
+        subject, user, username = backlog.plan[i]
+        if subject == UserRegistered.subject:
+            return UserRegistered(user_id=user, username=names[user],
+                                  email=f"{names[user]}@example.com",
+                                  registration_timestamp=now)
+        if subject == UserRenamed.subject:
+            return UserRenamed(user_id=user, username=username, renamed_at=now)
+        return UserDeleted(user_id=user, deleted_at=now)
+
+    return publish_events(len(backlog.plan), event_of, new_id)
 
 
 PAUSED_UNTIL = "2100-01-01T00:00:00Z"

@@ -228,14 +228,25 @@ def cpu_ms(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
-def http_register(conn: http.client.HTTPConnection, username: str) -> tuple[int, dict, float]:
-    body = json.dumps({"username": username, "email": f"{username}@example.com",
-                       "password": "bench-Pw-1234!"})
-    conn.request("POST", "/api/auth/register", body=body,
-                 headers={"Content-Type": "application/json"})
+BENCH_PASSWORD = "bench-Pw-1234!"
+
+
+def http_json(conn: http.client.HTTPConnection, method: str, path: str, body: dict | None = None,
+              token: str | None = None) -> tuple[int, dict]:
+    """One JSON request on ``conn``; (status, the decoded body or {})."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Token {token}"
+    conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                 headers=headers)
     response = conn.getresponse()
-    payload = json.loads(response.read() or b"{}")
-    return response.status, payload, time.time()
+    return response.status, json.loads(response.read() or b"{}")
+
+
+def http_register(conn: http.client.HTTPConnection, username: str) -> tuple[int, dict, float]:
+    status, payload = http_json(conn, "POST", "/api/auth/register", {
+        "username": username, "email": f"{username}@example.com", "password": BENCH_PASSWORD})
+    return status, payload, time.time()
 
 
 # -- helpers that need Django -------------------------------------------------------------------
@@ -257,12 +268,15 @@ def reset_data() -> None:
     from django.conf import settings
     from django.db import connections, router
 
+    from onboarding.routers import PER_CONTEXT_MODELS
+
     tables: dict[str, set] = {}
     for model in apps.get_models():
         if model._meta.app_label in ("eventbus", "accounts", *CONTEXTS):
+            # The inbox and the tombstones are in every context's database, and only there.
             aliases = (
                 set(settings.CONTEXT_DATABASES.values())
-                if model._meta.model_name == "processedevent"
+                if model._meta.model_name in PER_CONTEXT_MODELS
                 else {router.db_for_write(model) or "default"}
             )
             for alias in aliases:

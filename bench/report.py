@@ -21,8 +21,9 @@ def machine() -> dict:
 
 def markdown(results: dict) -> str:
     engine = results["engine"]
-    lines = [f"### {engine}, {results.get('databases', '')} (drain, latency, relay: median of "
-             f"{results.get('runs', 1)} runs; register: median of its rounds)", "",
+    lines = [f"### {engine}, {results.get('databases', '')} (drain, drain-mixed, latency, "
+             f"erasure, relay: median of {results.get('runs', 1)} runs; register: median of its "
+             "rounds)", "",
              "| scenario | result | target |", "| --- | --- | --- |"]
     for d in results.get("drain", {}).values():
         project = d["project"]
@@ -32,6 +33,16 @@ def markdown(results: dict) -> str:
         lines.append(f"| drain {d['events']:,} events, batch {d['batch']} | project "
                      f"**{project['ratio_to_ceiling']:.0%}** of the ceiling{versus} "
                      f"(ceiling {d['ceiling_events_per_s']:,} ev/s) | ≥ the peer's; aim ≥ 90% |")
+    for d in results.get("drain_mixed", {}).values():
+        m, r = d["mixed"], d["registrations"]
+        lines.append(f"| drain, mixed: {d['events']:,} events ({mix_label(d)}), batch "
+                     f"{d['batch']} | project **{m['events_per_s']:,} ev/s**, "
+                     f"**{m['ratio_to_ceiling']:.0%}** of the registration ceiling, "
+                     f"{m['ratio_to_mixed_ceiling']:.0%} of the mixed one "
+                     f"({d['mixed_ceiling_events_per_s']:,} ev/s); registration-only in the "
+                     f"same run {r['events_per_s']:,} ev/s, {r['ratio_to_ceiling']:.0%} "
+                     f"(ceiling {d['ceiling_events_per_s']:,} ev/s); FastStream peer: n/a, "
+                     "user.registered only | the registration drain must not fall |")
     if "latency" in results:
         la = results["latency"]
         lines.append(
@@ -46,6 +57,8 @@ def markdown(results: dict) -> str:
                 f"| latency, cold: the {what} after the stack is ready ({c['count']} regs; ready "
                 f"{la['ready_after_s']} s after start) | p50 {c['p50_ms']} ms, p95 "
                 f"{c['p95_ms']}, p99 {c['p99_ms']}, max **{c['max_ms']} ms** | ≤ 50 |")
+    if "erasure" in results:
+        lines += erasure_rows(results["erasure"])
     if "register" in results:
         r = results["register"]
         hasher = results.get("hasher", FAST_HASHER).rsplit(".", 1)[-1]
@@ -113,9 +126,71 @@ def markdown(results: dict) -> str:
                 cells = [profiled[phase].get(part, 0) for phase in profiled]
                 if any(cells):
                     lines.append(f"| {part} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    if results.get("drain_mixed"):
+        lines += mixed_markdown(results)
     if "grown" in results:
         lines += grown_markdown(results["grown"])
     return "\n".join(lines)
+
+
+def mix_label(d: dict) -> str:
+    mix = d["mix"]
+    return (f"{mix['registrations']:,} registrations, {mix['renames']:,} renames, "
+            f"{mix['deletions']:,} deletions")
+
+
+def erasure_rows(e: dict) -> list[str]:
+    """The erasure scenario's rows in the summary table: steady, then cold."""
+    s = e["steady"]
+    lines = [f"| erasure, steady, at {e['rate_per_s']:g}/s ({s['count']} deletions after the "
+             f"warm-up; 204 → the last of the four tombstones, polled every "
+             f"{e['poll_tick_ms']:g} ms, intervals p50 {e['poll_interval_p50_ms']} / p99 "
+             f"{e['poll_interval_p99_ms']} ms) | p50 **{s['p50_ms']} ms**, p95 {s['p95_ms']}, "
+             f"p99 **{s['p99_ms']} ms**, max {s['max_ms']} | — |"]
+    for key, what in (("cold_first_20", "first 20"), ("cold_first_second", "first second")):
+        c = e[key]
+        lines.append(f"| erasure, cold: the {what} after the stack is ready ({c['count']} "
+                     f"deletions; ready {e['ready_after_s']} s after start) | p50 {c['p50_ms']} "
+                     f"ms, p95 {c['p95_ms']}, p99 {c['p99_ms']}, max **{c['max_ms']} ms** | — |")
+    return lines
+
+
+def mixed_markdown(results: dict) -> list[str]:
+    """The mixed drain beside the registration-only drain of the same run and the ceilings;
+    the FastStream peer's ratio from the drain scenario of the same size, when it ran."""
+    lines = ["", f"Mixed drain ({results.get('databases', '')}): registrations, renames and "
+             "deletions in one backlog (per user in stream order), timed as the drain is; "
+             "events are the stream's (a rename reaches players only), ratios to the same "
+             "run's registration ceiling. The FastStream peer handles user.registered only: "
+             "not run on the mixed backlog (its registration-only figure is the drain "
+             "scenario's).", "",
+             "| backlog | drained by | ev/s | ratio to ceiling | players / characters / "
+             "progression / buildings ev/s | consumers CPU ms/ev | nats-server CPU ms/ev | "
+             "database server CPU ms/ev |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for d in results["drain_mixed"].values():
+        size = f"{d['events']:,}"
+        lines.append(f"| {size} | ceiling, registrations (bulk_create, 1 process, no NATS) | "
+                     f"{d['ceiling_events_per_s']:,} | 100% | | | | |")
+        lines.append(f"| {size} | ceiling, mixed (bulk statements, 1 process, no NATS) | "
+                     f"{d['mixed_ceiling_events_per_s']:,} | "
+                     f"{d['mixed_ceiling_events_per_s'] / d['ceiling_events_per_s']:.0%} "
+                     "| | | | |")
+        for phase, who in (("registrations", "project, registrations only"),
+                           ("mixed", f"project, mixed ({mix_label(d)})")):
+            x = d[phase]
+            per = " / ".join(f"{v:,}" for v in x["per_consumer_events_per_s"].values())
+            cpu = x["cpu_ms_per_event"]
+            lines.append(f"| {size} | {who} | {x['events_per_s']:,} | "
+                         f"**{x['ratio_to_ceiling']:.0%}** | {per} | {cpu['consumers']:.2f} | "
+                         f"{cpu.get('nats-server', 0):.2f} | "
+                         + (f"{cpu['postgres']:.2f} |" if "postgres" in cpu else "— |"))
+        peer = results.get("drain", {}).get(str(d["events"]), {}).get("faststream")
+        lines.append(f"| {size} | {results.get('peer', 'FastStream peer')} | "
+                     + (f"registrations only (drain scenario): {peer['events_per_s']:,} | "
+                        f"{peer['ratio_to_ceiling']:.0%} of its run's ceiling | | | | |"
+                        if peer else "n/a: user.registered only | | | | | | |"))
+    return lines
 
 
 def grown_markdown(g: dict) -> list[str]:

@@ -15,8 +15,19 @@ Scenarios:
             its own durables and emptied tables; the time until every row is visible in the
             databases, polled from outside, against the bare bulk_create ceiling of the same rows
             in batches of the same size (one process, no NATS).
+  drain-mixed
+            a backlog of N events (``--mixed-events``, 5,000) of registrations, renames and
+            deletions (``--mix``, 70,15,15 percent; per user in stream order: registration, then
+            rename, then deletion) drained by the project's four consumers, beside a
+            registration-only backlog of the same size drained in the same run, against the
+            registration ceiling and a mixed one (bulk statements, one process, no NATS). The
+            FastStream peer handles user.registered only: it is not run on this one.
   latency   registrations over HTTP at a steady rate (fast MD5 hasher); time from the 201 to
             the last of the four services' default rows.
+  erasure   users registered, set up and given a token first (not timed), the stack restarted,
+            then deleted over HTTP (DELETE /api/auth/me) at ``--rate`` for ``--warmup`` +
+            ``--seconds``; time from the 204 to the last of the four services' tombstones
+            (cold: the first deletions after the restart; steady: after the warm-up).
   register  the register endpoint with and without event publishing (same hasher, same run);
             ``--hasher argon2`` measures it with the production hasher.
   relay     an outbox backlog of N rows flushed by the relay; events/s.
@@ -58,13 +69,15 @@ from harness import (
 )
 from report import machine, markdown
 from scenario_drain import peer_available, scenario_drain
+from scenario_drain_mixed import scenario_drain_mixed
+from scenario_erasure import scenario_erasure
 from scenario_grown import scenario_grown
 from scenario_latency import scenario_latency
 from scenario_register import scenario_register
 from scenario_relay import scenario_relay
 
 # In the order they run (and the default of --only).
-SCENARIOS = ("drain", "latency", "register", "relay", "grown")
+SCENARIOS = ("drain", "drain-mixed", "latency", "erasure", "register", "relay", "grown")
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -89,6 +102,19 @@ def backlogs(text: str) -> list[int]:
     return sizes
 
 
+def shares(text: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        parts = ()
+    if (len(parts) != 3 or min(parts) < 0 or sum(parts) != 100 or parts[1] > parts[0]
+            or parts[2] > parts[0]):
+        raise argparse.ArgumentTypeError("registrations,renames,deletions in percent, summing "
+                                         "to 100, no more renames or deletions than "
+                                         "registrations (e.g. 70,15,15)")
+    return parts
+
+
 def parse_args() -> argparse.Namespace:
     """The flags (docs/benchmarks.md), each clamped to its bounds."""
     parser = argparse.ArgumentParser(description="Benchmarks of the onboarding event pipeline")
@@ -106,13 +132,20 @@ def parse_args() -> argparse.Namespace:
                              "time goes per event (slows them: not for the ratios)")
     parser.add_argument("--profile-dir", help="drain, with --profile: keep the .prof files "
                         "there (pstats) instead of in the run's temporary folder")
-    parser.add_argument("--rate", type=float, default=50.0, help="latency: registrations/s")
+    parser.add_argument("--mixed-events", type=backlogs, default=[5_000],
+                        help="drain-mixed: backlog size(s), comma-separated (max 200000)")
+    parser.add_argument("--mix", type=shares, default=(70, 15, 15),
+                        help="drain-mixed: registrations,renames,deletions in percent")
+    parser.add_argument("--rate", type=float, default=50.0,
+                        help="latency: registrations/s; erasure: deletions/s")
     parser.add_argument("--seconds", type=float, default=20.0,
-                        help="latency: steady-state duration, after --warmup")
+                        help="latency, erasure: steady-state duration, after --warmup")
     parser.add_argument("--warmup", type=float, default=3.0,
-                        help="latency: seconds after the cold start before steady state")
+                        help="latency, erasure: seconds after the cold start before steady "
+                             "state")
     parser.add_argument("--poll-ms", type=float, default=2.0,
-                        help="latency: the database watcher's interval between queries")
+                        help="latency, erasure: the database watcher's interval between "
+                             "queries")
     parser.add_argument("--requests", type=int, default=1000, help="register: per round")
     parser.add_argument("--hasher", choices=sorted(HASHERS), default="md5",
                         help="the password hasher (md5: fast, so that hashing does not hide the "
@@ -120,7 +153,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=4, help="register: rounds (median)")
     parser.add_argument("--relay-rows", type=int, default=20_000)
     parser.add_argument("--runs", type=int, default=3,
-                        help="drain, latency, relay: runs (the table shows their medians)")
+                        help="drain, drain-mixed, latency, erasure, relay: runs (the table "
+                             "shows their medians)")
     parser.add_argument("--prefill", type=int, default=1_000_000,
                         help="grown: users prefilled (inbox, outbox, users, defaults); "
                              "1,000 to 5,000,000")
@@ -136,6 +170,12 @@ def parse_args() -> argparse.Namespace:
     args.runs = max(1, min(args.runs, 10))
     args.prefill = max(1_000, min(args.prefill, 5_000_000))
     args.grown_events = max(args.batch, min(args.grown_events, 200_000))
+    args.rate = max(1.0, min(args.rate, 500.0))
+    args.seconds = max(1.0, min(args.seconds, 600.0))
+    args.warmup = max(0.0, min(args.warmup, 60.0))
+    unknown = set(args.only.split(",")) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"--only: unknown scenario(s) {sorted(unknown)}; one of {SCENARIOS}")
     return args
 
 
@@ -147,8 +187,13 @@ def run_scenario(name: str, stack: Stack, args: argparse.Namespace, events: int 
             stack, events, args.batch, args.peer, run, nats_pid=nats_pid,
             profile_dir=(Path(args.profile_dir) if args.profile_dir else workdir / "profiles")
             if args.profile else None)
+    if name == "drain-mixed":
+        return scenario_drain_mixed(stack, events, args.batch, args.mix, run, nats_pid=nats_pid)
     if name == "latency":
         return scenario_latency(stack, args.rate, args.seconds, port, args.engine,
+                                warmup=args.warmup, tick=args.poll_ms / 1000)
+    if name == "erasure":
+        return scenario_erasure(stack, args.rate, args.seconds, port, args.engine,
                                 warmup=args.warmup, tick=args.poll_ms / 1000)
     if name == "register":
         return scenario_register(stack, args.requests, args.rounds, port)
@@ -194,7 +239,8 @@ def main() -> None:
             for name in SCENARIOS:
                 if name not in scenarios:
                     continue
-                for events in args.events if name == "drain" else [None]:
+                sizes = {"drain": args.events, "drain-mixed": args.mixed_events}
+                for events in sizes.get(name, [None]):
                     # The register scenario already takes the median of its ABBA rounds.
                     runs = []
                     for run in range(1 if name == "register" else args.runs):
@@ -209,8 +255,8 @@ def main() -> None:
                     merged = median_of(runs)
                     if len(runs) > 1:
                         merged["runs"] = runs
-                    if name == "drain":
-                        results.setdefault("drain", {})[str(events)] = merged
+                    if name in sizes:
+                        results.setdefault(name.replace("-", "_"), {})[str(events)] = merged
                     else:
                         results[name] = merged
         finally:

@@ -82,9 +82,15 @@ POLL_SECONDS = 0.02
 def watch_drain(processes: list[subprocess.Popen], durables: list[str],
                 users: list[uuid.UUID], batch: int, timeout: float, label: str,
                 nats_pid: int | None = None, profiling: bool = False,
-                prefilled: int = 0, counters=None) -> dict:
+                prefilled: int = 0, counters=None, other_events: int = 0,
+                not_received: dict[str, int] | None = None, drained=None) -> dict:
     """Release the held durables and watch the backlog drain from outside, as a user sees it:
     the moment each context's rows are all visible (committed), polled every 20 ms.
+
+    ``users`` are the backlog's registrations; a mixed backlog (the mixed drain) has
+    ``other_events`` more on the stream (renames, deletions), of which a context's durable
+    receives all but ``not_received[context]``, and says with ``drained(context, model,
+    last user)`` when a context's rows are as the whole backlog leaves them.
 
     The clock starts when the durables are resumed, with every consumer process already up and
     waiting on its durable (so process start-up is not counted, and all four start together).
@@ -115,7 +121,12 @@ def watch_drain(processes: list[subprocess.Popen], durables: list[str],
     cpu_start = cpu()
     started = time.monotonic()
     resume_durables(durables, users, batch)
-    events, last_user = len(users), users[-1]
+    events, last_user = len(users) + other_events, users[-1]
+    not_received = not_received or {}
+    if drained is None:
+        def drained(name, model, last_user):
+            return model.objects.filter(user_id=last_user).exists() and (
+                model.objects.count() // per_user.get(name, 1) >= len(users) + prefilled)
     progress(label, 0, events, started)
     while len(done) < len(models):
         now = time.monotonic()
@@ -123,8 +134,7 @@ def watch_drain(processes: list[subprocess.Popen], durables: list[str],
             raise TimeoutError(f"{label}: not drained after {timeout}s: done {sorted(done)}")
         check_alive(processes, label)
         for name, model in models.items():
-            if name not in done and model.objects.filter(user_id=last_user).exists() and (
-                    model.objects.count() // per_user.get(name, 1) >= events + prefilled):
+            if name not in done and drained(name, model, last_user):
                 done[name] = now
                 progress(label, len(done) * events // len(models), events, started)
         if len(done) < len(models):
@@ -139,7 +149,8 @@ def watch_drain(processes: list[subprocess.Popen], durables: list[str],
         "events_drained": events,
         "events_per_s": round(events / max(seconds, 1e-6)),
         "per_consumer_events_per_s": {
-            name: round(events / max(done[name] - started, 1e-6)) for name in models
+            name: round((events - not_received.get(name, 0)) / max(done[name] - started, 1e-6))
+            for name in models
         },
         "seconds": round(seconds, 3),
         "cpu_ms_per_event": {

@@ -25,25 +25,30 @@ from harness import (
 )
 
 
-def watch_table(table: str, url: str, tick: float, ready, stop, results) -> None:
-    """The watcher's child process for one context: poll ``table`` for rows past the last id
-    seen, every ``tick`` s, until ``stop``; send back ``(first seen per user id, intervals
-    between queries, queries, CPU seconds)``. A process of its own, so that neither the load
-    generator's threads nor the other watchers hold it back (the GIL): its clock, monotonic, is
-    the system's, the same as the bench's."""
+def watch_table(table: str, url: str, tick: float, ready, stop, results,
+                where: str = "") -> None:
+    """The watcher's child process for one context: poll ``table`` (its rows matching
+    ``where``, a fixed SQL condition, when given) for rows past the last id seen, every
+    ``tick`` s, until ``stop``; send back ``(first seen per user id, intervals between queries,
+    queries, CPU seconds)``. A process of its own, so that neither the load generator's threads
+    nor the other watchers hold it back (the GIL): its clock, monotonic, is the system's, the
+    same as the bench's."""
+    also = f" AND {where}" if where else ""
     if url.startswith("sqlite"):
         import sqlite3
 
         conn = sqlite3.connect(urlparse(url).path, isolation_level=None)
-        query = f"SELECT id, user_id FROM {table} WHERE id > ? ORDER BY id"
+        query = f"SELECT id, user_id FROM {table} WHERE id > ?{also} ORDER BY id"
     else:
         import psycopg
 
         conn = psycopg.connect(url.replace("postgres://", "postgresql://", 1),
                                autocommit=True, prepare_threshold=0)
-        query = f"SELECT id, user_id FROM {table} WHERE id > %s ORDER BY id"
+        query = f"SELECT id, user_id FROM {table} WHERE id > %s{also} ORDER BY id"
     seen: dict[str, float] = {}
-    last = conn.execute(f"SELECT coalesce(max(id), 0) FROM {table}").fetchone()[0]
+    last = conn.execute(
+        f"SELECT coalesce(max(id), 0) FROM {table}{f' WHERE {where}' if where else ''}"
+    ).fetchone()[0]
     intervals, queries, previous = [], 0, None
     cpu = time.process_time()
     ready.set()
@@ -67,6 +72,11 @@ class RowWatcher:
     outside: a process and a connection of its own per context database, polling its default
     table for rows past the last id it saw, every ``tick`` seconds while watching.
 
+    ``tables`` (``{context: (table, condition)}``) watches other tables instead, e.g. each
+    context's tombstones (the erasure scenario): the condition (``context = 'players'``) keeps
+    one context's rows when the contexts share a database, and with them the order of their
+    ids (one consumer process commits them, one transaction after another).
+
     A row's commit is stamped with the start of the first query that returned it (a READ
     COMMITTED statement sees what committed before it began), so each figure is late by at most
     one interval between queries: ``resolution()`` reports those intervals. The rows' own
@@ -74,9 +84,13 @@ class RowWatcher:
     The cost to the stack: one indexed range scan per context per tick, usually empty.
     """
 
-    def __init__(self, env: dict, tick: float):
+    def __init__(self, env: dict, tick: float,
+                 tables: dict[str, tuple[str, str]] | None = None):
         import multiprocessing
 
+        if tables is None:
+            tables = {name: (model._meta.db_table, "")
+                      for name, model in default_models().items()}
         context = multiprocessing.get_context("spawn")
         self.tick = tick
         self.seen: dict[str, dict[uuid.UUID, float]] = {}
@@ -85,12 +99,12 @@ class RowWatcher:
         self.cpu_seconds = 0.0  # the watchers' own CPU
         self._stop = context.Event()
         self._children = {}
-        for name, model in default_models().items():
+        for name, (table, where) in tables.items():
             ready, (receive, send) = context.Event(), context.Pipe(duplex=False)
             process = context.Process(
                 target=watch_table, name=f"watch-{name}", daemon=True,
-                args=(model._meta.db_table, env[f"{name.upper()}_DATABASE_URL"], tick, ready,
-                      self._stop, send))
+                args=(table, env[f"{name.upper()}_DATABASE_URL"], tick, ready, self._stop,
+                      send, where))
             self._children[name] = (process, ready, receive)
 
     def __enter__(self):
