@@ -90,24 +90,27 @@ ERASED_PAYLOAD = b""
 ERASED_MESSAGE = "(erased with its user)"
 
 
-def dead_letters_erase(*, user_id: str, erasing_event_id: str | None = None) -> int:
-    """Empty the dead letters of an erased user and discard the open ones: no replay can bring
-    the user back, and no copy of their data stays. Returns how many there were.
+def dead_letters_erase(*, user_ids: Sequence[str], erasing_event_ids: Iterable[str] = ()) -> int:
+    """Empty the dead letters of erased users and discard the open ones: no replay can bring
+    the users back, and no copy of their data stays. Returns how many there were.
 
-    The erasing event's own letters (a service that failed on the deletion) stay as they are:
+    The erasing events' own letters (a service that failed on the deletion) stay as they are:
     they hold no personal data, and they must stay open to be replayed: that service has yet to
     erase the user."""
     from django.utils import timezone
 
     from onboarding.eventbus.models import DEAD_LETTER_DATABASE, DeadLetter
 
-    letters = DeadLetter.objects.using(DEAD_LETTER_DATABASE).filter(user_id=user_id)
-    if erasing_event_id:
-        letters = letters.exclude(event_id=str(erasing_event_id))
+    keep = [str(event_id) for event_id in erasing_event_ids]
     now = timezone.now()
-    letters.filter(discarded_at__isnull=True, resolved_at__isnull=True).update(
-        discarded_at=now, discarded_by="erasure", discard_reason="its user was erased")
-    return letters.update(payload=ERASED_PAYLOAD, error_message=ERASED_MESSAGE)
+    emptied = 0
+    for start in range(0, len(user_ids), CHUNK):
+        letters = DeadLetter.objects.using(DEAD_LETTER_DATABASE).filter(
+            user_id__in=user_ids[start:start + CHUNK]).exclude(event_id__in=keep)
+        letters.filter(discarded_at__isnull=True, resolved_at__isnull=True).update(
+            discarded_at=now, discarded_by="erasure", discard_reason="its user was erased")
+        emptied += letters.update(payload=ERASED_PAYLOAD, error_message=ERASED_MESSAGE)
+    return emptied
 
 
 def is_erased(*, key: str, event_id: str | None = None) -> bool:

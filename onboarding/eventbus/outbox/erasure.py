@@ -19,11 +19,14 @@ is the same (no rows, a tombstone).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import defaultdict
 from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Case, Value, When
 from django.utils import timezone
 from nats.js.errors import NotFoundError
 
@@ -31,6 +34,9 @@ from onboarding.eventbus.erasing import dead_letters_erase
 from onboarding.eventbus.models import OUTBOX_DATABASE, Erasure, OutboxEvent, PublishedMessage
 
 logger = logging.getLogger(__name__)
+
+CHUNK = 500  # ids per statement: within every engine's limit on query parameters
+IN_FLIGHT = 64  # message deletes awaited together: one round trip for many, not one each
 
 
 @dataclass(frozen=True)
@@ -45,21 +51,33 @@ class ErasureWork:
     ledger_rows: tuple[int, ...]
 
 
-def erasures_due(*, limit: int = 50) -> list[ErasureWork]:
-    """The pending erasures that can be carried out now, oldest first.
+def erasures_due(*, limit: int = 200) -> list[ErasureWork]:
+    """The pending erasures that can be carried out now, oldest first, in three queries
+    whatever their number (the outbox's ``key`` has no index: one scan a round, not one an
+    erasure; measured: per-erasure queries doubled the erasure latency at 50 deletions/s).
 
     One waits while its own event is unpublished (the deletion reaches the stream before what
     it replaces leaves it), or while an earlier event of its key is (its sequence is not known
     yet). A set-aside earlier row never reached the stream: it only goes.
     """
+    pending = list(Erasure.objects.using(OUTBOX_DATABASE).filter(
+        stream_erased_at__isnull=True).order_by("id")[:limit])
+    if not pending:
+        return []
+    keys = [erasure.key for erasure in pending]
+    rows_of: dict[str, list] = defaultdict(list)
+    for row in (OutboxEvent.objects.using(OUTBOX_DATABASE).filter(key__in=keys).order_by("id")
+                .values_list("key", "id", "event_id", "stream_seq", "published_at",
+                             "set_aside_at")):
+        rows_of[row[0]].append(row[1:])
+    ledger_of: dict[str, list] = defaultdict(list)
+    for key, row_id, stream, seq, event_id in (
+            PublishedMessage.objects.using(OUTBOX_DATABASE).filter(key__in=keys)
+            .values_list("key", "id", "stream", "stream_seq", "event_id")):
+        ledger_of[key].append((row_id, stream, seq, event_id))
     found = []
-    pending = Erasure.objects.using(OUTBOX_DATABASE).filter(
-        stream_erased_at__isnull=True).order_by("id")[:limit]
     for erasure in pending:
-        rows = list(
-            OutboxEvent.objects.using(OUTBOX_DATABASE).filter(key=erasure.key)
-            .values_list("id", "event_id", "stream_seq", "published_at", "set_aside_at")
-        )
+        rows = rows_of[erasure.key]
         erasing = next((row for row in rows if row[1] == erasure.event_id), None)
         if erasing is not None and erasing[3] is None:
             continue  # the deletion itself is not out yet
@@ -68,43 +86,59 @@ def erasures_due(*, limit: int = 50) -> list[ErasureWork]:
         if any(published is None and set_aside is None
                for _, _, _, published, set_aside in earlier):
             continue  # an earlier event is still on its way to the stream
-        ledger = list(
-            PublishedMessage.objects.using(OUTBOX_DATABASE).filter(key=erasure.key)
-            .exclude(event_id=str(erasure.event_id))
-            .values_list("id", "stream", "stream_seq")
-        )
+        ledger = [entry for entry in ledger_of[erasure.key]
+                  if entry[3] != str(erasure.event_id)]  # copies of the deletion stay
         messages = {(settings.NATS_STREAM, seq) for _, _, seq, _, _ in earlier if seq}
-        messages |= {(stream, seq) for _, stream, seq in ledger}
+        messages |= {(stream, seq) for _, stream, seq, _ in ledger}
         found.append(ErasureWork(
             erasure.id, erasure.key, str(erasure.event_id), tuple(sorted(messages)),
-            tuple(row[0] for row in earlier), tuple(row[0] for row in ledger),
+            tuple(row[0] for row in earlier), tuple(entry[0] for entry in ledger),
         ))
     return found
 
 
-def erasure_done(*, work: ErasureWork, deleted: int) -> None:
-    """Its messages are off the stream: delete the rows that pointed at them, empty the key's
+def erasures_done(*, works: list[ErasureWork], deleted: list[int]) -> None:
+    """Their messages are off the stream: delete the rows that pointed at them, empty the keys'
     dead letters (``dead_letters_erase``: one failing later is emptied as it is stored), note
-    the time."""
-    dead_letters_erase(user_id=work.key, erasing_event_id=work.event_id)
+    the time: a few statements for the whole round."""
+    if not works:
+        return
+    dead_letters_erase(user_ids=[work.key for work in works],
+                       erasing_event_ids=[work.event_id for work in works])
+    outbox_rows = [row for work in works for row in work.outbox_rows]
+    ledger_rows = [row for work in works for row in work.ledger_rows]
     with transaction.atomic(using=OUTBOX_DATABASE):
-        OutboxEvent.objects.using(OUTBOX_DATABASE).filter(id__in=work.outbox_rows).delete()
-        PublishedMessage.objects.using(OUTBOX_DATABASE).filter(id__in=work.ledger_rows).delete()
-        Erasure.objects.using(OUTBOX_DATABASE).filter(id=work.erasure_id).update(
-            stream_erased_at=timezone.now(), messages_deleted=deleted)
-    logger.info("erasure of key=%s done: %d stream message(s) and %d outbox row(s) deleted",
-                work.key, deleted, len(work.outbox_rows))
+        for start in range(0, max(len(outbox_rows), len(ledger_rows)), CHUNK):
+            OutboxEvent.objects.using(OUTBOX_DATABASE).filter(
+                id__in=outbox_rows[start:start + CHUNK]).delete()
+            PublishedMessage.objects.using(OUTBOX_DATABASE).filter(
+                id__in=ledger_rows[start:start + CHUNK]).delete()
+        Erasure.objects.using(OUTBOX_DATABASE).filter(id__in=[w.erasure_id for w in works]).update(
+            stream_erased_at=timezone.now(),
+            messages_deleted=Case(*(When(id=work.erasure_id, then=Value(count))
+                                    for work, count in zip(works, deleted, strict=True)),
+                                  default=Value(0)),
+        )
+    for work, count in zip(works, deleted, strict=True):
+        logger.info("erasure of key=%s done: %d stream message(s) and %d outbox row(s) deleted",
+                    work.key, count, len(work.outbox_rows))
 
 
-async def erase_messages(js, work: ErasureWork) -> int:
-    """Delete ``work``'s messages from the stream; how many there were (gone already counts).
+async def erase_messages(js, works: list[ErasureWork]) -> list[int]:
+    """Delete ``works``' messages from the stream, ``IN_FLIGHT`` requests at a time; how many
+    each had (gone already counts).
 
-    Raises on anything else (NATS down, no permission): the erasure stays pending, and the next
-    round tries again.
+    Raises on anything else (NATS down, no permission): the erasures stay pending, and the next
+    round tries again (a message deleted already then counts as gone).
     """
-    for stream, seq in work.messages:
+    async def delete(stream: str, seq: int) -> None:
         try:
             await js.delete_msg(stream, seq)
         except NotFoundError:
             pass  # aged out, or deleted by an earlier attempt
-    return len(work.messages)
+
+    messages = [message for work in works for message in work.messages]
+    for start in range(0, len(messages), IN_FLIGHT):
+        await asyncio.gather(*(delete(stream, seq)
+                               for stream, seq in messages[start:start + IN_FLIGHT]))
+    return [len(work.messages) for work in works]

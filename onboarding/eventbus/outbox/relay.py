@@ -38,7 +38,7 @@ from django.utils import timezone
 
 from onboarding.eventbus.nats.connection import close, connect
 from onboarding.eventbus.nats.publish import describe, failed, publish_pipelined
-from onboarding.eventbus.outbox.erasure import erase_messages, erasure_done, erasures_due
+from onboarding.eventbus.outbox.erasure import erase_messages, erasures_done, erasures_due
 from onboarding.eventbus.outbox.leadership import relay_lock
 from onboarding.eventbus.outbox.listening import FastPath
 from onboarding.eventbus.outbox.refusals import refusal
@@ -236,11 +236,13 @@ class OutboxRelay:
         """Carry out the erasures that are due (:mod:`.erasure`). Never raises: one that fails
         stays pending, and the next round tries it again."""
         try:
-            for work in await self._orm(erasures_due):
-                deleted = await erase_messages(self._js, work)
-                await self._orm(erasure_done, work=work, deleted=deleted)
-                self.erased += 1
-                metrics.relay_erasure(done=True)
+            works = await self._orm(erasures_due)
+            if not works:
+                return
+            deleted = await erase_messages(self._js, works)
+            await self._orm(erasures_done, works=works, deleted=deleted)
+            self.erased += len(works)
+            metrics.relay_erasure(done=True, count=len(works))
         except Exception as exc:
             metrics.relay_erasure(done=False)
             logger.warning("relay: erasure failed, retrying on the next round: %s: %s",

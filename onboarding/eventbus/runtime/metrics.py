@@ -263,8 +263,8 @@ def relay_publish_failed(count: int) -> None:
     RELAY_PUBLISH_FAILED.inc(count)
 
 
-def relay_erasure(*, done: bool) -> None:
-    RELAY_ERASURES.labels(result="done" if done else "failed").inc()
+def relay_erasure(*, done: bool, count: int = 1) -> None:
+    RELAY_ERASURES.labels(result="done" if done else "failed").inc(count)
 
 
 def relay_backlog(count: int, age: float) -> None:
