@@ -31,7 +31,7 @@ from harness import (
     http_register,
     progress,
 )
-from scenario_latency import RowWatcher, latency_figures, stack_ready
+from scenario_latency import RowWatcher, latency_figures, send_open_loop, stack_ready
 
 # The API's login throttles (per address, per username) would refuse a bench that takes a token
 # for a thousand users from one address, and DELETE /api/auth/me counts against the same rates.
@@ -150,16 +150,7 @@ def scenario_erasure(stack: Stack, rate: float, seconds: float, port: int, engin
             sent.append((i, user_id, received))
 
     with RowWatcher(stack.env, tick, tables=tombstone_tables()) as watcher:
-        started = time.monotonic()
-        with ThreadPoolExecutor(8) as pool:
-            for i in range(total):  # open loop: send on schedule whatever the responses do
-                delay = started + i / rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                pool.submit(one, i)
-                if i % 25 == 0:
-                    progress("erasure", i, total, started)
-        progress("erasure", total, total, started)
+        send_open_loop("erasure", total, rate, one)
         wait_until(lambda: all(tombstones(c) >= len(sent) for c in default_models()), 60,
                    "erasure: tombstones", stack.processes)
         time.sleep(10 * tick)  # the watchers' last rows, seen by now

@@ -67,6 +67,23 @@ def watch_table(table: str, url: str, tick: float, ready, stop, results,
     results.send((seen, intervals, queries, time.process_time() - cpu))
 
 
+def send_open_loop(label: str, total: int, rate: float, one) -> None:
+    """Call ``one(i)`` for i in range(total) on 8 threads, ``rate`` a second on schedule, open
+    loop: each is sent on time whatever the earlier ones' responses do."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        for i in range(total):
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            pool.submit(one, i)
+            if i % 25 == 0:
+                progress(label, i, total, started)
+    progress(label, total, total, started)
+
+
 class RowWatcher:
     """When each user's default rows first became visible in each context's database, seen from
     outside: a process and a connection of its own per context database, polling its default
@@ -233,19 +250,8 @@ def scenario_latency(stack: Stack, rate: float, seconds: float, port: int, engin
         with lock:
             sent.append((i, uuid.UUID(payload["userId"]), received))
 
-    from concurrent.futures import ThreadPoolExecutor
-
     with RowWatcher(stack.env, tick) as watcher:
-        started = time.monotonic()
-        with ThreadPoolExecutor(8) as pool:
-            for i in range(total):  # open loop: send on schedule whatever the responses do
-                delay = started + i / rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                pool.submit(one, i)
-                if i % 25 == 0:
-                    progress("latency", i, total, started)
-        progress("latency", total, total, started)
+        send_open_loop("latency", total, rate, one)
         wait_for_counts(len(sent), timeout=60, label="defaults", baseline=baseline)
         time.sleep(10 * tick)  # the watchers' last rows, seen by now
     missing = sum(watcher.visible(user) is None for _, user, _ in sent)
