@@ -111,13 +111,23 @@ def consumer_state(name: str):
     return run_async(read)
 
 
+def every_consumer() -> list[str]:
+    """Every consumer ``consume --all`` runs: the contexts', and accounts' (its projection)."""
+    from onboarding.eventbus.registry import get_consumers
+
+    return list(get_consumers())
+
+
 def wait_settled(names=None, timeout: float = 5.0):
     """Wait until every durable has nothing pending and nothing awaiting an ack.
 
     Redelivery only happens after ack_wait (10 s in tests), so a message that was never acked
-    (or terminated) keeps ack_pending above zero for longer than this waits.
+    (or terminated) keeps ack_pending above zero for longer than this waits. By default the
+    contexts' durables; accounts' (the readiness projection) when named.
     """
-    for name in names or settings.BOUNDED_CONTEXTS:
+    from onboarding.eventbus.registry import get_services
+
+    for name in names or list(get_services()):
         wait_until(lambda n=name: consumer_state(n) == (0, 0), timeout=timeout,
                    message=f"durable {name} settled")
 
@@ -192,11 +202,13 @@ class RunningConsumers(OnAThread):
 
     def __init__(self, names, batch=None, per_message=None):
         from onboarding.eventbus.consumer.runner import ConsumerRunner
+        from onboarding.eventbus.outbox.announcer import announce_beside
         from onboarding.eventbus.registry import get_consumers
 
         consumers = get_consumers()
         self.runner = ConsumerRunner(
-            [consumers[name] for name in names], batch=batch, per_message=per_message
+            [consumers[name] for name in names], batch=batch, per_message=per_message,
+            companion=announce_beside,
         )
         super().__init__()
 
@@ -268,7 +280,7 @@ def start_consumers(jetstream):
         if not started:
             started.append(RunningRelay().start())
         running = RunningConsumers(
-            names or settings.BOUNDED_CONTEXTS, batch=batch, per_message=per_message
+            names or every_consumer(), batch=batch, per_message=per_message
         ).start()
         started.append(running)
         return running
@@ -310,8 +322,9 @@ def process_env(jetstream):
         "DATABASE_URL": _database_url("default"),
         "PYTHONUNBUFFERED": "1",
     }
-    for context, alias in settings.CONTEXT_DATABASES.items():
-        env[f"{context.upper()}_DATABASE_URL"] = _database_url(alias)
+    for context in settings.BOUNDED_CONTEXTS:
+        env[f"{context.upper()}_DATABASE_URL"] = _database_url(
+            settings.CONTEXT_DATABASES[context])
     return env
 
 

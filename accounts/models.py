@@ -45,3 +45,37 @@ class User(AbstractUser):
             models.UniqueConstraint(Lower("username"), name="accounts_user_username_ci_unique"),
             models.UniqueConstraint(Lower("email"), name="accounts_user_email_ci_unique"),
         ]
+
+
+class ServiceReadiness(models.Model):
+    """Accounts' projection of what each service announced it did for a user: the readiness the
+    game client polls (``GET /api/auth/me/onboarding``), read here without touching any
+    service's database.
+
+    Kept by ``manage.py consume accounts`` from the services' announcements
+    (``user.onboarded.<service>``, ``user.erased.<service>``), idempotent (one row per user and
+    service, written with an upsert) and in order. An erasure is final: a late
+    ``user.onboarded`` for an erased user does not make them ready again. Outlives the account
+    (no foreign key): after a deletion it records which services erased the user. Holds no
+    personal data: an id, a service's name, two times. ``reconcile`` compares it with the
+    services' rows and repairs it.
+    """
+
+    user_id = models.UUIDField()
+    service = models.CharField(max_length=64)
+    onboarded_at = models.DateTimeField(null=True, blank=True)
+    erased_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "service readiness"
+        constraints = [
+            models.UniqueConstraint(fields=["user_id", "service"], name="readiness_once"),
+        ]
+
+    def __str__(self):
+        state = "erased" if self.erased_at else "ready" if self.onboarded_at else "waiting"
+        return f"{self.service}: {state}"
+
+    @property
+    def ready(self) -> bool:
+        return self.onboarded_at is not None and self.erased_at is None

@@ -52,7 +52,7 @@ from onboarding.eventbus.ids import uuid7
 from onboarding.eventbus.models import OUTBOX_DATABASE, Erasure
 from onboarding.eventbus.nats.connection import session
 from onboarding.eventbus.registry import get_consumers
-from onboarding.readiness import onboarding_readiness
+from onboarding.readiness import onboarding_readiness, onboarding_services
 
 DEFAULT_CHUNK_SIZE = 1000
 # Users named per service in a report; the counts are always complete.
@@ -65,7 +65,7 @@ EVENT_COLUMNS = ("id", "username", "email", "date_joined")
 
 def reconcilable_services() -> list[str]:
     """The services reconcile can check: every consumer that declares a DEFAULTS selector."""
-    return [name for name, spec in get_consumers().items() if spec.defaults is not None]
+    return onboarding_services()
 
 
 def users_to_check(*, since: dt.datetime | None, until: dt.datetime):

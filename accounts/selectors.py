@@ -10,8 +10,8 @@ from django.conf import settings
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
-from accounts.models import User
-from onboarding.readiness import user_readiness
+from accounts.models import ServiceReadiness, User
+from onboarding.readiness import onboarding_services
 
 
 @dataclass(frozen=True)
@@ -27,21 +27,24 @@ class UserOnboarding:
 
 
 def user_onboarding_get(*, user_id: uuid.UUID) -> UserOnboarding | None:
-    """Which services have set the user up, read from each one's own database; None for a
-    user that does not exist.
+    """Which services have set the user up, from accounts' own readiness projection
+    (``ServiceReadiness``, kept by ``manage.py consume accounts`` from the services'
+    announcements); None for a user that does not exist.
 
-    Goes through onboarding.readiness, which asks each context's own ``DEFAULTS`` selector:
-    accounts shares only the event contract with the contexts, never their models, and a new
-    service shows up here by declaring its selector.
+    Reads accounts' database only: the web needs no service's credentials, and a slow service
+    database does not slow this endpoint. Which services there are comes from the registry (each
+    context that declares ``DEFAULTS``), so a service that has announced nothing yet shows as
+    not ready rather than missing.
     """
     if not User.objects.filter(pk=user_id).exists():
         return None
-    found = user_readiness(user_id=user_id)
+    ready = {
+        row.service: row.ready
+        for row in ServiceReadiness.objects.filter(user_id=user_id)
+    }
     return UserOnboarding(
         user_id=user_id,
-        services={
-            name: defaults is not None and defaults.complete for name, defaults in found.items()
-        },
+        services={name: ready.get(name, False) for name in onboarding_services()},
     )
 
 

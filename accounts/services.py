@@ -10,7 +10,10 @@ transaction that makes the change (the outbox), so the services hear of exactly 
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import uuid
+from collections.abc import Iterable
 
 from django.apps import apps
 from django.conf import settings
@@ -24,7 +27,7 @@ from django.db.models.functions import Lower
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
-from accounts.models import User
+from accounts.models import ServiceReadiness, User
 from accounts.selectors import token_is_expired
 from onboarding.contracts import UserDeleted, UserRegistered, UserRenamed
 from onboarding.eventbus import outbox_publish_on_commit
@@ -232,3 +235,29 @@ def user_token_revoke(*, token: Token) -> None:
     """Revoke ``token`` at once: every request that carries it gets a 401 from now on."""
     deleted, _ = Token.objects.filter(pk=token.pk).delete()
     logger.info("api token revoked user_id=%s revoked=%s", token.user_id, bool(deleted))
+
+
+# -- the readiness projection (``manage.py consume accounts``) -------------------------------
+
+
+def readiness_record_onboarded(*, onboarded: Iterable[tuple[uuid.UUID, str, dt.datetime]]) -> None:
+    """Record that each (user, service, when) has the user's defaults: the services'
+    ``user.onboarded.<service>``. Idempotent: one row per user and service, upserted; a
+    service that erased the user stays erased (``ServiceReadiness.ready``)."""
+    _readiness_upsert(onboarded, field="onboarded_at")
+
+
+def readiness_record_erased(*, erased: Iterable[tuple[uuid.UUID, str, dt.datetime]]) -> None:
+    """Record that each (user, service, when) erased the user: ``user.erased.<service>``."""
+    _readiness_upsert(erased, field="erased_at")
+
+
+def _readiness_upsert(facts: Iterable[tuple[uuid.UUID, str, dt.datetime]], *, field: str):
+    # One row per (user, service) in the statement: PostgreSQL refuses to update a row twice in
+    # one INSERT ... ON CONFLICT. Of two, the later fact wins (they come in stream order).
+    latest = {(user_id, service): at for user_id, service, at in facts}
+    ServiceReadiness.objects.bulk_create(
+        [ServiceReadiness(user_id=user_id, service=service, **{field: at})
+         for (user_id, service), at in sorted(latest.items())],
+        update_conflicts=True, unique_fields=["user_id", "service"], update_fields=[field],
+    )

@@ -12,7 +12,7 @@ raises nothing else, whatever the bytes (tests/test_contracts_fuzz.py fuzzes it)
 Strict means one spelling for each value, so that every consumer, in any language, reads the
 same event: the payload is UTF-8 JSON with each key once; ``userId`` is a UUID in its canonical
 36-character form; every timestamp (``registrationTimestamp``, ``deletedAt``,
-``renamedAt``) is an RFC 3339 date and time (ISO 8601's profile
+``renamedAt``, ``onboardedAt``, ``erasedAt``) is an RFC 3339 date and time (ISO 8601's profile
 for the internet, in ASCII) with a zone and an instant that exists in UTC; text fields hold no
 control characters and no lone surrogates (a database column could not store them).
 """
@@ -143,6 +143,12 @@ class _UserEvent:
     def key(self) -> str:
         return str(self.user_id)
 
+    @property
+    def published_subject(self) -> str:
+        """The subject this event is published on (``subject`` may be a pattern: a service's
+        announcements are published on a subject of their own)."""
+        return self.subject
+
     def to_payload(self) -> dict:
         raise NotImplementedError
 
@@ -244,9 +250,98 @@ class UserRenamed(_UserEvent):
                    renamed_at=_require_timestamp(data, "renamedAt"))
 
 
+# A service's name, as its announcements' subjects carry it: an app label.
+_SERVICE = re.compile(r"[a-z][a-z0-9_]{0,62}")
+
+
+def _require_service(data: dict) -> str:
+    service = _require_str(data, "service", 63)
+    if not _SERVICE.fullmatch(service):
+        raise ContractError(f"service: not a service name: {service!r}")
+    return service
+
+
+class _ServiceAnnouncement(_UserEvent):
+    """What a service announces of the work it did for a user, on ``<prefix>.<service>``.
+
+    The service is the subject's last token, so that the server's permissions let each
+    service publish its own announcements only (deploy/nats/auth.conf), and consumers filter on
+    ``<prefix>.*``. The payload names the service too; a message whose payload and subject
+    disagree breaks the contract. Carries no personal data: the user's id, the service, when.
+    """
+
+    prefix: ClassVar[str]
+    service: str
+
+    @property
+    def published_subject(self) -> str:
+        return f"{self.prefix}.{self.service}"
+
+
+@dataclass(frozen=True)
+class UserOnboarded(_ServiceAnnouncement):
+    """``user.onboarded.<service>``: the service has created all of the user's defaults, in the
+    transaction that applied ``user.registered`` there. Accounts keeps the readiness the game
+    client polls from these (``manage.py consume accounts``).
+    """
+
+    prefix: ClassVar[str] = "user.onboarded"
+    subject: ClassVar[str] = "user.onboarded.*"
+    version: ClassVar[int] = 1
+
+    user_id: uuid.UUID
+    service: str
+    onboarded_at: dt.datetime
+
+    def to_payload(self) -> dict:
+        return {"userId": str(self.user_id), "service": self.service,
+                "onboardedAt": _format_timestamp(self.onboarded_at)}
+
+    @classmethod
+    def from_payload(cls, data: object) -> UserOnboarded:
+        data = _require_object(data)
+        return cls(user_id=_require_user_id(data), service=_require_service(data),
+                   onboarded_at=_require_timestamp(data, "onboardedAt"))
+
+
+@dataclass(frozen=True)
+class UserErased(_ServiceAnnouncement):
+    """``user.erased.<service>``: the service has deleted the user's rows and keeps a tombstone
+    (its handling of ``user.deleted``). Final: nothing is created for the user there again.
+    """
+
+    prefix: ClassVar[str] = "user.erased"
+    subject: ClassVar[str] = "user.erased.*"
+    version: ClassVar[int] = 1
+
+    user_id: uuid.UUID
+    service: str
+    erased_at: dt.datetime
+
+    def to_payload(self) -> dict:
+        return {"userId": str(self.user_id), "service": self.service,
+                "erasedAt": _format_timestamp(self.erased_at)}
+
+    @classmethod
+    def from_payload(cls, data: object) -> UserErased:
+        data = _require_object(data)
+        return cls(user_id=_require_user_id(data), service=_require_service(data),
+                   erased_at=_require_timestamp(data, "erasedAt"))
+
+
+# By subject, or subject pattern (``user.onboarded.*``).
 EVENT_TYPES: dict[str, type[_UserEvent]] = {
-    event.subject: event for event in (UserRegistered, UserDeleted, UserRenamed)
+    event.subject: event
+    for event in (UserRegistered, UserDeleted, UserRenamed, UserOnboarded, UserErased)
 }
+
+
+def event_type_of(subject: str) -> type[_UserEvent] | None:
+    """The contract class of a message published on ``subject`` (None: no such event)."""
+    found = EVENT_TYPES.get(subject)
+    if found is None and "." in subject:
+        found = EVENT_TYPES.get(subject.rsplit(".", 1)[0] + ".*")
+    return found
 
 
 def event_headers(event, *, event_id: uuid.UUID | str) -> dict[str, str]:
@@ -260,7 +355,7 @@ def event_headers(event, *, event_id: uuid.UUID | str) -> dict[str, str]:
 
 def parse_event(subject: str, data: bytes, headers: dict | None = None):
     """Decode and validate a message; raise ``ContractError`` if it breaks the contract."""
-    event_type = EVENT_TYPES.get(subject)
+    event_type = event_type_of(subject)
     if event_type is None:
         raise ContractError(f"unknown event subject {subject!r}")
     version = (headers or {}).get(VERSION_HEADER, "1")
@@ -273,4 +368,8 @@ def parse_event(subject: str, data: bytes, headers: dict | None = None):
         raise
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ContractError(f"payload is not JSON: {exc}") from None
-    return event_type.from_payload(decoded)
+    event = event_type.from_payload(decoded)
+    if event.published_subject != subject:
+        raise ContractError(
+            f"service: {event.service!r} announced on another service's subject {subject!r}")
+    return event

@@ -52,15 +52,18 @@ def _has_module(package: str, name: str) -> bool:
 
 
 def configure(
-    env, *, installed_apps: list[str], sqlite_dir: Path, test_dir: Path
+    env, *, installed_apps: list[str], sqlite_dir: Path, test_dir: Path, home: str = "accounts"
 ) -> tuple[tuple[str, ...], dict[str, dict], dict[str, str]]:
     """(BOUNDED_CONTEXTS, DATABASES, CONTEXT_DATABASES) from the environment.
 
-    accounts, Django's own apps and the outbox live in ``DATABASE_URL``. Each context has its
-    own ``<LABEL>_DATABASE_URL``; unset, it follows ``DATABASE_URL`` when that is set, else gets
-    its own SQLite file in ``sqlite_dir``.
+    ``home`` (accounts), Django's own apps and the outbox live in ``DATABASE_URL``. Each other
+    context has its own ``<LABEL>_DATABASE_URL``; unset, it follows ``DATABASE_URL`` when that
+    is set, else gets its own SQLite file in ``sqlite_dir``. ``home`` may consume too (accounts
+    keeps the readiness projection): it is then in ``CONTEXT_DATABASES``, always on ``default``,
+    and not in ``BOUNDED_CONTEXTS``, the contexts with a database of their own.
     """
-    contexts = bounded_contexts(installed_apps)
+    found = bounded_contexts(installed_apps)
+    contexts = tuple(context for context in found if context != home)
     default_url = env.str("DATABASE_URL", default="")
     default = prepare(
         env.db_url_config(default_url or f"sqlite:///{sqlite_dir / 'accounts.sqlite3'}"),
@@ -73,6 +76,8 @@ def configure(
         )
         configs[context] = prepare(env.db_url_config(url), test_dir=test_dir)
     databases, context_alias = assign(default, configs)
+    if home in found:
+        context_alias[home] = "default"
     return contexts, databases, context_alias
 
 # WAL lets readers run beside the one writer; IMMEDIATE takes the write lock at BEGIN so two

@@ -2,9 +2,11 @@
 
 Each context declares, beside what it consumes, a ``DEFAULTS`` selector (``<app>/consumers.py``)
 that reports which of a user's defaults exist there. This module asks every registered
-consumer's selector, so the per-user story (``onboarding_status --user``, the admin), the game
-client's readiness endpoint and ``reconcile`` read the same answer, and a new service is included
-by declaring its selector — nothing here names a context.
+consumer's selector, so the per-user story (``onboarding_status --user``, the admin) and
+``reconcile`` read the same answer, and a new service is included by declaring its selector —
+nothing here names a context. These read each context's database, with credentials the web need
+not hold: the game client's readiness endpoint answers from accounts' own projection instead
+(``accounts.models.ServiceReadiness``), and only the list of services comes from here.
 """
 
 from __future__ import annotations
@@ -12,7 +14,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 
-from onboarding.eventbus.registry import UserDefaults, get_consumers
+from onboarding.eventbus.registry import UserDefaults, get_consumers, get_services
+
+
+def onboarding_services() -> list[str]:
+    """The services that set a new user up: every registered consumer with a ``DEFAULTS``
+    selector (what the readiness endpoint lists; accounts' own consumer has none)."""
+    return list(get_services())
 
 
 def onboarding_readiness(

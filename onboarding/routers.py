@@ -4,15 +4,16 @@
 onto one physical database share one alias, see ``onboarding.databases``). Everything else —
 accounts, Django's own apps, the outbox and the dead letters — lives in ``default``.
 
-The eventbus inbox (``ProcessedEvent``) and the tombstones (``Tombstone``) are the tables present
-in every context database: they are written in the same transaction as the context's own rows,
-so the event bus always addresses them with an explicit ``using(alias)``.
+The eventbus inbox (``ProcessedEvent``), the tombstones (``Tombstone``) and the announcements
+(``Announcement``) are the tables present in every context database (accounts' default among
+them, since it consumes the announcements): they are written in the same transaction as the
+context's own rows, so the event bus always addresses them with an explicit ``using(alias)``.
 """
 
 from django.conf import settings
 
 # eventbus models that exist once per context database rather than once in default.
-PER_CONTEXT_MODELS = frozenset({"processedevent", "tombstone"})
+PER_CONTEXT_MODELS = frozenset({"processedevent", "tombstone", "announcement"})
 
 
 def _context_alias(app_label: str) -> str | None:

@@ -107,3 +107,34 @@ class Burst:
         assert not self.thread.is_alive(), "the burst did not finish"
         assert not self.errors, self.errors
         assert self.done == self.n
+
+
+def deliver_announcements() -> int:
+    """What the contexts' ``consume`` processes and ``consume accounts`` do with the
+    announcements waiting in each context's outbox, without NATS: parse each as a consumer
+    would, apply accounts' handlers in order, and mark them published. Returns how many."""
+    from django.conf import settings
+    from django.db import transaction
+
+    from onboarding.contracts import parse_event
+    from onboarding.eventbus.models import Announcement
+    from onboarding.eventbus.registry import get_consumers
+
+    accounts = get_consumers()["accounts"]
+    delivered = 0
+    for alias in dict.fromkeys(settings.CONTEXT_DATABASES[c] for c in settings.BOUNDED_CONTEXTS):
+        rows = list(Announcement.objects.using(alias).filter(published_at__isnull=True))
+        with transaction.atomic():
+            for row in rows:
+                event = parse_event(row.subject, row.payload.encode(), row.headers)
+                accounts.handler_for(row.subject)([event])
+        Announcement.objects.using(alias).filter(id__in=[r.id for r in rows]).update(
+            published_at=time_now())
+        delivered += len(rows)
+    return delivered
+
+
+def time_now():
+    from django.utils import timezone
+
+    return timezone.now()

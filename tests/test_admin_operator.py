@@ -93,11 +93,11 @@ def test_the_users_page_tells_each_services_story(staff_client, start_consumers)
     assert f'data-copy="{user.id}"' in html
     assert f'<code title="{user.id}">{user.id}</code>' in html
     assert 'id="onboarding-story"' in html
-    from onboarding.eventbus.registry import get_consumers
+    from onboarding.eventbus.registry import get_services
 
     story = response.context["story"]
-    assert list(story["services"]) == list(get_consumers())  # the registry, not a fixed four
-    for name in get_consumers():
+    assert list(story["services"]) == list(get_services())  # the registry, not a fixed four
+    for name in get_services():
         assert f'class="service-{name}"' in html
     player = Player.objects.get(user_id=user.id)
     assert reverse("admin:players_player_change", args=[player.pk]) in html

@@ -26,7 +26,7 @@ import pytest
 from django.conf import settings
 
 from conftest import wait_settled, wait_until
-from onboarding.eventbus.registry import get_consumers
+from onboarding.eventbus.registry import get_services
 from tests.flow import STRONG_PASSWORD
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -96,7 +96,7 @@ def a_dead_letter(user_id: str, consumer: str):
     from onboarding.eventbus.models import OutboxEvent, ProcessedEvent
 
     event = OutboxEvent.objects.get(payload__contains=user_id)
-    seq = (ProcessedEvent.objects.using(get_consumers()[consumer].database)
+    seq = (ProcessedEvent.objects.using(get_services()[consumer].database)
            .get(consumer=consumer, event_id=event.event_id).stream_seq)
     return dead_letter_store(
         consumer=consumer, subject=event.subject, stream=settings.NATS_STREAM, stream_seq=seq,
@@ -169,7 +169,7 @@ def test_operator_in_the_browser(live_server, start_consumers, django_user_model
     user_id = register_over_http(live_server.url, "ada")
     wait_until(lambda: all_ready(user_id), timeout=20, message="the user's four defaults")
     wait_settled(timeout=20)
-    services = list(get_consumers())  # the registry decides which services there are
+    services = list(get_services())  # the registry decides which services there are
     user_page = f"{live_server.url}/admin/accounts/user/{user_id}/change/"
 
     with admin_in_chromium(live_server.url) as page:

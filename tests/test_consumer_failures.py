@@ -13,7 +13,7 @@ from conftest import run_async, wait_settled, wait_until
 from onboarding.contracts import VERSION_HEADER, event_headers
 from onboarding.eventbus.consumer.failures import retry_delay
 from onboarding.eventbus.models import DeadLetter
-from onboarding.eventbus.registry import get_consumers
+from onboarding.eventbus.registry import get_consumers, get_services
 from tests.flow import assert_defaults, complete_count, counts, sample_event
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
@@ -75,7 +75,7 @@ def test_poison_messages_are_dead_lettered_and_valid_ones_still_land(start_consu
         assert_defaults(event.user_id, event.username)
     wait_settled()  # the poison messages were terminated, not left to ack_wait
     poison_seqs = set(sequences[1::2])
-    for name in get_consumers():
+    for name in get_services():
         letters = DeadLetter.objects.filter(consumer=name)
         assert set(letters.values_list("stream_seq", flat=True)) == poison_seqs
         assert set(letters.values_list("error_type", flat=True)) == {"ContractError"}
@@ -139,7 +139,7 @@ def test_consume_command_rejects_unknown_consumers():
     from django.core.management import call_command
     from django.core.management.base import CommandError
 
-    with pytest.raises(CommandError, match="unknown consumer nope; consumers: players"):
+    with pytest.raises(CommandError, match="unknown consumer nope; consumers: accounts, players"):
         call_command("consume", "nope")
     with pytest.raises(CommandError, match="name one or more consumers or pass --all"):
         call_command("consume")
@@ -166,7 +166,7 @@ def test_duplicates_within_and_across_batches_create_nothing_twice(start_consume
                      for payload, headers in first[10:20]]
     publish_all(first + again_new_id + again_same_id)
     running = start_consumers(batch=25)  # duplicates land in the same and in later batches
-    wait_until(lambda: all(n == 50 for n in running.runner.processed.values()))
+    wait_until(lambda: all(running.runner.processed[n] == 50 for n in get_services()))
     running.stop()
     assert counts() == complete_count(30)
     for event in events:

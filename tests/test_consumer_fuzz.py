@@ -19,7 +19,7 @@ from conftest import run_async, wait_settled, wait_until
 from onboarding.contracts import VERSION_HEADER, ContractError, parse_event
 from onboarding.eventbus.deadletters.store import DEAD_LETTER_HEADER
 from onboarding.eventbus.models import DeadLetter
-from onboarding.eventbus.registry import get_consumers
+from onboarding.eventbus.registry import get_consumers, get_services
 from tests.flow import assert_defaults, complete_count, counts, sample_event
 from tests.test_consumer_failures import publish_all
 from tests.test_contracts_fuzz import VALID, dump, hostile_payloads
@@ -113,7 +113,7 @@ def test_hostile_messages_are_dead_lettered_once_and_the_consumers_carry_on(star
     running = start_consumers()
     wait_until(lambda: counts() == complete_count(len(events)), timeout=60,
                message="every valid event applied")
-    consumers = len(get_consumers())
+    consumers = len(get_services())  # those that take user.registered: not accounts
     wait_until(lambda: DeadLetter.objects.count() == consumers * len(hostile), timeout=60,
                message="a dead letter per hostile message and consumer")
     assert running.thread.is_alive() and running.error is None  # it never stopped
@@ -128,7 +128,7 @@ def test_hostile_messages_are_dead_lettered_once_and_the_consumers_carry_on(star
 
     for event in events:
         assert_defaults(event.user_id, event.username)
-    for name in get_consumers():
+    for name in get_services():
         letters = DeadLetter.objects.filter(consumer=name)
         seqs = list(letters.values_list("stream_seq", flat=True))
         assert sorted(seqs) == sorted(hostile_seqs)  # each one, exactly once

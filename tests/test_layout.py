@@ -27,7 +27,7 @@ PACKAGE = "onboarding.eventbus"
 # The event bus's parts, and the parts each may import (besides itself). "kernel" is the
 # package's top-level modules that every part shares; the entry points (the package's
 # __init__, apps, checks, admin/, management/) may import anything.
-KERNEL = {"models", "registry", "subjects", "ids", "rows", "erasing"}
+KERNEL = {"models", "registry", "subjects", "ids", "rows", "erasing", "announcing"}
 MAY_IMPORT = {
     "kernel": set(),
     "nats": {"kernel"},

@@ -25,7 +25,7 @@ from onboarding.dev.natsserver import NatsServer, SecuredNats, free_port, make_c
 from onboarding.eventbus.models import DeadLetter, OutboxEvent
 from onboarding.eventbus.nats.connection import connect, session
 from onboarding.eventbus.nats.refusals import NatsAccessError
-from onboarding.eventbus.registry import get_consumers
+from onboarding.eventbus.registry import get_consumers, get_services
 from tests.flow import complete_count, counts
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
@@ -132,6 +132,11 @@ def test_full_flow_with_every_role_on_its_own_user(secured, manage):
     wait_until(lambda: counts() == complete_count(3), timeout=20, message="all defaults")
     wait_until(lambda: not OutboxEvent.objects.filter(published_at__isnull=True).exists(),
                timeout=10, message="every outbox row published")
+    # Each service announced it (its own user), and accounts' consumer (its own) kept it.
+    from accounts.models import ServiceReadiness
+
+    wait_until(lambda: ServiceReadiness.objects.filter(onboarded_at__isnull=False).count()
+               == 3 * len(get_services()), timeout=20, message="the readiness projection")
 
     status = manage("onboarding_status", "--json", **secured.env_for("monitor"))
     assert status.wait(20) == 0, status.output()
@@ -174,9 +179,15 @@ def test_a_consumer_may_only_read_pull_and_settle_its_own_durable(consumer, prov
     info = allowed(lambda js: js.consumer_info(STREAM, consumer))
     assert info.name == consumer
     allowed(lambda js: fetch_from(consumer, js))
+    # It speaks for itself: its own announcements, never another service's.
+    for verb in ("onboarded", "erased"):
+        assert allowed(lambda js, v=verb: js.publish(f"user.{v}.{consumer}", b"{}")).stream \
+            == STREAM
     other = "characters"
     for attempt, subject in [
         (lambda js: js.publish("user.registered", b"{}"), "user.registered"),
+        (lambda js: js.publish(f"user.onboarded.{other}", b"{}"), f"user.onboarded.{other}"),
+        (lambda js: js.publish(f"user.erased.{other}", b"{}"), f"user.erased.{other}"),
         (lambda js: js.publish(f"replay.{consumer}.user.registered", b"{}"), "replay."),
         (lambda js: fetch_from(other, js), f"msg.next.users.{other}"),
         (lambda js: js.consumer_info(STREAM, other), f"consumer.info.users.{other}"),
@@ -202,6 +213,9 @@ def test_publishers_may_publish_user_events_and_nothing_else(role, provisioned, 
     for attempt, subject in [
         (lambda js: fetch_from("players", js), "msg.next.users.players"),
         (lambda js: js.publish("replay.players.user.registered", b"{}"), "replay.players"),
+        # Accounts' processes never speak for a service (its readiness comes from these).
+        (lambda js: js.publish("user.onboarded.players", b"{}"), "user.onboarded.players"),
+        (lambda js: js.publish("user.erased.players", b"{}"), "user.erased.players"),
         (lambda js: js.delete_stream(STREAM), "stream.delete"),
         (lambda js: js.consumer_info(STREAM, "players"), "consumer.info"),
     ]:

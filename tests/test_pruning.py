@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from conftest import RunningConsumers, RunningRelay, run_async, wait_settled, wait_until
 from onboarding.eventbus.deadletters.store import dead_letter_resolve, dead_letters_discard
-from onboarding.eventbus.models import DeadLetter, OutboxEvent, ProcessedEvent
+from onboarding.eventbus.models import Announcement, DeadLetter, OutboxEvent, ProcessedEvent
 from onboarding.eventbus.ops.story import user_story
 from onboarding.eventbus.outbox.leadership import relay_lock
 from onboarding.eventbus.runtime import pruning
@@ -85,7 +85,14 @@ def register_users(client, stack, names) -> list[uuid.UUID]:
     wait_settled()
     wait_until(lambda: OutboxEvent.objects.filter(published_at__isnull=True).count() == 0,
                message="every outbox row marked published")
+    wait_until(lambda: unpublished_announcements() == 0,
+               message="every service's announcement marked published")
     return ids
+
+
+def unpublished_announcements() -> int:
+    return sum(Announcement.objects.using(alias).filter(published_at__isnull=True).count()
+               for alias in dict.fromkeys(settings.CONTEXT_DATABASES.values()))
 
 
 def prune_command(*args) -> dict[str, dict[str, int]]:
@@ -104,12 +111,19 @@ def prune_command(*args) -> dict[str, dict[str, int]]:
 
 
 def expected_counts(*, outbox: int, inbox_per_consumer: int, dead_letters: int,
-                    access_logs: int = 0, ledger: int = 0) -> dict:
-    """What the command prints, database by database: contexts sharing a database share a line."""
+                    access_logs: int = 0, ledger: int = 0,
+                    announcements_per_context: int = 0) -> dict:
+    """What the command prints, database by database: contexts sharing a database share a line.
+    Accounts' consumer (its inbox in default) does not run in these tests."""
     expected = {"default": {pruning.OUTBOX: outbox, pruning.LEDGER: ledger}}
     for alias in settings.CONTEXT_DATABASES.values():
         line = expected.setdefault(alias, {})
-        line[pruning.INBOX] = line.get(pruning.INBOX, 0) + inbox_per_consumer
+        line.setdefault(pruning.INBOX, 0)
+        line.setdefault(pruning.ANNOUNCEMENTS, 0)
+    for context in settings.BOUNDED_CONTEXTS:
+        line = expected[settings.CONTEXT_DATABASES[context]]
+        line[pruning.INBOX] += inbox_per_consumer
+        line[pruning.ANNOUNCEMENTS] += announcements_per_context
     expected["default"][pruning.DEAD_LETTERS] = dead_letters
     expected["default"][pruning.ACCESS_LOGS] = access_logs
     return expected
@@ -160,7 +174,8 @@ def test_prune_deletes_what_the_windows_let_go_and_keeps_what_the_guarantees_nee
         3, 3 * N_CONSUMERS, 2 * N_CONSUMERS)
 
     windows(settings, 0)  # the windows pass
-    due = expected_counts(outbox=3, inbox_per_consumer=3, dead_letters=N_CONSUMERS + 1)
+    due = expected_counts(outbox=3, inbox_per_consumer=3, dead_letters=N_CONSUMERS + 1,
+                          announcements_per_context=3)
     assert prune_command("--dry-run") == due
     assert (published_rows(), inbox_rows(), DeadLetter.objects.count()) == (
         3, 3 * N_CONSUMERS, 2 * N_CONSUMERS), "a dry run deleted something"

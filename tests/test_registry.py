@@ -36,7 +36,7 @@ def test_a_consumer_the_settings_did_not_derive_is_an_error(settings):
 
 
 def test_a_context_without_subscriptions_or_app_is_an_error(settings):
-    settings.BOUNDED_CONTEXTS = (*settings.BOUNDED_CONTEXTS, "accounts")
+    settings.BOUNDED_CONTEXTS = (*settings.BOUNDED_CONTEXTS, "dev")  # onboarding.dev's label
     assert ids() == {"eventbus.E012"}
     settings.BOUNDED_CONTEXTS = (*settings.BOUNDED_CONTEXTS[:-1], "nope")
     assert ids() == {"eventbus.E011"}

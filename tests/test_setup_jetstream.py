@@ -37,11 +37,13 @@ def test_creates_limits_stream_and_one_durable_per_context(jetstream):
     assert stream.subjects == ["user.>", "replay.>"]
     assert stream.max_age == pytest.approx(settings.NATS_STREAM_MAX_AGE)
     assert stream.duplicate_window == pytest.approx(settings.NATS_DUPLICATE_WINDOW)
-    assert set(consumers) == {"players", "characters", "progression", "buildings"}
+    assert set(consumers) == {"accounts", "players", "characters", "progression", "buildings"}
     for name, config in consumers.items():
         assert config.durable_name == name
         handled = ["user.registered", "user.deleted"]
         handled += ["user.renamed"] if name == "players" else []
+        if name == "accounts":  # the services' announcements, into its readiness projection
+            handled = ["user.onboarded.*", "user.erased.*"]
         assert sorted(config.filter_subjects) == sorted([*handled, f"replay.{name}.>"])
         assert str(getattr(config.ack_policy, "value", config.ack_policy)) == "explicit"
         assert config.max_deliver == -1  # the runner enforces CONSUMER_MAX_DELIVER

@@ -61,7 +61,7 @@ def test_a_stopped_consumer_with_pending_events_is_unhealthy_until_it_runs(
     start_consumers, manage
 ):
     """The reported bug: "healthy, exit 0" while buildings was stopped with 3 events pending."""
-    start_consumers(RUNNING)
+    start_consumers(["accounts", *RUNNING])
     users = register(3)
     wait_until(all_published, message="outbox published")  # then settled means applied
     wait_settled(RUNNING, timeout=20)
@@ -146,7 +146,7 @@ def test_a_consumer_killed_with_a_batch_in_hand_is_unhealthy(start_consumers, ma
     again: "pending and nobody pulling" alone would call this durable fine for ever."""
     import time
 
-    start_consumers(RUNNING)
+    start_consumers(["accounts", *RUNNING])
     buildings = manage("consume", "buildings", faults=True, FAULT_SLOW="buildings:60")
     buildings.wait_for_output("consumers started")
     register(2)
@@ -256,7 +256,7 @@ def test_unreachable_nats_is_unhealthy_and_names_the_server_without_its_password
 
 
 def test_user_story_follows_the_event_to_each_service(start_consumers, manage):
-    start_consumers(RUNNING)
+    start_consumers(["accounts", *RUNNING])
     [user] = register(1, prefix="story")
     wait_until(all_published, message="outbox published")  # then settled means applied
     wait_settled(RUNNING, timeout=20)

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 
 from django.db import connections, router
 
+from onboarding.eventbus.announcing import announce_erased
 from onboarding.eventbus.models import Tombstone
 from onboarding.eventbus.rows import insert_ignoring_conflicts
 
@@ -33,8 +34,8 @@ def erase_users(*, context: str, models: Sequence[type], user_ids: Iterable[uuid
     database) of these users and keep a tombstone of each; return how many rows went.
 
     Idempotent: erasing a user twice deletes nothing more and keeps the first tombstone. Runs in
-    the caller's transaction (the consumer's), so the rows, the tombstones and the inbox row of
-    the event commit together.
+    the caller's transaction (the consumer's), so the rows, the tombstones, the inbox row of
+    the event and the announcement ``user.erased.<context>`` commit together.
     """
     ids = sorted(set(user_ids))
     if not ids:
@@ -54,6 +55,8 @@ def erase_users(*, context: str, models: Sequence[type], user_ids: Iterable[uuid
             deleted += model.objects.using(alias).filter(
                 user_id__in=ids[start:start + CHUNK]
             ).delete()[0]
+    # Told to the others in the same transaction: accounts' readiness shows the erasure.
+    announce_erased(context=context, user_ids=ids)
     return deleted
 
 

@@ -141,6 +141,39 @@ class Tombstone(models.Model):
         return f"{self.context} erased {self.user_id}"
 
 
+class Announcement(models.Model):
+    """What a context announces of the work it did for a user (``user.onboarded.<context>``,
+    ``user.erased.<context>``): an outbox in the context's own database, beside its inbox.
+
+    Written in the transaction that applied the handler, so the announcement commits with the
+    rows it speaks of, or not at all. The context's ``consume`` process publishes it: at once
+    after the commit, and a scan for what that missed (a crash, NATS down). ``event_id``
+    travels as ``Nats-Msg-Id``: publishing a row twice is deduplicated by JetStream.
+    """
+
+    event_id = models.UUIDField(unique=True, editable=False)
+    context = models.CharField(max_length=64)
+    subject = models.CharField(max_length=255)
+    payload = models.TextField(help_text="The exact JSON published.")
+    headers = models.JSONField(default=dict)
+    created_at = models.DateTimeField(default=timezone.now)
+    published_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [
+            # The scan reads one context's unpublished rows in id order.
+            models.Index(fields=["context", "id"], condition=Q(published_at__isnull=True),
+                         name="announcement_unpublished"),
+            # Pruning deletes published rows older than the duplicate window.
+            models.Index(fields=["published_at"], condition=Q(published_at__isnull=False),
+                         name="announcement_published"),
+        ]
+
+    def __str__(self):
+        return f"{self.subject} {self.event_id}"
+
+
 class ProcessedEvent(models.Model):
     """The inbox: one row per (consumer, event) handled, in the consumer's own database.
 

@@ -22,6 +22,8 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import module_has_submodule
 
+from onboarding.eventbus.subjects import subject_matches
+
 
 @dataclass(frozen=True)
 class Subscription:
@@ -83,8 +85,10 @@ class ConsumerSpec:
             ) from None
 
     def handler_for(self, subject: str) -> Callable[[object], None] | None:
+        """The handler of events published on ``subject`` (a subscription may name a pattern:
+        ``user.onboarded.*``)."""
         for subscription in self.subscriptions:
-            if subscription.event.subject == subject:
+            if subject_matches(subject, subscription.event.subject):
                 return subscription.handler
         return None
 
@@ -103,3 +107,10 @@ def get_consumers() -> dict[str, ConsumerSpec]:
                 getattr(module, "USERS", None),
             )
     return found
+
+
+def get_services() -> dict[str, ConsumerSpec]:
+    """The consumers that set users up: those with a ``DEFAULTS`` selector (the per-user story,
+    readiness, ``reconcile``), not accounts' own, which keeps the readiness projection from
+    their announcements."""
+    return {name: spec for name, spec in get_consumers().items() if spec.defaults is not None}

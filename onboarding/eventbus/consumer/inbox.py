@@ -116,19 +116,22 @@ def handler_runs(items: list[Incoming]) -> list[tuple[str, list[Incoming]]]:
     stricter order: a new call at every change of subject in the batch.
     """
     keys = [getattr(item.event, "key", None) for item in items]
+    # What a subscription names: a subject, or a pattern (``user.onboarded.*``) whose subjects
+    # one handler takes together (one service's announcement and another's commute).
+    kinds = [getattr(item.event, "subject", item.subject) for item in items]
     if None in keys:
-        return [(subject, list(run))
-                for subject, run in itertools.groupby(items, key=lambda item: item.subject)]
+        return [(kind, [item for item, _ in run]) for kind, run in itertools.groupby(
+            zip(items, kinds, strict=True), key=lambda pair: pair[1])]
     phases: list[dict[str, list[Incoming]]] = []
-    last: dict[str, tuple[int, str]] = {}  # key -> (its phase, its subject) so far
-    for item, key in zip(items, keys, strict=True):
-        phase, subject = last.get(key, (-1, None))
-        if subject != item.subject:
+    last: dict[str, tuple[int, str]] = {}  # key -> (its phase, its kind) so far
+    for item, key, kind in zip(items, keys, kinds, strict=True):
+        phase, before = last.get(key, (-1, None))
+        if before != kind:
             phase += 1
-        last[key] = (phase, item.subject)
+        last[key] = (phase, kind)
         if phase == len(phases):
             phases.append({})
-        phases[phase].setdefault(item.subject, []).append(item)
+        phases[phase].setdefault(kind, []).append(item)
     runs: list[tuple[str, list[Incoming]]] = []
     for phase in phases:
         for subject, run in phase.items():

@@ -72,6 +72,7 @@ logger = logging.getLogger(__name__)
 
 DURABLE_POLL_SECONDS = 0.5  # how often a consumer looks for its durable until it exists
 FETCH_TIMEOUT = 1.0  # seconds; also bounds how long a stop request waits on an idle fetch
+COMPANION_STOP_WAIT = 5.0  # seconds a stopping consumer gives its companion to finish
 
 
 class ConsumerRunner:
@@ -83,8 +84,14 @@ class ConsumerRunner:
         *,
         batch: int | None = None,
         per_message: bool | None = None,
+        companion=None,
     ) -> None:
         self.specs = specs
+        # ``companion(spec, nc, db_call, stopper)``: a coroutine run beside each consumer's loop
+        # on the same connection, its database calls on the consumer's work thread. The consume
+        # command's publishes the context's announcements (outbox/announcer.py), which this
+        # side of the flow does not import.
+        self.companion = companion
         self.batch = batch or settings.CONSUMER_FETCH_BATCH
         # Batch mode: a fetched batch commits in one transaction with bulk writes; a failure
         # falls back to one message at a time, so one bad message never fails its batch-mates.
@@ -156,6 +163,8 @@ class ConsumerRunner:
         psub = fetch = None
         waiting_for_durable = False
         pending = watch_pending(js, spec.name, spec.durable)  # METRICS_PORT only
+        beside = (asyncio.ensure_future(self.companion(spec, nc, worker.call_aside, self.stopper))
+                  if self.companion is not None else None)
         try:
             # Before the first fetch, so that a pull request waiting on the durable means a warm
             # consumer, and its first events do not pay for the first connection (warmup.py).
@@ -227,6 +236,10 @@ class ConsumerRunner:
         finally:
             if pending is not None:
                 pending.cancel()
+            if beside is not None:
+                # It stops with the stopper; a publish in flight gets a moment to finish.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(beside, COMPANION_STOP_WAIT)
             if psub is not None:
                 await self._hand_back(psub)
             await worker.close()

@@ -46,6 +46,14 @@ class Worker:
         await self._abandoned_returned()
         return await self._submit(fn, *args, **kwargs)
 
+    async def call_aside(self, fn, /, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on the work thread, for work beside the consumer's own (its
+        announcements): waits for an abandoned call to return without taking it over, so the
+        loop still sees it (:meth:`idle`) and fetches nothing meanwhile."""
+        if self._abandoned is not None:
+            await asyncio.wait({self._abandoned})
+        return await self._submit(fn, *args, **kwargs)
+
     def _submit(self, fn, /, *args, **kwargs) -> asyncio.Future:
         def run():
             close_old_connections()

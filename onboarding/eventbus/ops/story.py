@@ -35,7 +35,7 @@ from onboarding.eventbus.models import (
 )
 from onboarding.eventbus.ops.durables import read_durables
 from onboarding.eventbus.ops.labels import checked_databases, database_label, nats_label
-from onboarding.eventbus.registry import ConsumerSpec, get_consumers
+from onboarding.eventbus.registry import ConsumerSpec, get_services
 from onboarding.readiness import onboarding_readiness
 
 # What each service did with a deleted user (``services.<name>.state`` of an erasure story).
@@ -196,7 +196,7 @@ def _registration_story(uid: uuid.UUID, user) -> dict:
         raise UserStoryError(f"unknown user {uid}: no such user and no registration event")
     event = events[-1] if events else None
     event_id = str(event.event_id) if event else None
-    consumers = get_consumers()
+    consumers = get_services()  # not accounts' own consumer
     stats, nats_error = read_durables(list(consumers), idle_confirm=0)  # first: see the module
     reads = {name: _context_reads(spec, uid, event_id, erased=False)
              for name, spec in consumers.items()}
@@ -292,7 +292,7 @@ def _erasure_story(uid: uuid.UUID, user, erasure: Erasure) -> dict:
     letter). Complete once the stream and every service are erased."""
     event_id = str(erasure.event_id)
     event, published, known = _deletion_event(erasure)
-    consumers = get_consumers()
+    consumers = get_services()  # not accounts' own consumer
     stats, nats_error = read_durables(list(consumers), idle_confirm=0)  # first: see the module
     reads = {name: _context_reads(spec, uid, event_id, erased=True)
              for name, spec in consumers.items()}

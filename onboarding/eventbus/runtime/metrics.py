@@ -85,6 +85,13 @@ ACK_PENDING = Gauge(
     "The durable's num_ack_pending: delivered, not yet settled (all replicas).",
     ["consumer"],
 )
+ANNOUNCEMENTS_PUBLISHED = Counter(
+    "onboarding_consumer_announcements_published_total",
+    "The context's own announcements (user.onboarded.<context>, user.erased.<context>) "
+    "published by its consumer process and acknowledged (path: commit — at once after the "
+    "handler's commit —, or scan).",
+    ["consumer", "path"],
+)
 CONSUMER_LAST_LOOP = Gauge(
     "onboarding_consumer_last_loop_timestamp_seconds",
     "Unix time of the consumer loop's last tick (a fetch, a settled message, an outage probe).",
@@ -145,9 +152,9 @@ def enabled() -> bool:
 _ROLES = {
     "consumer": (EVENTS_HANDLED, EVENTS_FAILED, EVENTS_RETRIED, EVENTS_DEAD_LETTERED,
                  HANDLER_DURATION, BATCH_DURATION, BATCH_SIZE, PENDING, ACK_PENDING,
-                 CONSUMER_LAST_LOOP),
-    "relay": (RELAY_PUBLISHED, RELAY_PUBLISH_FAILED, RELAY_BACKLOG, RELAY_BACKLOG_AGE,
-              RELAY_ACTIVE, RELAY_LAST_LOOP),
+                 ANNOUNCEMENTS_PUBLISHED, CONSUMER_LAST_LOOP),
+    "relay": (RELAY_PUBLISHED, RELAY_PUBLISH_FAILED, RELAY_ERASURES, RELAY_BACKLOG,
+              RELAY_BACKLOG_AGE, RELAY_ACTIVE, RELAY_LAST_LOOP),
 }
 
 
@@ -252,6 +259,11 @@ def relay_tick() -> None:
 
 def relay_active(active: bool) -> None:
     RELAY_ACTIVE.set(1 if active else 0)
+
+
+def announcements_published(consumer: str, count: int, *, path: str) -> None:
+    if count:
+        ANNOUNCEMENTS_PUBLISHED.labels(consumer, path).inc(count)
 
 
 def relay_published(count: int, *, path: str) -> None:

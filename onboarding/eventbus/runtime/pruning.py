@@ -1,6 +1,6 @@
 """Pruning: the event bus's tables stay bounded, and nothing a guarantee needs is removed.
 
-Three kinds of rows outlive their use:
+These rows outlive their use:
 
 - **outbox** rows published longer ago than ``NATS_DUPLICATE_WINDOW``. Nothing republishes a
   published row, and a republication would be dropped by JetStream only within that window, so
@@ -14,6 +14,8 @@ Three kinds of rows outlive their use:
   and can no longer redeliver it. (A replay or a repair may still bring the same fact back under
   any id at any time: the handlers are idempotent by unique constraints, the inbox only saves
   them the work.)
+- **announcements** (a context's own outbox, ``announcing.py``) published longer ago than
+  ``NATS_DUPLICATE_WINDOW``, as the outbox's; an unpublished one stays.
 - **dead letters** resolved or discarded longer ago than ``EVENTBUS_DEAD_LETTER_KEEP`` (30 days).
   An open dead letter is never removed.
 - **admin access logs**: the admin login's records that django-axes keeps (access logs, failure
@@ -28,7 +30,7 @@ LOCKED``): replicas pruning at the same moment never wait on, nor deadlock with,
 
 ``manage.py eventbus_prune`` prunes everything (for cron); in the background, the active outbox
 relay prunes the outbox and the admin's access logs (both in the default database), and each
-consumer its own inbox rows and dead letters, every
+consumer its own inbox rows, announcements and dead letters, every
 ``EVENTBUS_PRUNE_INTERVAL`` seconds (0: never), see :class:`BackgroundPruning`.
 """
 
@@ -52,6 +54,7 @@ from django.utils import timezone
 from onboarding.eventbus.models import (
     DEAD_LETTER_DATABASE,
     OUTBOX_DATABASE,
+    Announcement,
     DeadLetter,
     OutboxEvent,
     ProcessedEvent,
@@ -71,6 +74,7 @@ SKIPPED_ROUND_RETRY = 5.0  # seconds
 
 OUTBOX, INBOX, DEAD_LETTERS = "outbox rows", "inbox rows", "dead letters"  # the kinds
 LEDGER = "published messages"
+ANNOUNCEMENTS = "announcements"
 ACCESS_LOGS = "admin access logs"
 # Where django-axes keeps the admin's logins (the default database, with accounts).
 ACCESS_LOG_DATABASE = "default"
@@ -135,6 +139,16 @@ def inbox_prunable(
     cutoff = (now or timezone.now()) - dt.timedelta(seconds=settings.NATS_STREAM_MAX_AGE)
     rows = ProcessedEvent.objects.using(database).filter(processed_at__lt=cutoff)
     return rows if consumer is None else rows.filter(consumer=consumer)
+
+
+def announcements_prunable(
+    *, database: str, context: str | None = None, now: dt.datetime | None = None
+) -> QuerySet[Announcement]:
+    """A context's announcements (or all of ``database``'s) published before the duplicate
+    window: as the outbox's, nothing republishes them, and an unpublished one stays."""
+    cutoff = (now or timezone.now()) - dt.timedelta(seconds=settings.NATS_DUPLICATE_WINDOW)
+    rows = Announcement.objects.using(database).filter(published_at__lt=cutoff)
+    return rows if context is None else rows.filter(context=context)
 
 
 def dead_letters_prunable(
@@ -235,6 +249,15 @@ def inbox_prune(
     return _prune(rows, "processed_at", dry_run=dry_run, **options)
 
 
+def announcements_prune(
+    *, database: str, context: str | None = None, dry_run: bool = False,
+    now: dt.datetime | None = None, **options,
+) -> int:
+    """Delete (or, dry, count) the announcements published before the duplicate window."""
+    rows = announcements_prunable(database=database, context=context, now=now)
+    return _prune(rows, "published_at", dry_run=dry_run, **options)
+
+
 def dead_letters_prune(
     *, consumer: str | None = None, dry_run: bool = False, now: dt.datetime | None = None,
     **options,
@@ -282,6 +305,11 @@ def prune_everything(
             Pruned(alias, INBOX, inbox_prune(database=alias, dry_run=dry_run, now=now, **options))
             for alias in inbox_databases()
         ),
+        *(
+            Pruned(alias, ANNOUNCEMENTS,
+                   announcements_prune(database=alias, dry_run=dry_run, now=now, **options))
+            for alias in inbox_databases()
+        ),
         Pruned(DEAD_LETTER_DATABASE, DEAD_LETTERS,
                dead_letters_prune(dry_run=dry_run, now=now, **options)),
         Pruned(ACCESS_LOG_DATABASE, ACCESS_LOGS,
@@ -300,7 +328,8 @@ def relay_prune(*, should_stop: Callable[[], bool] = _never) -> list[Pruned]:
 
 
 def consumers_prune(specs: Iterable) -> Callable[..., list[Pruned]]:
-    """A consumer process's share: each of its consumers' own inbox rows and dead letters."""
+    """A consumer process's share: each of its consumers' own inbox rows, announcements and
+    dead letters."""
     specs = list(specs)
 
     def prune(*, should_stop: Callable[[], bool] = _never) -> list[Pruned]:
@@ -308,6 +337,8 @@ def consumers_prune(specs: Iterable) -> Callable[..., list[Pruned]]:
         for spec in specs:
             found.append(Pruned(spec.database, INBOX, inbox_prune(
                 database=spec.database, consumer=spec.name, should_stop=should_stop), spec.name))
+            found.append(Pruned(spec.database, ANNOUNCEMENTS, announcements_prune(
+                database=spec.database, context=spec.name, should_stop=should_stop), spec.name))
             found.append(Pruned(DEAD_LETTER_DATABASE, DEAD_LETTERS, dead_letters_prune(
                 consumer=spec.name, should_stop=should_stop), spec.name))
         return found

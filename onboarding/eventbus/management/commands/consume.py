@@ -5,6 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 from onboarding.databases import name_connections
 from onboarding.eventbus.consumer.runner import ConsumerRunner
 from onboarding.eventbus.nats.refusals import NatsAccessError
+from onboarding.eventbus.outbox.announcer import announce_beside
 from onboarding.eventbus.registry import get_consumers
 from onboarding.eventbus.runtime import metrics
 
@@ -40,8 +41,10 @@ class Command(BaseCommand):
             raise CommandError("--batch must be at least 1")
         # consume:players, or consume:players,characters,... (--all): in pg_stat_activity.
         name_connections(f"consume:{','.join(names)}")
+        # Beside each consumer, its context's announcements are published (outbox/announcer).
         runner = ConsumerRunner(
-            [consumers[name] for name in names], batch=batch, per_message=per_message or None
+            [consumers[name] for name in names], batch=batch, per_message=per_message or None,
+            companion=announce_beside,
         )
         try:
             metrics.start("consumer")  # METRICS_PORT, HEARTBEAT_FILE

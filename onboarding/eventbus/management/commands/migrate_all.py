@@ -20,7 +20,7 @@ class Command(BaseCommand):
         verbosity = options["verbosity"]
         for alias in settings.DATABASES:
             contexts = [c for c, a in settings.CONTEXT_DATABASES.items() if a == alias]
-            named = ["accounts"] * (alias == "default") + contexts
+            named = list(dict.fromkeys(["accounts"] * (alias == "default") + contexts))
             label = ", ".join(named)
             if verbosity >= 2:
                 self.stdout.write(self.style.MIGRATE_HEADING(f"Database {alias!r} ({label}):"))

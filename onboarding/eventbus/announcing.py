@@ -1,0 +1,121 @@
+"""A context's announcements of the work it did for a user, written where that work commits.
+
+A context tells the others what it did in events of its own (``user.onboarded.<context>`` once
+it created a user's defaults, ``user.erased.<context>`` once it erased them), so that nobody
+needs to read its database to know: accounts keeps the readiness the game client polls from
+them (``manage.py consume accounts``). :func:`announce` writes them to the context's own outbox
+(:class:`~onboarding.eventbus.models.Announcement`), in the transaction that applies the handler,
+so an announcement commits with the rows it speaks of or not at all.
+
+The context's ``consume`` process publishes them (``onboarding.eventbus.outbox.announcer``):
+after the commit, this module hands the committed messages to it (the fast path, in memory, in
+the same process), and its scan publishes whatever that missed (the process died before
+publishing, NATS was down). No process listens: nothing is kept in memory, and the scan of
+whichever ``consume`` process of the context runs next publishes them.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from onboarding.contracts import UserErased, UserOnboarded, event_headers
+from onboarding.eventbus.ids import uuid7
+from onboarding.eventbus.models import Announcement, Tombstone
+
+
+@dataclass(frozen=True)
+class AnnouncedMessage:
+    """An announcement as the publisher needs it, detached from the ORM (it crosses threads)."""
+
+    event_id: str
+    subject: str
+    payload: bytes
+    headers: dict
+
+
+_lock = threading.Lock()
+_listeners: dict[str, Callable[[], None]] = {}  # context -> wakes its announcer
+_committed: dict[str, list[AnnouncedMessage]] = {}  # context -> committed, not yet handed over
+
+
+def announce(*, context: str, events: Iterable) -> int:
+    """Write ``events`` (the context's own announcements) to its outbox in the current
+    transaction on its database; return how many. Once that transaction commits, this process's
+    announcer (if one listens) publishes them at once; else the scan does."""
+    alias = settings.CONTEXT_DATABASES[context]
+    rows, messages = [], []
+    for event in events:
+        event_id = uuid7()  # time-ordered, as every event id (ids.py)
+        headers = event_headers(event, event_id=event_id)
+        payload = event.to_json()
+        rows.append(Announcement(event_id=event_id, context=context,
+                                 subject=event.published_subject, payload=payload.decode(),
+                                 headers=headers))
+        messages.append(AnnouncedMessage(str(event_id), event.published_subject, payload,
+                                         headers))
+    if not rows:
+        return 0
+    Announcement.objects.using(alias).bulk_create(rows)
+    transaction.on_commit(lambda: _hand_over(context, messages), using=alias)
+    return len(rows)
+
+
+def announce_onboarded(*, context: str, user_ids: Iterable[uuid.UUID]) -> int:
+    """``user.onboarded.<context>`` for each user whose defaults the caller has just created in
+    this transaction. Users the context erased are left out: it created nothing for them."""
+    ids = sorted(set(user_ids))
+    # Its tombstones (erasing.py, which imports this module to announce erasures).
+    erased = set(Tombstone.objects.using(settings.CONTEXT_DATABASES[context])
+                 .filter(context=context, user_id__in=ids).values_list("user_id", flat=True))
+    now = timezone.now()
+    return announce(context=context, events=[
+        UserOnboarded(user_id=user_id, service=context, onboarded_at=now)
+        for user_id in ids if user_id not in erased
+    ])
+
+
+def announce_erased(*, context: str, user_ids: Iterable[uuid.UUID]) -> int:
+    """``user.erased.<context>`` for each user the caller has just erased in this transaction."""
+    now = timezone.now()
+    return announce(context=context, events=[
+        UserErased(user_id=user_id, service=context, erased_at=now)
+        for user_id in sorted(set(user_ids))
+    ])
+
+
+def listen(context: str, wake: Callable[[], None] | None) -> None:
+    """Have ``wake()`` called (from the committing thread) when announcements of ``context``
+    commit in this process; ``None`` stops listening and drops what was not taken (the scan
+    publishes it)."""
+    with _lock:
+        if wake is None:
+            _listeners.pop(context, None)
+            _committed.pop(context, None)
+        else:
+            _listeners[context] = wake
+            _committed.setdefault(context, [])
+
+
+def take_committed(context: str) -> list[AnnouncedMessage]:
+    """The announcements of ``context`` committed since the last call, in commit order."""
+    with _lock:
+        taken = _committed.get(context) or []
+        if taken:
+            _committed[context] = []
+        return taken
+
+
+def _hand_over(context: str, messages: list[AnnouncedMessage]) -> None:
+    with _lock:
+        wake = _listeners.get(context)
+        if wake is None:
+            return  # nobody publishes at once here: the scan will
+        _committed[context].extend(messages)
+    wake()

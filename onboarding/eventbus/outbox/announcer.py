@@ -1,0 +1,134 @@
+"""Publishing a context's announcements from its own ``consume`` process.
+
+A context writes its announcements (``user.onboarded.<context>``, ``user.erased.<context>``) to
+its own outbox, in the transaction that applied the handler (:mod:`onboarding.eventbus.announcing`).
+Its ``consume`` process already holds that database and a NATS connection, so it publishes them
+too: no process per context is added, and no other process needs the context's database.
+
+- **At once**: when the handler's transaction commits, the messages are handed over in memory
+  and published on the consumer's connection, then marked published.
+- **The scan**: every ``OUTBOX_RELAY_POLL_INTERVAL``, the rows still unpublished after
+  ``OUTBOX_RELAY_GRACE`` (and, at start, every one) are published: what a process that died
+  between its commit and its publish left, or what NATS did not take while it was down.
+
+Replicas of a consumer may publish the same row twice (one at once, another's scan): the row's
+event id travels as ``Nats-Msg-Id``, so JetStream keeps one, and the projection that reads them
+is idempotent anyway. A failure leaves the rows unpublished; the next scan tries again, with a
+back-off, for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+
+from django.conf import settings
+from django.utils import timezone
+
+from onboarding.eventbus import announcing
+from onboarding.eventbus.models import Announcement
+from onboarding.eventbus.nats.publish import describe, failed, publish_pipelined
+from onboarding.eventbus.runtime import metrics
+from onboarding.eventbus.runtime.lifecycle import Backoff
+
+logger = logging.getLogger(__name__)
+
+
+def announcements_unpublished(*, context: str, older_than: float,
+                              limit: int) -> list[announcing.AnnouncedMessage]:
+    """Up to ``limit`` of ``context``'s announcements still unpublished after ``older_than``
+    seconds, in the order they were written."""
+    cutoff = timezone.now() - dt.timedelta(seconds=older_than)
+    rows = (Announcement.objects.using(settings.CONTEXT_DATABASES[context])
+            .filter(context=context, published_at__isnull=True, created_at__lte=cutoff)
+            .order_by("id").values_list("event_id", "subject", "payload", "headers")[:limit])
+    return [announcing.AnnouncedMessage(str(event_id), subject, payload.encode(), headers)
+            for event_id, subject, payload, headers in rows]
+
+
+def announcements_mark_published(*, context: str, event_ids: list[str]) -> int:
+    return (Announcement.objects.using(settings.CONTEXT_DATABASES[context])
+            .filter(event_id__in=event_ids, published_at__isnull=True)
+            .update(published_at=timezone.now()))
+
+
+def announcements_backlog(*, context: str) -> tuple[int, dt.datetime | None]:
+    """(how many of ``context``'s announcements wait, the oldest one's time)."""
+    rows = Announcement.objects.using(settings.CONTEXT_DATABASES[context]).filter(
+        context=context, published_at__isnull=True)
+    oldest = rows.order_by("id").values_list("created_at", flat=True).first()
+    return rows.count(), oldest
+
+
+class Announcer:
+    """One context's announcements, published by its consumer's process (see the module)."""
+
+    def __init__(self, context: str, nc, db_call, stopper, *, grace: float | None = None,
+                 interval: float | None = None, batch: int | None = None) -> None:
+        self.context, self.nc, self.db_call, self.stopper = context, nc, db_call, stopper
+        self.js = nc.jetstream(timeout=settings.NATS_REQUEST_TIMEOUT)
+        self.grace = settings.OUTBOX_RELAY_GRACE if grace is None else grace
+        self.interval = interval or settings.OUTBOX_RELAY_POLL_INTERVAL
+        self.batch = batch or settings.OUTBOX_RELAY_BATCH
+        self.published = 0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        committed = asyncio.Event()
+        announcing.listen(self.context, lambda: loop.call_soon_threadsafe(committed.set))
+        backoff = Backoff(initial=self.interval, maximum=30.0)
+        grace = 0.0  # at start, whatever a process before this one left
+        try:
+            while not self.stopper.stopped:
+                try:
+                    fresh = announcing.take_committed(self.context)
+                    if fresh:
+                        await self._publish(fresh, path="commit")
+                    else:  # idle: the scan's turn
+                        while await self._scan(grace) == self.batch:
+                            pass
+                        grace = self.grace
+                    backoff.reset()
+                except Exception as exc:
+                    delay = backoff.next()
+                    logger.warning("consumer %s: announcements not published, the scan tries "
+                                   "again in %.1fs: %s", self.context, delay, describe(exc))
+                    await self.stopper.sleep(delay)
+                    continue
+                if not fresh:
+                    await self.stopper.wait_for(
+                        asyncio.ensure_future(committed.wait()), timeout=self.interval)
+                    committed.clear()
+        finally:
+            announcing.listen(self.context, None)
+
+    async def _scan(self, grace: float) -> int:
+        messages = await self.db_call(announcements_unpublished, context=self.context,
+                                      older_than=grace, limit=self.batch)
+        if messages:
+            await self._publish(messages, path="scan")
+        return len(messages)
+
+    async def _publish(self, messages: list, *, path: str) -> None:
+        if not self.nc.is_connected:
+            raise ConnectionError("not connected to NATS")
+        outcomes = await publish_pipelined(self.nc, self.js, messages,
+                                           timeout=settings.NATS_REQUEST_TIMEOUT * 2)
+        acked = [m.event_id for m, outcome in zip(messages, outcomes, strict=True)
+                 if not failed(outcome)]
+        if acked:
+            await self.db_call(announcements_mark_published, context=self.context,
+                               event_ids=acked)
+            self.published += len(acked)
+            metrics.announcements_published(self.context, len(acked), path=path)
+        if len(acked) < len(messages):
+            error = next(outcome for outcome in outcomes if failed(outcome))
+            raise RuntimeError(f"{len(messages) - len(acked)} of {len(messages)} not "
+                               f"acknowledged: {describe(error)}")
+
+
+async def announce_beside(spec, nc, db_call, stopper) -> None:
+    """The consume command's companion (``ConsumerRunner(companion=...)``): publish the
+    context's announcements beside its consumer."""
+    await Announcer(spec.name, nc, db_call, stopper).run()
