@@ -5,6 +5,7 @@ from django.contrib.auth.forms import AdminUserCreationForm, UserChangeForm
 from django.urls import NoReverseMatch, reverse
 
 from accounts.models import User
+from accounts.selectors import user_onboarding_get
 from accounts.services import user_delete, user_register, user_rename, user_taken_field
 from onboarding.eventbus.admin.contexts import copyable_id
 from onboarding.eventbus.ops.story import UserStoryError, user_story
@@ -107,11 +108,19 @@ class UserAdmin(DjangoUserAdmin):
         return super().change_view(request, object_id, form_url, extra_context)
 
     def _story_context(self, request, object_id) -> dict:
-        """The per-user story (``onboarding_status --user``) with admin links added."""
+        """The per-user story (``onboarding_status --user``) with admin links added, and each
+        service's readiness as the client reads it: accounts' projection of what the service
+        announced. The story's records, inbox rows and tombstones come from each service's own
+        database (the operator's credentials); one that cannot be reached says so in its row.
+        """
         try:
             story = user_story(user_id=object_id)
         except UserStoryError as exc:
             return {"story_error": str(exc)}
+        onboarding = user_onboarding_get(user_id=story["user_id"]) if story["user"]["exists"] \
+            else None
+        for name, service in story["services"].items():
+            service["ready"] = bool(onboarding and onboarding.services.get(name))
         for service in story["services"].values():
             for record in service["records"]:
                 record["admin_url"] = _admin_url(record["model"], record["id"])

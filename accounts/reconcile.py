@@ -44,15 +44,15 @@ from dataclasses import dataclass, field
 from django.conf import settings
 from django.db import connections
 
-from accounts.models import User
-from accounts.services import user_registered_event
+from accounts.models import ServiceReadiness, User
+from accounts.services import readiness_record_onboarded, user_registered_event
 from onboarding.contracts import UserDeleted
 from onboarding.eventbus.deadletters.redelivery import Redelivery, redeliver, redeliveries_record
 from onboarding.eventbus.ids import uuid7
 from onboarding.eventbus.models import OUTBOX_DATABASE, Erasure
 from onboarding.eventbus.nats.connection import session
 from onboarding.eventbus.registry import get_consumers
-from onboarding.readiness import onboarding_readiness, onboarding_services
+from onboarding.readiness import onboarding_readiness, onboarding_services, reading_service
 
 DEFAULT_CHUNK_SIZE = 1000
 # Users named per service in a report; the counts are always complete.
@@ -101,6 +101,9 @@ class ChunkResult:
 
     users: list[User]
     missing: dict[str, list[User]] = field(default_factory=dict)
+    # Per service, the users whose readiness in accounts' projection disagrees with the
+    # service's own rows, each with the truth (whether the service holds all their defaults).
+    stale: dict[str, list[tuple[uuid.UUID, bool]]] = field(default_factory=dict)
 
 
 def reconcile_scan(
@@ -117,15 +120,41 @@ def reconcile_scan(
     chunk (``onboarding_readiness`` asks each selector for the whole chunk at once).
     """
     for users in user_chunks(since=since, until=until, chunk_size=chunk_size):
-        found = onboarding_readiness(user_ids=[user.pk for user in users], services=services)
+        ids = [user.pk for user in users]
+        found = onboarding_readiness(user_ids=ids, services=services)
+        projected = {
+            (row.user_id, row.service): row.ready
+            for row in ServiceReadiness.objects.filter(user_id__in=ids, service__in=services)
+        }
         result = ChunkResult(users)
         for service in services:
             present = found.get(service, {})
-            result.missing[service] = [
-                user for user in users
-                if (defaults := present.get(user.pk)) is None or not defaults.complete
+            complete = {user.pk: (defaults := present.get(user.pk)) is not None
+                        and defaults.complete for user in users}
+            result.missing[service] = [user for user in users if not complete[user.pk]]
+            result.stale[service] = [
+                (user.pk, complete[user.pk]) for user in users
+                if projected.get((user.pk, service), False) != complete[user.pk]
             ]
         yield result
+
+
+def readiness_repair(stale: dict[str, list[tuple[uuid.UUID, bool]]], *,
+                     now: dt.datetime) -> int:
+    """Set accounts' projection to what the services' rows say: ready where a service holds
+    all of a user's defaults (its announcement was lost, say), not ready where it does not (its
+    rows were lost: the user.registered repair makes it announce again). Accounts owns the
+    projection, so this is a direct write. Returns how many rows it set."""
+    ready = [(user_id, service, now) for service, users in stale.items()
+             for user_id, truth in users if truth]
+    readiness_record_onboarded(onboarded=ready)
+    unready = 0
+    for service, users in stale.items():
+        lost = [user_id for user_id, truth in users if not truth]
+        if lost:
+            unready += ServiceReadiness.objects.filter(
+                service=service, user_id__in=lost).update(onboarded_at=None)
+    return len(ready) + unready
 
 
 def repair_event_id(*, service: str, user_id: uuid.UUID, now: dt.datetime) -> str:
@@ -201,7 +230,8 @@ def orphan_scan(
             continue
         after = None
         while True:
-            held = list(select(after=after, limit=chunk_size))
+            with reading_service(consumers[service]):
+                held = list(select(after=after, limit=chunk_size))
             if held:
                 known = set(User.objects.filter(pk__in=held).values_list("pk", flat=True))
                 unknown = [user_id for user_id in held if user_id not in known]
@@ -245,6 +275,8 @@ class ServiceTotals:
     orphans: int = 0
     erased: int = 0  # user.deleted sent for orphans, acknowledged by JetStream
     orphans_listed: list[str] = field(default_factory=list)  # user ids
+    stale: int = 0  # users whose readiness in accounts' projection disagrees with the rows
+    stale_repaired: int = 0  # of those, set right in the projection
 
 
 class Totals:
@@ -263,6 +295,8 @@ class Totals:
             totals.missing += len(users)
             room = LISTED_PER_SERVICE - len(totals.listed)
             totals.listed += [(str(user.pk), user.username) for user in users[:max(room, 0)]]
+        for service, users in result.stale.items():
+            self.services[service].stale += len(users)
 
     def add_orphans(self, page: OrphanPage) -> None:
         totals = self.services[page.service]
@@ -292,6 +326,10 @@ class Totals:
     @property
     def already_sent(self) -> int:
         return sum(t.already_sent for t in self.services.values())
+
+    @property
+    def stale(self) -> int:
+        return sum(t.stale for t in self.services.values())
 
     @property
     def orphans(self) -> int:
@@ -328,6 +366,10 @@ def reconcile_steps(
     for result in reconcile_scan(services=services, since=since, until=until,
                                  chunk_size=chunk_size):
         totals.add(result)
+        if repair and any(result.stale.values()):
+            readiness_repair(result.stale, now=now)
+            for service, users in result.stale.items():
+                totals.services[service].stale_repaired += len(users)
         yield repairs_for(result, now=now, force=force) if repair else []
     for page in orphan_scan(services=services, until=until, chunk_size=chunk_size):
         totals.add_orphans(page)
@@ -413,6 +455,7 @@ def reconcile_report(totals: Totals, *, since: dt.datetime | None, until: dt.dat
         "repair": repair,
         "complete": totals.missing == 0,
         "orphans": totals.orphans,
+        "projection_stale": totals.stale,
         "services": {
             name: {
                 "checked": totals.checked,
@@ -428,6 +471,8 @@ def reconcile_report(totals: Totals, *, since: dt.datetime | None, until: dt.dat
                 "erased": t.erased,
                 "orphan_users": [{"userId": user_id} for user_id in t.orphans_listed],
                 "orphan_users_truncated": t.orphans > len(t.orphans_listed),
+                "projection_stale": t.stale,
+                "projection_repaired": t.stale_repaired,
             }
             for name, t in totals.services.items()
         },

@@ -13,8 +13,38 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from contextlib import contextmanager
+
+from django.db import DatabaseError
 
 from onboarding.eventbus.registry import UserDefaults, get_consumers, get_services
+
+
+class ServiceUnreachable(DatabaseError):
+    """A service's database did not answer: one line naming the service, its database and
+    what the driver said (never a password: neither the label nor libpq's messages carry one).
+    """
+
+    def __init__(self, service: str, alias: str, error: Exception) -> None:
+        from onboarding.eventbus.ops.labels import database_label
+
+        said = (str(error).strip().splitlines() or [""])[0][:300]
+        super().__init__(f"service {service}: database {alias} ({database_label(alias)}) "
+                         f"unreachable: {type(error).__name__}: {said}")
+        self.service, self.alias = service, alias
+
+
+@contextmanager
+def reading_service(spec):
+    """Reads of ``spec``'s own database: a failure to reach it raises
+    :class:`ServiceUnreachable` (these reads need the operator's credentials for every
+    service's database, which accounts' own processes do not hold)."""
+    try:
+        yield
+    except ServiceUnreachable:
+        raise
+    except DatabaseError as exc:
+        raise ServiceUnreachable(spec.name, spec.database, exc) from exc
 
 
 def onboarding_services() -> list[str]:
@@ -34,11 +64,12 @@ def onboarding_readiness(
     ids = list(user_ids)
     consumers = get_consumers()
     names = list(services) if services is not None else list(consumers)
-    return {
-        name: consumers[name].defaults(user_ids=ids)
-        for name in names
-        if consumers[name].defaults is not None
-    }
+    found = {}
+    for name in names:
+        if consumers[name].defaults is not None:
+            with reading_service(consumers[name]):
+                found[name] = consumers[name].defaults(user_ids=ids)
+    return found
 
 
 def user_readiness(*, user_id: uuid.UUID) -> dict[str, UserDefaults | None]:

@@ -82,10 +82,10 @@ def register_over_http(base_url: str, username: str) -> str:
 
 
 def all_ready(user_id: str) -> bool:
-    from onboarding.readiness import user_readiness
+    """Every service set the user up, as the client reads it (accounts' projection)."""
+    from accounts.selectors import user_onboarding_get
 
-    found = user_readiness(user_id=uuid.UUID(user_id))
-    return all(defaults is not None and defaults.complete for defaults in found.values())
+    return user_onboarding_get(user_id=uuid.UUID(user_id)).complete
 
 
 def a_dead_letter(user_id: str, consumer: str):
@@ -185,6 +185,7 @@ def test_operator_in_the_browser(live_server, start_consumers, django_user_model
         for name in services:
             row = story.locator(f'tr[data-service="{name}"]')
             expect(row).to_have_attribute("data-complete", "true")
+            expect(row).to_have_attribute("data-ready", "true")
             expect(row).to_contain_text("passed")
             expect(row.locator("a[data-record]").first).to_be_visible()
             expect(row).not_to_contain_text("missing")

@@ -12,11 +12,19 @@ import pytest
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import connections
-from django.test.utils import CaptureQueriesContext
+from django.db import connections, transaction
+from django.test.utils import CaptureQueriesContext, override_settings
+from django.utils import timezone
 
-from accounts.models import User
-from accounts.reconcile import orphan_scan, reconcile_scan, repair_event_id, user_chunks
+from accounts.models import ServiceReadiness, User
+from accounts.reconcile import (
+    orphan_scan,
+    readiness_repair,
+    reconcile_scan,
+    repair_event_id,
+    user_chunks,
+)
+from accounts.selectors import user_onboarding_get
 from accounts.services import user_delete, user_register, user_registered_event
 from buildings.models import Building
 from conftest import run_async, wait_settled, wait_until
@@ -24,7 +32,14 @@ from onboarding.eventbus.models import ProcessedEvent, PublishedMessage, Tombsto
 from onboarding.eventbus.registry import get_services
 from players.models import Player
 from progression.models import MetaProgression
-from tests.flow import assert_defaults, complete_count, counts, sample_event
+from tests.flow import assert_defaults, complete_count, counts, deliver_announcements, sample_event
+
+
+def set_up_and_announced(n: int) -> bool:
+    """Every default of ``n`` users exists, and accounts' projection says so (its consumer has
+    the services' announcements)."""
+    ready = ServiceReadiness.objects.filter(onboarded_at__isnull=False, erased_at__isnull=True)
+    return counts() == complete_count(n) and ready.count() == n * len(get_services())
 
 
 def reconcile(*args) -> tuple[int, str]:
@@ -70,7 +85,9 @@ def set_up_everywhere(users: list[User]) -> None:
     """What the consumers would have done, without NATS: each context's handler, directly."""
     events = [user_registered_event(user=user) for user in users]
     for spec in get_services().values():
-        spec.handler_for(events[0].subject)(events)
+        with transaction.atomic(using=spec.database):
+            spec.handler_for(events[0].subject)(events)
+    deliver_announcements()  # and what consume accounts makes of their announcements
 
 
 def make_orphans(n: int, services: list[str]) -> list[uuid.UUID]:
@@ -104,7 +121,7 @@ class TestWithConsumers:
     def test_nothing_missing_exits_0(self, start_consumers):
         start_consumers()
         register_users(3, "fine")
-        wait_until(lambda: counts() == complete_count(3), message="all defaults")
+        wait_until(lambda: set_up_and_announced(3), message="all defaults, and announced")
         code, output = reconcile()
         assert code == 0, output
         assert "checked 3 user(s)" in output
@@ -115,7 +132,7 @@ class TestWithConsumers:
     ):
         running = start_consumers()
         users = register_users(4, "lost")
-        wait_until(lambda: counts() == complete_count(4), message="all defaults")
+        wait_until(lambda: set_up_and_announced(4), message="all defaults, and announced")
         wait_settled()
         no_player, half_built = users[0], users[1]
         # Lost after the events were processed: the inbox rows stay.
@@ -167,7 +184,7 @@ class TestWithConsumers:
     ):
         running = start_consumers()
         (user,) = register_users(1, "early")
-        wait_until(lambda: counts() == complete_count(1), message="all defaults")
+        wait_until(lambda: set_up_and_announced(1), message="all defaults, and announced")
         wait_settled()
         running.stop()
         Player.objects.filter(user_id=user.id).delete()
@@ -180,17 +197,19 @@ class TestWithConsumers:
                                                  "missing": 1, "repaired": 0, "already_sent": 1}
         assert stream_subjects()["replay.players.user.registered"] == 1  # JetStream dropped it
 
-        late = start_consumers(["players"])
+        late = start_consumers(["players", "accounts"])
         wait_until(lambda: counts() == complete_count(1), message="player back")
         wait_settled(["players"])
         assert late.runner.processed["players"] == 1
-        assert reconcile()[0] == 0
+        # Its announcement reaches accounts' projection, which the first repair had set back
+        # to "not ready" for players (its rows were lost).
+        wait_until(lambda: reconcile()[0] == 0, message="players ready again in the projection")
 
     def test_a_service_added_later_is_backfilled_for_existing_users(self, start_consumers):
         """Its durable sees no history (the stream keeps max_age only): reconcile fills it."""
         running = start_consumers()
         register_users(3, "old")
-        wait_until(lambda: counts() == complete_count(3), message="all defaults")
+        wait_until(lambda: set_up_and_announced(3), message="all defaults, and announced")
         wait_settled()
         running.stop()
         # As if progression had never existed: no defaults, no inbox, no stream history.
@@ -205,7 +224,7 @@ class TestWithConsumers:
         assert code == 0 and report["services"]["progression"]["repaired"] == 3
         assert list(report["services"]) == ["progression"]
         late = start_consumers()
-        wait_until(lambda: counts() == complete_count(3), message="progression backfilled")
+        wait_until(lambda: set_up_and_announced(3), message="progression backfilled, and announced")
         wait_settled()
         assert {n: late.runner.processed[n] for n in get_services()} == {
             "players": 0, "characters": 0, "progression": 3, "buildings": 0}
@@ -216,7 +235,7 @@ class TestWithConsumers:
     ):
         running = start_consumers()
         (user,) = register_users(1, "kept")
-        wait_until(lambda: counts() == complete_count(1), message="all defaults")
+        wait_until(lambda: set_up_and_announced(1), message="all defaults, and announced")
         wait_settled()
         both = make_orphans(1, ["players", "buildings"])[0]
         buildings_only = make_orphans(1, ["buildings"])[0]
@@ -277,7 +296,7 @@ class TestWithConsumers:
     ):
         running = start_consumers()
         gone, kept = register_users(2, "raw")
-        wait_until(lambda: counts() == complete_count(2), message="all defaults")
+        wait_until(lambda: set_up_and_announced(2), message="all defaults, and announced")
         wait_settled()
         running.stop()
         # Deleted behind the service's back (as before user.deleted existed): no event, and
@@ -321,6 +340,38 @@ class TestWithConsumers:
 
 
 # -- report mode, filters, arguments, batching: no NATS needed ----------------------------------
+
+
+# --repair scans on a thread of its own: committed rows, not a test transaction.
+@pytest.mark.django_db(transaction=True, databases="__all__")
+def test_the_readiness_projection_is_compared_with_the_rows_and_set_right():
+    """An announcement lost (the projection says not ready, the rows are all there), and
+    rows lost (the projection says ready, they are not): both reported, and --repair sets
+    the projection to what the rows say; the lost rows' user.registered repair makes the
+    service announce again once it has them."""
+    lost_announcement, lost_rows = register_users(2, "proj")
+    set_up_everywhere([lost_announcement, lost_rows])
+    ServiceReadiness.objects.filter(user_id=lost_announcement.id, service="players").delete()
+    Building.objects.filter(user_id=lost_rows.id).delete()
+
+    code, report = reconcile_json()
+    assert code == 1 and report["projection_stale"] == 2
+    assert report["services"]["players"]["projection_stale"] == 1
+    assert report["services"]["buildings"]["projection_stale"] == 1
+    code, output = reconcile()
+    assert code == 1 and "readiness projection out of step" in output, output
+
+    with override_settings(NATS_URL="nats://127.0.0.1:1"):  # the projection needs no NATS
+        code, report = reconcile_json("--repair", "--service", "players")
+    assert code == 0 and report["services"]["players"]["projection_repaired"] == 1
+    assert user_onboarding_get(user_id=lost_announcement.id).complete
+    # Buildings, not repaired yet: still ready in the projection, still reported. Its
+    # repair also re-delivers the registration (TestWithConsumers); here, the projection's.
+    assert user_onboarding_get(user_id=lost_rows.id).services["buildings"]
+    assert reconcile_json("--service", "buildings")[1]["projection_stale"] == 1
+    assert readiness_repair({"buildings": [(lost_rows.id, False)]}, now=timezone.now()) == 1
+    assert not user_onboarding_get(user_id=lost_rows.id).services["buildings"]
+    assert reconcile_json("--service", "buildings")[1]["projection_stale"] == 0
 
 
 @pytest.mark.django_db(databases="__all__")
@@ -394,7 +445,8 @@ class TestReportOnly:
         user_queries = [q for q in queries if "accounts_user" in q]
         assert len(user_queries) == 6, user_queries
         assert all("LIMIT 50" in q and "OFFSET" not in q for q in user_queries)
-        assert len(queries) - len(user_queries) == 5 * len(get_services())
+        # Per chunk: one per service, and one on accounts' readiness projection.
+        assert len(queries) - len(user_queries) == 5 * len(get_services()) + 5
 
     def test_repair_event_id_is_per_service_user_and_window(self):
         (user,) = register_users(1, "ids")

@@ -37,6 +37,7 @@ from accounts.reconcile import (
 from onboarding.eventbus.deadletters.redelivery import RedeliveryError
 from onboarding.eventbus.nats.options import display_url
 from onboarding.eventbus.nats.refusals import NatsAccessError
+from onboarding.readiness import ServiceUnreachable
 
 # Users named per service in the text output (--json names LISTED_PER_SERVICE).
 LISTED_AS_TEXT = 10
@@ -173,6 +174,10 @@ class Command(BaseCommand):
                 repair=repair, force=options["force"], now=now,
                 on_chunk=progress.update if progress else None,
             )
+        except ServiceUnreachable as exc:
+            # reconcile reads every service's database: the operator's credentials, not those
+            # of accounts' processes (docs/deploy.md).
+            raise CommandError(f"{exc}; {totals.sent_so_far()}") from None
         except NatsAccessError as exc:
             raise CommandError(f"{exc}; {totals.sent_so_far()}") from None
         except TimeoutError:
@@ -192,7 +197,7 @@ class Command(BaseCommand):
             self.stdout.write(json.dumps(report, indent=2))
         else:
             self._print(report, totals)
-        if not repair and (totals.missing or totals.orphans):
+        if not repair and (totals.missing or totals.orphans or totals.stale):
             raise SystemExit(1)
 
     # -- output ------------------------------------------------------------------------------
@@ -252,9 +257,23 @@ class Command(BaseCommand):
         orphans = ", ".join(
             f"{name} {s['orphans']}" for name, s in report["services"].items() if s["orphans"]
         )
-        if not totals.missing and not totals.orphans:
+        stale = ", ".join(
+            f"{name} {s['projection_stale']}" for name, s in report["services"].items()
+            if s["projection_stale"]
+        )
+        if not totals.missing and not totals.orphans and not totals.stale:
             self.stdout.write(self.style.SUCCESS(
                 "nothing missing, no orphans" + (": nothing sent" if repair else "")
+            ))
+        if totals.stale and not repair:
+            self.stdout.write(self.style.ERROR(
+                f"readiness projection out of step with the services' rows: {stale}. "
+                "`manage.py reconcile --repair` sets it to what the rows say"
+            ))
+        elif totals.stale:
+            self.stdout.write(self.style.SUCCESS(
+                f"readiness projection out of step with the services' rows: {stale}. Set to "
+                "what the rows say"
             ))
         if totals.missing and not repair:
             self.stdout.write(self.style.ERROR(
