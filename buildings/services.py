@@ -4,7 +4,7 @@ from collections.abc import Iterable
 
 from buildings.defaults import STARTER_BUILDINGS
 from buildings.models import Building
-from onboarding.eventbus import announce_onboarded, erase_users, insert_ignoring_conflicts
+from onboarding.eventbus import erase_users, insert_ignoring_conflicts
 
 logger = logging.getLogger(__name__)
 
@@ -13,8 +13,7 @@ def buildings_create_defaults(*, user_ids: Iterable[uuid.UUID]) -> None:
     """Create the starter buildings each user does not have yet.
 
     Idempotent: one building of a kind per user (a database constraint); existing ones, and
-    their levels, are left alone. Announces ``user.onboarded.buildings`` for each, in the same
-    transaction.
+    their levels, are left alone.
     """
     wanted = set(user_ids)
     insert_ignoring_conflicts(
@@ -22,7 +21,6 @@ def buildings_create_defaults(*, user_ids: Iterable[uuid.UUID]) -> None:
         [(user_id, kind, level) for user_id in sorted(wanted) for kind, level in STARTER_BUILDINGS],
         unless_erased="buildings",
     )
-    announce_onboarded(context="buildings", user_ids=wanted)
     logger.debug("default buildings ensured for %d user(s)", len(wanted))
 
 

@@ -4,7 +4,7 @@ from collections.abc import Iterable
 
 from characters.defaults import DEFAULT_CHARACTER_NAME
 from characters.models import Character
-from onboarding.eventbus import announce_onboarded, erase_users, insert_ignoring_conflicts
+from onboarding.eventbus import erase_users, insert_ignoring_conflicts
 
 logger = logging.getLogger(__name__)
 
@@ -14,8 +14,7 @@ def characters_create_defaults(*, user_ids: Iterable[uuid.UUID]) -> None:
 
     Idempotent: users who already have a character (active or not) are skipped in the same
     statement, and the one-active-character constraint turns a concurrent duplicate into an
-    ignored conflict. Announces ``user.onboarded.characters`` for each, in the same
-    transaction.
+    ignored conflict.
     """
     wanted = set(user_ids)
     insert_ignoring_conflicts(
@@ -23,7 +22,6 @@ def characters_create_defaults(*, user_ids: Iterable[uuid.UUID]) -> None:
         same={"name": DEFAULT_CHARACTER_NAME, "is_active": True}, unless_present="user_id",
         unless_erased="characters",
     )
-    announce_onboarded(context="characters", user_ids=wanted)
     logger.debug("default characters ensured for %d user(s)", len(wanted))
 
 

@@ -7,13 +7,15 @@ It starts what ``docs/deploy.md`` tells a team to run, from the files in ``deplo
 - five databases: accounts and one per context (PostgreSQL when ``DATABASE_URL`` is set —
   ``<its name>_rehearsal`` and ``_rehearsal_<context>``, recreated — else SQLite files);
 - the web app under gunicorn (``deploy/gunicorn.conf.py``, 2 workers), the relay and its hot
-  standby, and two replicas of each consumer, each process with its own role's environment;
+  standby, and two replicas of each consumer (accounts' own, which keeps the readiness
+  projection, among them), each process with its own role's environment;
 
 then sends a paced burst of registrations over HTTP while it SIGKILLs the NATS stream leader
 (and brings it back later), one replica of each consumer and the active relay. It polls the four
 context databases for each user from the moment its 201 arrived, and ends with a report:
 registrations sent, 201s, users with all four defaults, lost, duplicated, dead letters, p50/p99
-from the 201 to all four defaults (as committed, to within the 50 ms poll), the longest stall.
+from the 201 to all four defaults (as committed, to within the 50 ms poll), the longest stall,
+and how many users accounts' projection holds as ready (what the client's poll reads).
 It exits 1 if anything was lost or duplicated (or refused, dead-lettered, or a process that was
 not killed exited badly).
 
@@ -286,6 +288,23 @@ def applied_per_consumer(processes: list[Process]) -> dict[str, int]:
     return applied
 
 
+def projection_complete(user_ids: list[str]) -> int:
+    """Users every service announced as set up, in accounts' readiness projection: what the
+    client's ``GET /api/auth/me/onboarding`` reads."""
+    from django.db.models import Count
+
+    from accounts.models import ServiceReadiness
+
+    ready = 0
+    for start in range(0, len(user_ids), 500):
+        ready += (ServiceReadiness.objects
+                  .filter(user_id__in=user_ids[start:start + 500], onboarded_at__isnull=False,
+                          erased_at__isnull=True)
+                  .values("user_id").annotate(n=Count("service"))
+                  .filter(n=len(CONTEXTS)).count())
+    return ready
+
+
 def check_exactly_once(user_ids: list[str]) -> tuple[int, int, int]:
     """(users with all four defaults, users missing some, users with some twice)."""
     from django.db.models import Count
@@ -384,11 +403,15 @@ def main() -> int:
         relays.append(stack.manage("relay-2", "relay", "outbox_relay"))
         consumers = {name: [stack.manage(f"{name}-{i}", name, "consume", name) for i in (1, 2)]
                      for name in CONTEXTS}
+        # Accounts' own consumer: the services' announcements, into the readiness projection.
+        projection = [stack.manage(f"accounts-{i}", "accounts", "consume", "accounts")
+                      for i in (1, 2)]
         wait_for(lambda: _answers(port), 30, "gunicorn")
         wait_for(lambda: all("consumers started" in p.output()
-                             for ps in consumers.values() for p in ps), 30, "the consumers")
+                             for ps in [*consumers.values(), projection] for p in ps), 30,
+                 "the consumers")
         log(f"up: gunicorn ({args.workers} workers) on :{port}, 2 relays (1 standby), "
-            f"2 replicas of each of {len(CONTEXTS)} consumers")
+            f"2 replicas of each of {len(CONTEXTS)} consumers and of accounts' projection")
 
         watch = Watch()
         poller = threading.Thread(target=watch.poll_forever, daemon=True)
@@ -414,7 +437,7 @@ def main() -> int:
                         killed_node.kill()
                         events.append(f"{at:.1f}s: SIGKILL NATS stream leader {leader}")
                     elif plan[i] == "kill one replica of each consumer":
-                        for replicas in consumers.values():
+                        for replicas in [*consumers.values(), projection]:
                             replicas[0].kill()
                         events.append(f"{at:.1f}s: SIGKILL one replica of each consumer")
                     elif plan[i] == "kill the active relay":
@@ -434,6 +457,8 @@ def main() -> int:
         try:
             wait_for(lambda: not watch.pending, args.settle, "every user's four defaults",
                      interval=0.5)
+            wait_for(lambda: projection_complete(list(watch.created_at)) == len(watch.created_at),
+                     30, "every user ready in accounts' projection", interval=0.5)
         except SystemExit as exc:
             log(str(exc))  # the report says how many are missing
         settled_at = time.monotonic()
@@ -462,6 +487,7 @@ def main() -> int:
             "created_201": created,
             "other_statuses": {str(k): v for k, v in watch.statuses.items() if k != 201},
             "users_with_all_four_defaults": complete,
+            "users_ready_in_the_projection": projection_complete(user_ids),
             "lost": missing,
             "duplicated": twice,
             "applied_per_consumer": applied,
@@ -492,6 +518,7 @@ def main() -> int:
     print(markdown(report))
     failed = (report["lost"] or report["duplicated"] or report["applied_more_than_once"]
               or report["users_with_all_four_defaults"] != report["created_201"]
+              or report["users_ready_in_the_projection"] != report["created_201"]
               or report["other_statuses"]
               or report["dead_letters"] or bad_exits or not report["standby_took_over"])
     if watch.errors:
@@ -527,6 +554,8 @@ def markdown(report: dict) -> str:
         ("201 Created", report["created_201"]),
         ("other responses", report["other_statuses"] or "none"),
         ("users with all four defaults", report["users_with_all_four_defaults"]),
+        ("users ready in accounts' projection (GET /api/auth/me/onboarding)",
+         report["users_ready_in_the_projection"]),
         ("lost", report["lost"]),
         ("duplicated (users with a default twice)", report["duplicated"]),
         ("events applied per consumer (over all replicas)",

@@ -2,7 +2,7 @@ import logging
 import uuid
 from collections.abc import Iterable
 
-from onboarding.eventbus import announce_onboarded, erase_users, insert_ignoring_conflicts
+from onboarding.eventbus import erase_users, insert_ignoring_conflicts
 from players.models import Player
 
 logger = logging.getLogger(__name__)
@@ -12,13 +12,11 @@ def players_create_defaults(*, users: Iterable[tuple[uuid.UUID, str]]) -> None:
     """Create the player record of each (user_id, username) that has none; others are untouched.
 
     Idempotent and set-based: one INSERT for the lot, conflicts on ``user_id`` ignored, so a
-    replayed or duplicated event creates nothing twice. Announces ``user.onboarded.players``
-    for each, in the same transaction.
+    replayed or duplicated event creates nothing twice.
     """
     by_user = dict(users)
     insert_ignoring_conflicts(Player, ("user_id", "username"), sorted(by_user.items()),
                               unless_erased="players")
-    announce_onboarded(context="players", user_ids=by_user)
     logger.debug("default players ensured for %d user(s)", len(by_user))
 
 

@@ -2,7 +2,7 @@ import logging
 import uuid
 from collections.abc import Iterable
 
-from onboarding.eventbus import announce_onboarded, erase_users, insert_ignoring_conflicts
+from onboarding.eventbus import erase_users, insert_ignoring_conflicts
 from progression.defaults import STARTER_SKILLS, STARTER_WEAPONS
 from progression.models import MetaProgression
 
@@ -13,8 +13,7 @@ def progressions_create_defaults(*, user_ids: Iterable[uuid.UUID]) -> None:
     """Create each user's progression with the starter weapons and skills unlocked.
 
     Idempotent: an existing progression (a replayed event) is left untouched — conflicts on
-    ``user_id`` are ignored, never overwritten. Announces ``user.onboarded.progression`` for
-    each, in the same transaction.
+    ``user_id`` are ignored, never overwritten.
     """
     wanted = set(user_ids)
     insert_ignoring_conflicts(
@@ -22,7 +21,6 @@ def progressions_create_defaults(*, user_ids: Iterable[uuid.UUID]) -> None:
         same={"unlocked_weapons": list(STARTER_WEAPONS), "unlocked_skills": list(STARTER_SKILLS)},
         unless_erased="progression",
     )
-    announce_onboarded(context="progression", user_ids=wanted)
     logger.debug("default progressions ensured for %d user(s)", len(wanted))
 
 

@@ -109,6 +109,17 @@ class Burst:
         assert self.done == self.n
 
 
+def handle_as_consumer(spec, events: list) -> list[bool]:
+    """What ``spec``'s consumer does with ``events``, without NATS: the inbox claim and its
+    handler in one transaction on its database (a context that sets users up also announces
+    it there, as the runner's transaction does)."""
+    from onboarding.eventbus.consumer.inbox import Incoming, process_events
+    from onboarding.eventbus.ids import uuid7
+
+    return process_events(spec, [Incoming(event, str(uuid7()), event.published_subject, 0)
+                                 for event in events])
+
+
 def deliver_announcements() -> int:
     """What the contexts' ``consume`` processes and ``consume accounts`` do with the
     announcements waiting in each context's outbox, without NATS: parse each as a consumer

@@ -12,13 +12,13 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from django.db import connections, transaction
+from django.db import connections
 from django.test.utils import CaptureQueriesContext
 from rest_framework.authtoken.models import Token
 
 from accounts.models import User
 from onboarding.eventbus.registry import get_services
-from tests.flow import deliver_announcements, register, sample_event
+from tests.flow import deliver_announcements, handle_as_consumer, register, sample_event
 
 pytestmark = pytest.mark.django_db(databases="__all__")
 
@@ -29,8 +29,7 @@ def set_up(user_id, username, services=None):
     event = sample_event(user_id=uuid.UUID(str(user_id)), username=username)
     for name, spec in get_services().items():
         if services is None or name in services:
-            with transaction.atomic(using=spec.database):
-                spec.handler_for(event.subject)([event])
+            handle_as_consumer(spec, [event])
     deliver_announcements()
 
 

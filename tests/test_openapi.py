@@ -15,7 +15,6 @@ from collections.abc import Callable
 import jsonschema
 import pytest
 from django.core.cache import cache
-from django.db import transaction
 from drf_spectacular.validation import validate_schema
 from rest_framework.authtoken.models import Token
 from rest_framework.throttling import ScopedRateThrottle
@@ -23,7 +22,13 @@ from rest_framework.throttling import ScopedRateThrottle
 from accounts.models import User
 from onboarding.dev.natsserver import free_port
 from onboarding.eventbus.registry import get_services
-from tests.flow import STRONG_PASSWORD, deliver_announcements, register, sample_event
+from tests.flow import (
+    STRONG_PASSWORD,
+    deliver_announcements,
+    handle_as_consumer,
+    register,
+    sample_event,
+)
 
 pytestmark = pytest.mark.django_db(databases="__all__")
 
@@ -93,8 +98,7 @@ class World:
         """GET ``path`` once every service has set the user up (as its consumer does)."""
         event = sample_event(user_id=self.user.id, username=self.user.username)
         for spec in get_services().values():
-            with transaction.atomic(using=spec.database):
-                spec.handler_for(event.subject)([event])
+            handle_as_consumer(spec, [event])
         deliver_announcements()  # what consume accounts does with what they announced
         return self.get(path, self.token)
 

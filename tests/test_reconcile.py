@@ -12,7 +12,7 @@ import pytest
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import connections, transaction
+from django.db import connections
 from django.test.utils import CaptureQueriesContext, override_settings
 from django.utils import timezone
 
@@ -32,7 +32,14 @@ from onboarding.eventbus.models import ProcessedEvent, PublishedMessage, Tombsto
 from onboarding.eventbus.registry import get_services
 from players.models import Player
 from progression.models import MetaProgression
-from tests.flow import assert_defaults, complete_count, counts, deliver_announcements, sample_event
+from tests.flow import (
+    assert_defaults,
+    complete_count,
+    counts,
+    deliver_announcements,
+    handle_as_consumer,
+    sample_event,
+)
 
 
 def set_up_and_announced(n: int) -> bool:
@@ -85,8 +92,7 @@ def set_up_everywhere(users: list[User]) -> None:
     """What the consumers would have done, without NATS: each context's handler, directly."""
     events = [user_registered_event(user=user) for user in users]
     for spec in get_services().values():
-        with transaction.atomic(using=spec.database):
-            spec.handler_for(events[0].subject)(events)
+        handle_as_consumer(spec, events)
     deliver_announcements()  # and what consume accounts makes of their announcements
 
 

@@ -11,7 +11,7 @@ from django.core.management import call_command
 
 from onboarding.dev.natsserver import DEPLOY_NATS
 from onboarding.eventbus.checks import check_bounded_contexts
-from onboarding.eventbus.registry import get_consumers
+from onboarding.eventbus.registry import get_consumers, get_services
 
 
 def ids() -> set[str]:
@@ -69,3 +69,6 @@ def test_every_registered_consumer_has_its_nats_user():
         for subject in (f"$JS.API.CONSUMER.MSG.NEXT.USERS.{name}", f"$JS.ACK.USERS.{name}.>",
                         f"_INBOX_{name}.>"):
             assert f'"{subject}"' in auth, f"user {name} may not use {subject}"
+    for name in get_services():  # a service that sets users up announces it, itself
+        for subject in (f"user.onboarded.{name}", f"user.erased.{name}"):
+            assert f'"{subject}"' in auth, f"user {name} may not publish {subject}"

@@ -12,12 +12,10 @@ A bounded context needs only the names below; everything else in this package is
 - ``erase_users``: a context's ``user.deleted`` service: the user's rows go, a tombstone stays
   (and ``user.erased.<context>`` is announced); ``held_user_ids``: which users a context holds
   rows of (reconcile's search for orphans);
-- ``announce_onboarded``: a context's announcement that it created users' defaults
-  (``user.onboarded.<context>``), written in the handler's transaction;
 - ``outbox_publish_on_commit``: how a producer publishes an event, in its own transaction;
 - ``ContextModelAdmin``: a context's rows in the admin, read-only.
 
-The last five import models, so they load on first use (this package is imported while Django
+The last four import models, so they load on first use (this package is imported while Django
 loads its apps, before models may be).
 """
 
@@ -30,7 +28,6 @@ __all__ = [
     "PermanentError",
     "Subscription",
     "UserDefaults",
-    "announce_onboarded",
     "erase_users",
     "held_user_ids",
     "insert_ignoring_conflicts",
@@ -40,7 +37,6 @@ __all__ = [
 _LAZY = {
     "outbox_publish_on_commit": "onboarding.eventbus.outbox.write",
     "ContextModelAdmin": "onboarding.eventbus.admin.contexts",
-    "announce_onboarded": "onboarding.eventbus.announcing",
     "erase_users": "onboarding.eventbus.erasing",
     "held_user_ids": "onboarding.eventbus.erasing",
 }

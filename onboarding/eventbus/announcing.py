@@ -7,6 +7,11 @@ them (``manage.py consume accounts``). :func:`announce` writes them to the conte
 (:class:`~onboarding.eventbus.models.Announcement`), in the transaction that applies the handler,
 so an announcement commits with the rows it speaks of or not at all.
 
+A context writes none of this itself, so none can forget it: the consumer's transaction
+announces ``user.onboarded`` once a ``user.registered`` handler of a context that declares
+``DEFAULTS`` has returned (``consumer/inbox.py``), and :func:`~.erasing.erase_users`, which every
+context's ``user.deleted`` service calls, announces ``user.erased``.
+
 The context's ``consume`` process publishes them (``onboarding.eventbus.outbox.announcer``):
 after the commit, this module hands the committed messages to it (the fast path, in memory, in
 the same process), and its scan publishes whatever that missed (the process died before

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from django.db import connections, transaction
 
+from onboarding.contracts import UserRegistered
+from onboarding.eventbus.announcing import announce_onboarded
 from onboarding.eventbus.consumer.failures import Abandoned, PermanentError
 from onboarding.eventbus.models import ProcessedEvent
 from onboarding.eventbus.registry import ConsumerSpec
@@ -92,11 +94,18 @@ def process_events(
             applied.append(is_new)
             if is_new:
                 fresh.append(item)
+        registered = []
         for subject, run in handler_runs(fresh):
             handler = spec.handler_for(subject)
             if handler is None:
                 raise PermanentError(f"consumer {spec.name} has no handler for {subject}")
             handler([item.event for item in run])
+            if subject == UserRegistered.subject:
+                registered += [item.event.user_id for item in run]
+        if registered and spec.defaults is not None:
+            # A context that sets users up tells so, in this transaction: its handler returned,
+            # so the users' defaults exist (accounts' readiness projection, announcing.py).
+            announce_onboarded(context=spec.name, user_ids=registered)
         if gate is not None and not gate.commit():
             raise Abandoned(f"consumer {spec.name}: the runner gave up on this transaction")
     return applied
