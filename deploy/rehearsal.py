@@ -57,6 +57,9 @@ from onboarding.databases import bounded_contexts_of  # noqa: E402
 # before Django reads its settings).
 CONTEXTS = bounded_contexts_of()
 FAST_HASHER = "django.contrib.auth.hashers.MD5PasswordHasher"
+# The database role (manage.py db_roles) of a process, by its NATS role where they differ: the
+# operator's tools read every database; provisioning and migrations run as the owner.
+DB_ROLE_OF = {"monitor": "operator", "replay": "operator", "provision": "owner"}
 POLL_SECONDS = 0.05
 
 
@@ -140,9 +143,19 @@ class Stack:
     def __init__(self, workdir: Path, base_env: dict, nats) -> None:
         self.workdir, self.base_env, self.nats = workdir, base_env, nats
         self.processes: list[Process] = []
+        # PostgreSQL: once `manage.py db_roles` ran, each process connects as its own role.
+        self.db_prefix: str | None = None
 
     def env(self, role: str, **extra) -> dict:
-        return {**self.base_env, **self.nats.env_for(role), **extra}
+        env = {**self.base_env, **self.nats.env_for(role), **extra}
+        db_role = DB_ROLE_OF.get(role, role)
+        if self.db_prefix and db_role in ("web", "relay", "accounts", *CONTEXTS, "operator"):
+            for key in ("DATABASE_URL", *(f"{c.upper()}_DATABASE_URL" for c in CONTEXTS)):
+                url = urlparse(env[key])
+                env[key] = url._replace(
+                    netloc=f"{self.db_prefix}_{db_role}@{url.hostname}:{url.port or 5432}"
+                ).geturl()
+        return env
 
     def manage(self, label: str, role: str, *args: str, **extra) -> Process:
         process = Process(label, [sys.executable, str(ROOT / "manage.py"), *args],
@@ -393,6 +406,9 @@ def main() -> int:
         stack = Stack(workdir, base_env, nats)
         log(f"NATS cluster up: {', '.join(s.name for s in nats.servers)}; databases: {engine}")
         run_once(stack, "migrate", "provision", "migrate_all", "-v", "0")
+        if engine == "postgresql":  # a role per process type, each its own tables only
+            run_once(stack, "db-roles", "provision", "db_roles", "--prefix", "rehearsal")
+            stack.db_prefix = "rehearsal"
         wait_for(lambda: _provisioned(stack), 60, "setup_jetstream on the cluster", interval=1)
         log("migrated; stream provisioned with 3 replicas")
 
