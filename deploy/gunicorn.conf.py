@@ -43,7 +43,12 @@ def _cpus() -> int:
 # spends most of its time hashing (PBKDF2), so more than ~2 per core buys nothing but memory
 # and database connections. They need a buffering reverse proxy in front (nginx), so that slow
 # clients cannot tie up the few workers.
-worker_class = "sync"
+# GUNICORN_THREADS above 1 runs gthread workers instead: a thread per request, many requests
+# per process (clients that wait on I/O, no buffering proxy). Each thread would hold a database
+# connection of its own: set DATABASE_POOL_MAX_SIZE too, so a worker's threads share a few
+# (docs/deploy.md, "Connections").
+threads = env.int("GUNICORN_THREADS", default=1)
+worker_class = "gthread" if threads > 1 else "sync"
 workers = env.int("WEB_CONCURRENCY", default=2 * _cpus())
 
 # Load the app once in the master, then fork: a broken import or setting stops the server at

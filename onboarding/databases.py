@@ -141,6 +141,36 @@ def name_connections(name: str) -> None:
             config.setdefault("OPTIONS", {})["application_name"] = name[:APPLICATION_NAME_MAX]
 
 
+def web_connections() -> None:
+    """The web process's PostgreSQL connections: a pool per database when
+    ``DATABASE_POOL_MAX_SIZE`` is set (gunicorn's gthread workers: threads share a few
+    connections rather than one each), and ``WEB_STATEMENT_TIMEOUT`` on every session.
+
+    Like :func:`name_connections`, it edits the aliases' settings before any connection opens
+    (onboarding/wsgi.py, as the app loads): safe in gunicorn's master before the fork, since a
+    pool opens on a worker's first query, in that worker.
+    """
+    from django.conf import settings
+
+    for config in settings.DATABASES.values():
+        if config["ENGINE"] != POSTGRESQL_ENGINE:
+            continue
+        options = config.setdefault("OPTIONS", {})
+        if settings.WEB_STATEMENT_TIMEOUT:
+            timeout = f"-c statement_timeout={int(settings.WEB_STATEMENT_TIMEOUT * 1000)}"
+            options["options"] = f"{options.get('options', '')} {timeout}".strip()
+        if settings.DATABASE_POOL_MAX_SIZE:
+            options["pool"] = {
+                "min_size": min(settings.DATABASE_POOL_MIN_SIZE, settings.DATABASE_POOL_MAX_SIZE),
+                "max_size": settings.DATABASE_POOL_MAX_SIZE,
+                "timeout": settings.DATABASE_POOL_TIMEOUT,
+            }
+            # Django hands connections back to the pool after each request; it refuses a pool
+            # with persistent connections, and checks a connection's health as it takes it.
+            config["CONN_MAX_AGE"] = 0
+            config["CONN_HEALTH_CHECKS"] = False
+
+
 _LOOPBACK = {"", "localhost", "127.0.0.1", "::1", "[::1]"}
 _DEFAULT_PORTS = {POSTGRESQL_ENGINE: "5432", "django.db.backends.mysql": "3306"}
 

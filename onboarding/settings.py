@@ -138,6 +138,22 @@ BOUNDED_CONTEXTS, DATABASES, CONTEXT_DATABASES = db_layout.configure(
     env, installed_apps=INSTALLED_APPS, sqlite_dir=SQLITE_DIR, test_dir=SQLITE_TEST_DIR
 )
 DATABASE_ROUTERS = ["onboarding.routers.BoundedContextRouter"]
+# The web process's PostgreSQL connections (onboarding.databases.web_connections, from
+# onboarding/wsgi.py). A pool per worker process and database (psycopg_pool, Django's own
+# support): with gunicorn's gthread workers, threads share at most DATABASE_POOL_MAX_SIZE
+# connections instead of one each; a request waits up to DATABASE_POOL_TIMEOUT seconds for
+# one. 0: no pool (sync workers hold one connection each anyway). The relay and the consumers
+# run one database thread each, so they keep plain persistent connections.
+DATABASE_POOL_MAX_SIZE = env.int("DATABASE_POOL_MAX_SIZE", default=0)
+DATABASE_POOL_MIN_SIZE = env.int("DATABASE_POOL_MIN_SIZE", default=1)
+DATABASE_POOL_TIMEOUT = env.float("DATABASE_POOL_TIMEOUT", default=10.0)  # seconds
+# Any statement of a web request that runs longer is cancelled (a 500, never a worker hung
+# until gunicorn's timeout); 0: the server's default. PostgreSQL only.
+WEB_STATEMENT_TIMEOUT = env.float("WEB_STATEMENT_TIMEOUT", default=10.0)  # seconds
+# The relay's LISTEN and its advisory lock need a session of their own on the server: behind
+# PgBouncer in transaction mode, give them a direct URL to the outbox database (default: the
+# outbox database's own settings).
+RELAY_DIRECT_DATABASE_URL = env.str("RELAY_DIRECT_DATABASE_URL", default="")
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Auth ----------------------------------------------------------------------------------

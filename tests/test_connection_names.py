@@ -17,6 +17,7 @@ from django.conf import settings
 from django.db import connection, connections
 
 from conftest import wait_until
+from onboarding.eventbus.registry import get_consumers
 
 pytestmark = [
     pytest.mark.django_db(transaction=True, databases="__all__"),
@@ -58,7 +59,7 @@ def test_the_relay_and_a_consumer_name_their_connections_by_role(manage):
 
 def test_consume_all_names_every_consumer(manage):
     consumer = manage("consume", "--all")
-    wanted = "consume:" + ",".join(settings.BOUNDED_CONTEXTS)
+    wanted = "consume:" + ",".join(get_consumers())  # accounts' among them
     wait_until(lambda: wanted in names_in_pg_stat_activity(), timeout=30,
                message=f"a session named {wanted!r}")
     code, output = consumer.stop()

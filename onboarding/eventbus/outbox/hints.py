@@ -16,6 +16,7 @@ import logging
 import threading
 
 from django.core.signals import request_finished, request_started
+from django.db import close_old_connections
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,12 @@ def _flush_after_response(**kwargs) -> None:
         except Exception:  # a hint: the relay's scan makes up for it
             logger.warning("waking the relay failed; its scan publishes the event",
                            exc_info=True)
+    if pending:
+        # Django ended the request's connections before this ran (its receiver comes first);
+        # a NOTIFY took one again. Ended the same way, or a pooled connection would stay with
+        # this thread until its next request (with gthread workers, idle threads emptied the
+        # pool: tests/test_pool.py).
+        close_old_connections()
 
 
 def _start_request(**kwargs) -> None:

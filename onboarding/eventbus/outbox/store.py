@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.db import connections, models, transaction
 from django.db.models import Case, F, Value, When
 from django.utils import timezone
@@ -43,15 +44,33 @@ def outbox_connection(*, application_name: str | None = None):
     notifications, holding the relay's session lock. Same parameters: timeouts, keepalives, the
     process's ``application_name`` unless ``application_name`` names this session's role
     (``relay-listen``) for ``pg_stat_activity``.
+
+    ``RELAY_DIRECT_DATABASE_URL``, when set, says where: these sessions must be the server's
+    own (a LISTEN, a session lock), so behind PgBouncer in transaction mode they bypass it while
+    the ORM's connections go through it. Its host, port, database, user and password replace
+    the outbox database's; the rest (timeouts, keepalives) stays.
     """
     import psycopg
 
     params = connections[OUTBOX_DATABASE].get_connection_params()
-    for django_only in ("cursor_factory", "context"):
+    for django_only in ("cursor_factory", "context", "pool"):
         params.pop(django_only, None)
+    if settings.RELAY_DIRECT_DATABASE_URL:
+        params.update(direct_params(settings.RELAY_DIRECT_DATABASE_URL))
     if application_name is not None:
         params["application_name"] = application_name
     return psycopg.connect(**params, autocommit=True)
+
+
+def direct_params(url: str) -> dict:
+    """psycopg's connection parameters of a ``postgres://`` URL (only what it says)."""
+    import environ
+
+    config = environ.Env.db_url_config(url)
+    found = {"host": config.get("HOST"), "port": config.get("PORT"),
+             "dbname": config.get("NAME"), "user": config.get("USER"),
+             "password": config.get("PASSWORD")}
+    return {key: value for key, value in found.items() if value not in (None, "")}
 
 
 def outbox_unpublished(*, older_than: float, limit: int) -> list[OutboundMessage]:
