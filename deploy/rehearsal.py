@@ -301,6 +301,20 @@ def applied_per_consumer(processes: list[Process]) -> dict[str, int]:
     return applied
 
 
+def sessions_per_process() -> dict[str, int]:
+    """PostgreSQL sessions on the rehearsal's databases, by ``application_name`` (the process
+    type: web, relay, relay-listen, relay-lock, consume:<context>...), every replica together."""
+    from django.conf import settings
+    from django.db import connection
+
+    names = sorted({config["NAME"] for config in settings.DATABASES.values()})
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT application_name, count(*) FROM pg_stat_activity "
+                       "WHERE datname = ANY(%s) AND pid <> pg_backend_pid() "
+                       "GROUP BY 1 ORDER BY 1", [names])
+        return dict(cursor.fetchall())
+
+
 def projection_complete(user_ids: list[str]) -> int:
     """Users every service announced as set up, in accounts' readiness projection: what the
     client's ``GET /api/auth/me/onboarding`` reads."""
@@ -478,6 +492,7 @@ def main() -> int:
         except SystemExit as exc:
             log(str(exc))  # the report says how many are missing
         settled_at = time.monotonic()
+        sessions = sessions_per_process() if engine == "postgresql" else {}
         watch.stop.set()
         poller.join(5)
         from django.db import connections
@@ -523,6 +538,7 @@ def main() -> int:
             "rate_per_s": args.rate,
             "events": events,
             "standby_took_over": took_over,
+            "database_sessions": sessions,
             "hasher": "settings" if args.real_hasher else "MD5 (fast)",
         }
     finally:
@@ -588,6 +604,8 @@ def markdown(report: dict) -> str:
                   f"in {report['burst_seconds']} s; hasher {report['hasher']}"),
         ("relay standby took over", ", ".join(report["standby_took_over"]) or "NO"),
         ("processes that exited badly", report["unclean_exits"] or "none"),
+        ("database sessions at the end, per process type (all replicas)",
+         ", ".join(f"{k} {v}" for k, v in report["database_sessions"].items()) or "-"),
     ]
     lines = ["| rehearsal | result |", "| --- | --- |"]
     lines += [f"| {name} | {value} |" for name, value in rows]

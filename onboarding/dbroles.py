@@ -132,6 +132,12 @@ def statements(prefix: str, passwords: dict[str, str] | None = None) -> dict[str
         by_alias[first].append(
             f"DO $$ BEGIN CREATE ROLE {name} {login}; "
             f"EXCEPTION WHEN duplicate_object THEN ALTER ROLE {name} {login}; END $$")
+    # The web's statement timeout on its role too: behind PgBouncer, which does not pass a
+    # connection's startup options on, the server still applies it (WEB_STATEMENT_TIMEOUT).
+    timeout = int(settings.WEB_STATEMENT_TIMEOUT * 1000)
+    by_alias[first].append(f"ALTER ROLE {role_name(prefix, 'web')} "
+                           + (f"SET statement_timeout = {timeout}" if timeout
+                              else "RESET statement_timeout"))
     users_of: dict[str, set[str]] = {alias: set() for alias in by_alias}
     planned = [grant for grant in grants() if grant.alias in by_alias]
     for grant in planned:
