@@ -57,6 +57,21 @@ def markdown(results: dict) -> str:
                 f"| latency, cold: the {what} after the stack is ready ({c['count']} regs; ready "
                 f"{la['ready_after_s']} s after start) | p50 {c['p50_ms']} ms, p95 "
                 f"{c['p95_ms']}, p99 {c['p99_ms']}, max **{c['max_ms']} ms** | ≤ 50 |")
+    if "readiness" in results:
+        ra = results["readiness"]
+        for key, what in (("endpoint_steady", "steady"), ("endpoint_cold_first_20",
+                                                          "cold, the first 20")):
+            c = ra[key]
+            lines.append(
+                f"| readiness: 201 → `complete: true` on GET /api/users/{{id}}/onboarding, "
+                f"{what}, at {ra['rate_per_s']:g}/s ({c['count']} regs; each pending user "
+                f"polled every {ra['endpoint_poll_interval_ms']:g} ms, rounds p50 "
+                f"{ra['endpoint_round_p50_ms']} ms) | p50 **{c['p50_ms']} ms**, p95 "
+                f"{c['p95_ms']}, p99 **{c['p99_ms']} ms**, max {c['max_ms']} | — |")
+        s = ra["steady"]
+        lines.append(
+            f"| readiness run: 201 → the last service's rows (the same registrations) | p50 "
+            f"{s['p50_ms']} ms, p99 {s['p99_ms']} ms | — |")
     if "erasure" in results:
         lines += erasure_rows(results["erasure"])
     if "register" in results:

@@ -24,6 +24,10 @@ Scenarios:
             FastStream peer handles user.registered only: it is not run on this one.
   latency   registrations over HTTP at a steady rate (fast MD5 hasher); time from the 201 to
             the last of the four services' default rows.
+  readiness the latency scenario, also polling each user's GET /api/users/{userId}/onboarding
+            from outside (a staff token, every ``--endpoint-poll-ms``) until it says
+            ``complete: true``: time from the 201 to that answer (the services' announcements,
+            through ``consume accounts``, into accounts' projection).
   erasure   users registered, set up and given a token first (not timed), the stack restarted,
             then deleted over HTTP (DELETE /api/auth/me) at ``--rate`` for ``--warmup`` +
             ``--seconds``; time from the 204 to the last of the four services' tombstones
@@ -77,7 +81,8 @@ from scenario_register import scenario_register
 from scenario_relay import scenario_relay
 
 # In the order they run (and the default of --only).
-SCENARIOS = ("drain", "drain-mixed", "latency", "erasure", "register", "relay", "grown")
+SCENARIOS = ("drain", "drain-mixed", "latency", "readiness", "erasure", "register", "relay",
+             "grown")
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -146,6 +151,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--poll-ms", type=float, default=2.0,
                         help="latency, erasure: the database watcher's interval between "
                              "queries")
+    parser.add_argument("--endpoint-poll-ms", type=float, default=20.0,
+                        help="readiness: the interval between polls of each pending user's "
+                             "onboarding endpoint")
     parser.add_argument("--requests", type=int, default=1000, help="register: per round")
     parser.add_argument("--hasher", choices=sorted(HASHERS), default="md5",
                         help="the password hasher (md5: fast, so that hashing does not hide the "
@@ -189,9 +197,11 @@ def run_scenario(name: str, stack: Stack, args: argparse.Namespace, events: int 
             if args.profile else None)
     if name == "drain-mixed":
         return scenario_drain_mixed(stack, events, args.batch, args.mix, run, nats_pid=nats_pid)
-    if name == "latency":
+    if name in ("latency", "readiness"):
         return scenario_latency(stack, args.rate, args.seconds, port, args.engine,
-                                warmup=args.warmup, tick=args.poll_ms / 1000)
+                                warmup=args.warmup, tick=args.poll_ms / 1000,
+                                endpoint_poll=args.endpoint_poll_ms / 1000
+                                if name == "readiness" else None)
     if name == "erasure":
         return scenario_erasure(stack, args.rate, args.seconds, port, args.engine,
                                 warmup=args.warmup, tick=args.poll_ms / 1000)

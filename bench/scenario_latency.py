@@ -5,7 +5,9 @@ watched from outside (``RowWatcher``). The grown scenario measures it on grown t
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import json
 import statistics
 import threading
 import time
@@ -158,6 +160,88 @@ class RowWatcher:
                                                3)}
 
 
+class EndpointPoller:
+    """When each user's ``GET /api/users/{userId}/onboarding`` first said ``complete: true``,
+    polled from outside over HTTP as a client would (with a staff token): one thread, its own
+    connection, every pending user once per ``interval`` seconds. A user's time is the start of
+    the request that first said so (what it read committed after that, at the latest when it
+    answered), so each figure is late by at most one interval; ``resolution()`` reports them.
+    The polls load the web as clients polling would: at 50 registrations/s, about 50 ms of
+    pending per user, a 20 ms interval sends ~125 requests/s.
+    """
+
+    def __init__(self, port: int, token: str, interval: float) -> None:
+        self.port, self.token, self.interval = port, token, interval
+        self.pending: dict[uuid.UUID, float] = {}  # user -> when its 201 arrived
+        self.complete: dict[uuid.UUID, float] = {}
+        self.rounds: list[float] = []
+        self.requests = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="endpoint-poller", daemon=True)
+
+    def add(self, user_id: uuid.UUID, received: float) -> None:
+        with self._lock:
+            self.pending[user_id] = received
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(30)
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        headers = {"Authorization": f"Token {self.token}"}
+        previous = None
+        while not self._stop.is_set():
+            started = time.monotonic()
+            with self._lock:
+                users = list(self.pending)
+            for user_id in users:
+                asked = time.monotonic()
+                conn.request("GET", f"/api/users/{user_id}/onboarding", headers=headers)
+                response = conn.getresponse()
+                body = response.read()
+                self.requests += 1
+                if response.status == 200 and json.loads(body)["complete"]:
+                    with self._lock:
+                        self.complete[user_id] = asked
+                        self.pending.pop(user_id, None)
+            if users:
+                if previous is not None:
+                    self.rounds.append(started - previous)
+                previous = started
+            else:
+                previous = None
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+        conn.close()
+
+    def resolution(self) -> dict:
+        ms = [x * 1000 for x in self.rounds] or [0.0]
+        return {"endpoint_poll_interval_ms": round(self.interval * 1000, 1),
+                "endpoint_round_p50_ms": round(statistics.median(ms), 2),
+                "endpoint_round_p99_ms": round(percentile(ms, 0.99), 2),
+                "endpoint_requests": self.requests}
+
+
+def staff_token(username: str = "bench-staff") -> str:
+    """A staff user's API token, made directly (not timed): the poller's credentials."""
+    from accounts.models import User
+    from accounts.services import user_register, user_token_get_or_create
+
+    user = User.objects.filter(username=username).first() or user_register(
+        username=username, email=f"{username}@example.com", password=None, is_staff=True)
+    return user_token_get_or_create(user=user).key
+
+
 def stack_ready(stack: Stack, port: int, engine: str, timeout: float = 60) -> float:
     """Wait until the stack says it is ready, the way an operator's probes see it: the web's
     ``/readyz`` answers 200, every consumer has a pull request waiting on its durable and, on
@@ -214,18 +298,26 @@ def latency_figures(latencies: list[float]) -> dict:
 
 
 def scenario_latency(stack: Stack, rate: float, seconds: float, port: int, engine: str,
-                     warmup: float = 3.0, tick: float = 0.002) -> dict:
+                     warmup: float = 3.0, tick: float = 0.002,
+                     endpoint_poll: float | None = None) -> dict:
     """From a cold start: the stack's processes start, the bench waits until they say they are
     ready, then registrations go at ``rate`` for ``warmup`` + ``seconds`` s (open loop). For
     each, the time from its 201 to the moment the last of the four contexts' rows became
     visible (:class:`RowWatcher`). Cold: the first second's (and the first 20) registrations;
-    steady: those sent after ``warmup`` s."""
+    steady: those sent after ``warmup`` s.
+
+    With ``endpoint_poll`` (seconds; the ``readiness`` scenario), also the time from its 201 to
+    the readiness endpoint's ``complete: true`` (:class:`EndpointPoller`): the services'
+    announcements, published by their consume processes, through ``consume accounts`` into
+    accounts' projection."""
     # Rows already there (the grown scenario's prefill) are not this run's.
     baseline = {name: model.objects.count() for name, model in default_models().items()}
+    token = staff_token() if endpoint_poll else None
     launched = time.monotonic()
     stack.manage("outbox_relay")
     for context in CONTEXTS:
         stack.manage("consume", context)
+    stack.manage("consume", "accounts")  # the readiness projection: part of the shape
     stack.gunicorn(port, ready_path="/readyz")
     ready = stack_ready(stack, port, engine)
     total = int(rate * (warmup + seconds))
@@ -249,11 +341,16 @@ def scenario_latency(stack: Stack, rate: float, seconds: float, port: int, engin
             return
         with lock:
             sent.append((i, uuid.UUID(payload["userId"]), received))
+        if poller is not None:
+            poller.add(uuid.UUID(payload["userId"]), received)
 
-    with RowWatcher(stack.env, tick) as watcher:
-        send_open_loop("latency", total, rate, one)
+    poller = EndpointPoller(port, token, endpoint_poll) if endpoint_poll else None
+    with RowWatcher(stack.env, tick) as watcher, poller or contextlib.nullcontext():
+        send_open_loop("readiness" if poller else "latency", total, rate, one)
         wait_for_counts(len(sent), timeout=60, label="defaults", baseline=baseline)
         time.sleep(10 * tick)  # the watchers' last rows, seen by now
+        if poller is not None:
+            poller.wait(60)
     missing = sum(watcher.visible(user) is None for _, user, _ in sent)
     if missing:
         raise RuntimeError(f"latency: the watchers missed {missing} registrations' rows")
@@ -262,7 +359,20 @@ def scenario_latency(stack: Stack, rate: float, seconds: float, port: int, engin
         raise RuntimeError(f"latency: {len(errors)} failed registrations: {errors[:3]}")
     latency = {i: (watcher.visible(user) - received) * 1000 for i, user, received in sent}
     first_second = int(rate)
+    readiness = {}
+    if poller is not None:
+        if poller.pending:
+            raise RuntimeError(f"readiness: {len(poller.pending)} users never complete")
+        ready_ms = {i: (poller.complete[user] - received) * 1000 for i, user, received in sent}
+        readiness = {
+            **poller.resolution(),
+            "endpoint_cold_first_20": latency_figures(
+                [ready_ms[i] for i in sorted(ready_ms)[:20]]),
+            "endpoint_steady": latency_figures(
+                [ms for i, ms in ready_ms.items() if i >= int(rate * warmup)]),
+        }
     return {
+        **readiness,
         "rate_per_s": rate,
         "registrations": total,
         "errors": len(errors),

@@ -137,7 +137,7 @@ def deliver_announcements() -> int:
         rows = list(Announcement.objects.using(alias).filter(published_at__isnull=True))
         with transaction.atomic():
             for row in rows:
-                event = parse_event(row.subject, row.payload.encode(), row.headers)
+                event = parse_event(row.subject, row.payload.encode())
                 accounts.handler_for(row.subject)([event])
         Announcement.objects.using(alias).filter(id__in=[r.id for r in rows]).update(
             published_at=time_now())

@@ -30,9 +30,10 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from onboarding.contracts import UserErased, UserOnboarded, event_headers
+from onboarding.contracts import UserErased, UserOnboarded, event_headers, event_type_of
 from onboarding.eventbus.ids import uuid7
-from onboarding.eventbus.models import Announcement, Tombstone
+from onboarding.eventbus.models import Announcement
+from onboarding.eventbus.rows import insert_ignoring_conflicts
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,12 @@ class AnnouncedMessage:
     event_id: str
     subject: str
     payload: bytes
-    headers: dict
+
+    @property
+    def headers(self) -> dict:
+        """What every event carries (``contracts.event_headers``): from the subject's contract
+        version and the event id, so the row keeps none."""
+        return event_headers(event_type_of(self.subject), event_id=self.event_id)
 
 
 _lock = threading.Lock()
@@ -50,46 +56,47 @@ _listeners: dict[str, Callable[[], None]] = {}  # context -> wakes its announcer
 _committed: dict[str, list[AnnouncedMessage]] = {}  # context -> committed, not yet handed over
 
 
-def announce(*, context: str, events: Iterable) -> int:
-    """Write ``events`` (the context's own announcements) to its outbox in the current
-    transaction on its database; return how many. Once that transaction commits, this process's
-    announcer (if one listens) publishes them at once; else the scan does."""
+def announce(*, context: str, events: Iterable, unless_erased: bool = True) -> int:
+    """Write ``events`` (the context's own announcements, each about a user) to its outbox in the
+    current transaction on its database; return how many it wrote. With ``unless_erased``,
+    users the context erased are left out, in the same statement (``rows.py``). Once that
+    transaction commits, this process's announcer (if one listens) publishes them at once; else
+    the scan does."""
     alias = settings.CONTEXT_DATABASES[context]
-    rows, messages = [], []
+    messages = {}
+    rows = []
     for event in events:
-        event_id = uuid7()  # time-ordered, as every event id (ids.py)
-        headers = event_headers(event, event_id=event_id)
+        event_id = str(uuid7())  # time-ordered, as every event id (ids.py)
         payload = event.to_json()
-        rows.append(Announcement(event_id=event_id, context=context,
-                                 subject=event.published_subject, payload=payload.decode(),
-                                 headers=headers))
-        messages.append(AnnouncedMessage(str(event_id), event.published_subject, payload,
-                                         headers))
+        messages[event_id] = AnnouncedMessage(event_id, event.published_subject, payload)
+        rows.append((event_id, event.user_id, event.published_subject, payload.decode()))
     if not rows:
         return 0
-    Announcement.objects.using(alias).bulk_create(rows)
-    transaction.on_commit(lambda: _hand_over(context, messages), using=alias)
-    return len(rows)
+    written = insert_ignoring_conflicts(
+        Announcement, ("event_id", "user_id", "subject", "payload"), rows,
+        same={"context": context}, using=alias,
+        unless_erased=context if unless_erased else None, returning="event_id")
+    committed = [messages[str(event_id)] for event_id in written]
+    if committed:
+        transaction.on_commit(lambda: _hand_over(context, committed), using=alias)
+    return len(committed)
 
 
 def announce_onboarded(*, context: str, user_ids: Iterable[uuid.UUID]) -> int:
     """``user.onboarded.<context>`` for each user whose defaults the caller has just created in
-    this transaction. Users the context erased are left out: it created nothing for them."""
-    ids = sorted(set(user_ids))
-    # Its tombstones (erasing.py, which imports this module to announce erasures).
-    erased = set(Tombstone.objects.using(settings.CONTEXT_DATABASES[context])
-                 .filter(context=context, user_id__in=ids).values_list("user_id", flat=True))
+    this transaction (users the context erased are left out: it created nothing for them)."""
     now = timezone.now()
     return announce(context=context, events=[
         UserOnboarded(user_id=user_id, service=context, onboarded_at=now)
-        for user_id in ids if user_id not in erased
+        for user_id in sorted(set(user_ids))
     ])
 
 
 def announce_erased(*, context: str, user_ids: Iterable[uuid.UUID]) -> int:
-    """``user.erased.<context>`` for each user the caller has just erased in this transaction."""
+    """``user.erased.<context>`` for each user the caller has just erased (and tombstoned) in
+    this transaction."""
     now = timezone.now()
-    return announce(context=context, events=[
+    return announce(context=context, unless_erased=False, events=[
         UserErased(user_id=user_id, service=context, erased_at=now)
         for user_id in sorted(set(user_ids))
     ])
@@ -118,6 +125,7 @@ def take_committed(context: str) -> list[AnnouncedMessage]:
 
 
 def _hand_over(context: str, messages: list[AnnouncedMessage]) -> None:
+    """After the commit: hand the messages to this process's announcer, if one listens."""
     with _lock:
         wake = _listeners.get(context)
         if wake is None:

@@ -148,14 +148,17 @@ class Announcement(models.Model):
     Written in the transaction that applied the handler, so the announcement commits with the
     rows it speaks of, or not at all. The context's ``consume`` process publishes it: at once
     after the commit, and a scan for what that missed (a crash, NATS down). ``event_id``
-    travels as ``Nats-Msg-Id``: publishing a row twice is deduplicated by JetStream.
+    travels as ``Nats-Msg-Id``: publishing a row twice is deduplicated by JetStream. Its headers
+    follow from the subject and the event id (``contracts.event_headers``), so none are kept.
     """
 
-    event_id = models.UUIDField(unique=True, editable=False)
+    # Neither indexed: rows are found by id (the scan, the marks). Every handled batch writes
+    # them, so each index would cost every registration a write in every context.
+    event_id = models.UUIDField(editable=False)
+    user_id = models.UUIDField()
     context = models.CharField(max_length=64)
     subject = models.CharField(max_length=255)
     payload = models.TextField(help_text="The exact JSON published.")
-    headers = models.JSONField(default=dict)
     created_at = models.DateTimeField(default=timezone.now)
     published_at = models.DateTimeField(null=True, blank=True)
 
