@@ -36,13 +36,13 @@ def report(name: str, **figures) -> None:
 def inbox_counts() -> dict[str, int]:
     return {
         name: ProcessedEvent.objects.using(alias).filter(consumer=name).count()
-        for name, alias in settings.CONTEXT_DATABASES.items()
+        for name, alias in ((c, settings.CONTEXT_DATABASES[c]) for c in settings.BOUNDED_CONTEXTS)
     }
 
 
 def assert_exactly(n: int) -> None:
     assert counts() == complete_count(n)
-    assert inbox_counts() == dict.fromkeys(settings.CONTEXT_DATABASES, n)
+    assert inbox_counts() == dict.fromkeys(settings.BOUNDED_CONTEXTS, n)
     assert not DeadLetter.objects.exists()
 
 
@@ -271,15 +271,15 @@ def test_replay_after_the_fix_reaches_only_that_consumer(manage, tmp_path):
     code, output = fixed.stop()
     assert code == 0, output
     assert counts() == complete_count(1)
-    assert inbox_counts() == dict.fromkeys(settings.CONTEXT_DATABASES, 1)
+    assert inbox_counts() == dict.fromkeys(settings.BOUNDED_CONTEXTS, 1)
     for other in ("players", "characters", "progression"):
         assert f"consumer {other}: processed" not in output  # only buildings saw the replay
 
     async def pending(js):
         return {name: (await js.consumer_info(settings.NATS_STREAM, name)).num_pending
-                for name in settings.CONTEXT_DATABASES}
+                for name in settings.BOUNDED_CONTEXTS}
 
-    assert run_async(pending) == dict.fromkeys(settings.CONTEXT_DATABASES, 0)
+    assert run_async(pending) == dict.fromkeys(settings.BOUNDED_CONTEXTS, 0)
     report("replay", dead_letters=1, replays=2, processed_by="buildings only")
 
 
