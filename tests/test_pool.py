@@ -39,10 +39,15 @@ def server_setting(name: str) -> int:
 
 
 def web_sessions() -> int:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'web' "
-                       "AND datname = current_database()")
-        return cursor.fetchone()[0]
+    """The web's sessions now. Called from the burst's threads: each closes the connection it
+    opened for it, or it would outlive the test."""
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'web' "
+                           "AND datname = current_database()")
+            return cursor.fetchone()[0]
+    finally:
+        connection.close()
 
 
 def test_a_burst_on_more_threads_than_connections_gets_no_500(gunicorn):  # noqa: F811
