@@ -26,11 +26,9 @@ class ServiceUnreachable(DatabaseError):
     """
 
     def __init__(self, service: str, alias: str, error: Exception) -> None:
-        from onboarding.eventbus.ops.labels import database_label
+        from onboarding.eventbus.ops.labels import unreachable
 
-        said = (str(error).strip().splitlines() or [""])[0][:300]
-        super().__init__(f"service {service}: database {alias} ({database_label(alias)}) "
-                         f"unreachable: {type(error).__name__}: {said}")
+        super().__init__(f"service {service}: {unreachable(alias, error)}")
         self.service, self.alias = service, alias
 
 

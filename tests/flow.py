@@ -126,6 +126,7 @@ def deliver_announcements() -> int:
     would, apply accounts' handlers in order, and mark them published. Returns how many."""
     from django.conf import settings
     from django.db import transaction
+    from django.utils import timezone
 
     from onboarding.contracts import parse_event
     from onboarding.eventbus.models import Announcement
@@ -140,12 +141,7 @@ def deliver_announcements() -> int:
                 event = parse_event(row.subject, row.payload.encode())
                 accounts.handler_for(row.subject)([event])
         Announcement.objects.using(alias).filter(id__in=[r.id for r in rows]).update(
-            published_at=time_now())
+            published_at=timezone.now())
         delivered += len(rows)
     return delivered
 
-
-def time_now():
-    from django.utils import timezone
-
-    return timezone.now()

@@ -22,6 +22,13 @@ def database_label(alias: str) -> str:
     return f"postgres://{user + '@' if user else ''}{host}/{config['NAME']}"
 
 
+def unreachable(alias: str, exc: Exception) -> str:
+    """One line: which database, and what the driver said (its first line; never a password,
+    which neither the label nor libpq's messages carry)."""
+    said = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"database {alias} ({database_label(alias)}) unreachable: {type(exc).__name__}: {said}"
+
+
 def checked_databases() -> dict[str, str]:
     """Each database alias this module reads, once: the default (outbox, dead letters) and
     every context's (its inbox, its defaults)."""

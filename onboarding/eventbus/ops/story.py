@@ -34,7 +34,7 @@ from onboarding.eventbus.models import (
     PublishedMessage,
 )
 from onboarding.eventbus.ops.durables import read_durables
-from onboarding.eventbus.ops.labels import checked_databases, database_label, nats_label
+from onboarding.eventbus.ops.labels import checked_databases, nats_label, unreachable
 from onboarding.eventbus.registry import ConsumerSpec, get_services
 from onboarding.readiness import onboarding_readiness
 
@@ -121,13 +121,6 @@ def _dead_letter_summary(letter) -> dict:
     }
 
 
-def _unreachable(alias: str, exc: Exception) -> str:
-    """One line: which database, and what the driver said (its first line; never a password,
-    which neither the label nor libpq's messages carry)."""
-    said = (str(exc).strip().splitlines() or [""])[0][:300]
-    return f"database {alias} ({database_label(alias)}) unreachable: {type(exc).__name__}: {said}"
-
-
 def _context_reads(spec: ConsumerSpec, user_id: uuid.UUID, event_id: str | None,
                    *, erased: bool) -> dict:
     """What one context's own database says of the user: its defaults, its inbox row for the
@@ -146,7 +139,7 @@ def _context_reads(spec: ConsumerSpec, user_id: uuid.UUID, event_id: str | None,
                 user_id)
     except DatabaseError as exc:
         return {"found": None, "inbox": None, "erased_at": None,
-                "error": _unreachable(alias, exc)}
+                "error": unreachable(alias, exc)}
     return {"found": found, "inbox": row, "erased_at": erased_at, "error": None}
 
 

@@ -65,14 +65,6 @@ def announcements_mark_published(*, context: str, event_ids: list[str]) -> int:
                 .update(published_at=timezone.now()))
 
 
-def announcements_backlog(*, context: str) -> tuple[int, dt.datetime | None]:
-    """(how many of ``context``'s announcements wait, the oldest one's time)."""
-    rows = Announcement.objects.using(settings.CONTEXT_DATABASES[context]).filter(
-        context=context, published_at__isnull=True)
-    oldest = rows.order_by("id").values_list("created_at", flat=True).first()
-    return rows.count(), oldest
-
-
 class Announcer:
     """One context's announcements, published by its consumer's process (see the module)."""
 
