@@ -33,6 +33,7 @@ from backlog import publish_backlog  # noqa: E402
 from harness import (  # noqa: E402
     CONTEXTS,
     Stack,
+    children,
     cpu_ms,
     reset_data,
     reset_jetstream,
@@ -41,14 +42,6 @@ from harness import (  # noqa: E402
 )
 from scenario_drain import ceiling_rate  # noqa: E402
 from scenario_register import closed_loop  # noqa: E402
-
-
-def children(pid: int) -> list[int]:
-    try:
-        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    except FileNotFoundError:
-        return []
-    return [int(p) for p in out.split()]
 
 
 def postgres_pids() -> list[int]:

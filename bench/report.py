@@ -10,6 +10,14 @@ import platform
 from harness import FAST_HASHER
 
 
+def cpu_row(figures: dict, scenario: str) -> str:
+    """The CPU each process spent per registration over a latency run, ms."""
+    cpu = figures["cpu_ms_per_registration"]
+    spent = ", ".join(f"{name} {ms:g}" for name, ms in cpu.items())
+    return (f"| {scenario}: CPU ms per registration, since the stack was ready (total "
+            f"{sum(cpu.values()):.1f}) | {spent} | — |")
+
+
 def machine() -> dict:
     return {
         "cpus": os.cpu_count(),
@@ -57,6 +65,8 @@ def markdown(results: dict) -> str:
                 f"| latency, cold: the {what} after the stack is ready ({c['count']} regs; ready "
                 f"{la['ready_after_s']} s after start) | p50 {c['p50_ms']} ms, p95 "
                 f"{c['p95_ms']}, p99 {c['p99_ms']}, max **{c['max_ms']} ms** | ≤ 50 |")
+        if "cpu_ms_per_registration" in la:
+            lines.append(cpu_row(la, "latency"))
     if "readiness" in results:
         ra = results["readiness"]
         for key, what in (("endpoint_steady", "steady"), ("endpoint_cold_first_20",
@@ -72,6 +82,8 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| readiness run: 201 → the last service's rows (the same registrations) | p50 "
             f"{s['p50_ms']} ms, p99 {s['p99_ms']} ms | — |")
+        if "cpu_ms_per_registration" in ra:
+            lines.append(cpu_row(ra, "readiness"))
     if "erasure" in results:
         lines += erasure_rows(results["erasure"])
     if "register" in results:

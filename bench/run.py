@@ -201,7 +201,7 @@ def run_scenario(name: str, stack: Stack, args: argparse.Namespace, events: int 
         return scenario_latency(stack, args.rate, args.seconds, port, args.engine,
                                 warmup=args.warmup, tick=args.poll_ms / 1000,
                                 endpoint_poll=args.endpoint_poll_ms / 1000
-                                if name == "readiness" else None)
+                                if name == "readiness" else None, nats_pid=nats_pid)
     if name == "erasure":
         return scenario_erasure(stack, args.rate, args.seconds, port, args.engine,
                                 warmup=args.warmup, tick=args.poll_ms / 1000)

@@ -19,12 +19,15 @@ from harness import (
     CONTEXTS,
     Stack,
     check_alive,
+    children,
+    cpu_ms,
     default_models,
     http_register,
     percentile,
     progress,
     wait_for_counts,
 )
+from scenario_drain import server_cpu_ms
 
 
 def watch_table(table: str, url: str, tick: float, ready, stop, results,
@@ -288,6 +291,14 @@ def stack_ready(stack: Stack, port: int, engine: str, timeout: float = 60) -> fl
     return time.monotonic()
 
 
+def cpu_by_process(groups: dict[str, list[int]], engine: str) -> dict[str, float]:
+    """CPU ms used so far by each group of processes (and, on PostgreSQL, by the server)."""
+    taken = {name: sum(cpu_ms(pid) for pid in pids) for name, pids in groups.items()}
+    if engine == "postgres":
+        taken["postgres (all backends)"] = server_cpu_ms()
+    return taken
+
+
 def latency_figures(latencies: list[float]) -> dict:
     if not latencies:
         return {"count": 0}
@@ -299,7 +310,7 @@ def latency_figures(latencies: list[float]) -> dict:
 
 def scenario_latency(stack: Stack, rate: float, seconds: float, port: int, engine: str,
                      warmup: float = 3.0, tick: float = 0.002,
-                     endpoint_poll: float | None = None) -> dict:
+                     endpoint_poll: float | None = None, nats_pid: int | None = None) -> dict:
     """From a cold start: the stack's processes start, the bench waits until they say they are
     ready, then registrations go at ``rate`` for ``warmup`` + ``seconds`` s (open loop). For
     each, the time from its 201 to the moment the last of the four contexts' rows became
@@ -314,12 +325,17 @@ def scenario_latency(stack: Stack, rate: float, seconds: float, port: int, engin
     baseline = {name: model.objects.count() for name, model in default_models().items()}
     token = staff_token() if endpoint_poll else None
     launched = time.monotonic()
-    stack.manage("outbox_relay")
+    groups = {"relay": [stack.manage("outbox_relay").pid]}
     for context in CONTEXTS:
-        stack.manage("consume", context)
-    stack.manage("consume", "accounts")  # the readiness projection: part of the shape
-    stack.gunicorn(port, ready_path="/readyz")
+        groups[f"consume {context}"] = [stack.manage("consume", context).pid]
+    # The readiness projection: part of the shape.
+    groups["consume accounts"] = [stack.manage("consume", "accounts").pid]
+    web = stack.gunicorn(port, ready_path="/readyz")
+    groups["web (gunicorn)"] = [web.pid, *children(web.pid)]
+    if nats_pid:
+        groups["nats-server"] = [nats_pid]
     ready = stack_ready(stack, port, engine)
+    cpu_start = cpu_by_process(groups, engine)
     total = int(rate * (warmup + seconds))
     sent: list[tuple[int, uuid.UUID, float]] = []
     errors = []
@@ -351,6 +367,7 @@ def scenario_latency(stack: Stack, rate: float, seconds: float, port: int, engin
         time.sleep(10 * tick)  # the watchers' last rows, seen by now
         if poller is not None:
             poller.wait(60)
+        cpu_end = cpu_by_process(groups, engine)
     missing = sum(watcher.visible(user) is None for _, user, _ in sent)
     if missing:
         raise RuntimeError(f"latency: the watchers missed {missing} registrations' rows")
@@ -382,6 +399,10 @@ def scenario_latency(stack: Stack, rate: float, seconds: float, port: int, engin
         "cold_first_second": latency_figures(
             [ms for i, ms in latency.items() if i < first_second]),
         "cold_first_values_ms": [round(latency[i], 1) for i in sorted(latency)[:10]],
+        # Everything since the stack was ready, the watchers' own queries included (postgres).
+        "cpu_ms_per_registration": {
+            name: round((cpu_end[name] - cpu_start[name]) / max(len(sent), 1), 2)
+            for name in cpu_start},
         "steady": latency_figures(
             [ms for i, ms in latency.items() if i >= int(rate * warmup)]),
     }
