@@ -2,7 +2,7 @@
 announcements, into the readiness projection the game client polls.
 
 Accounts reads no service's database to answer ``GET /api/auth/me/onboarding``: each service
-announces what it did for a user (``user.onboarded.<service>``, ``user.erased.<service>``) and
+announces what it did for its users (``user.onboarded.<service>``, ``user.erased.<service>``) and
 this consumer keeps ``ServiceReadiness`` from them, with the inbox, ordering and dead letters
 every consumer has.
 """
@@ -13,13 +13,15 @@ from onboarding.eventbus import Subscription
 
 
 def on_users_onboarded(events: list[UserOnboarded]) -> None:
-    readiness_record_onboarded(
-        onboarded=[(event.user_id, event.service, event.onboarded_at) for event in events])
+    readiness_record_onboarded(onboarded=[
+        (user_id, event.service, event.onboarded_at)
+        for event in events for user_id in event.user_ids])
 
 
 def on_users_erased(events: list[UserErased]) -> None:
-    readiness_record_erased(
-        erased=[(event.user_id, event.service, event.erased_at) for event in events])
+    readiness_record_erased(erased=[
+        (user_id, event.service, event.erased_at)
+        for event in events for user_id in event.user_ids])
 
 
 SUBSCRIPTIONS = [

@@ -10,11 +10,12 @@ A message that fails the contract can never succeed on a retry: ``ContractError`
 raises nothing else, whatever the bytes (tests/test_contracts_fuzz.py fuzzes it).
 
 Strict means one spelling for each value, so that every consumer, in any language, reads the
-same event: the payload is UTF-8 JSON with each key once; ``userId`` is a UUID in its canonical
-36-character form; every timestamp (``registrationTimestamp``, ``deletedAt``,
-``renamedAt``, ``onboardedAt``, ``erasedAt``) is an RFC 3339 date and time (ISO 8601's profile
-for the internet, in ASCII) with a zone and an instant that exists in UTC; text fields hold no
-control characters and no lone surrogates (a database column could not store them).
+same event: the payload is UTF-8 JSON with each key once; ``userId`` (and each of an
+announcement's ``userIds``) is a UUID in its canonical 36-character form; every timestamp
+(``registrationTimestamp``, ``deletedAt``, ``renamedAt``, ``onboardedAt``, ``erasedAt``) is an
+RFC 3339 date and time (ISO 8601's profile for the internet, in ASCII) with a zone and an
+instant that exists in UTC; text fields hold no control characters and no lone surrogates (a
+database column could not store them).
 """
 
 from __future__ import annotations
@@ -261,71 +262,118 @@ def _require_service(data: dict) -> str:
     return service
 
 
+# Users per announcement: one handled batch's, cut into pieces of this size (36 bytes and
+# quotes each: ~40 KB, far below NATS's 1 MB payload limit).
+MAX_USERS_PER_ANNOUNCEMENT = 1000
+
+
+def _require_user_ids(data: dict) -> tuple[uuid.UUID, ...]:
+    if "userIds" not in data and "userId" in data:
+        # The first shape (one user per announcement, main before the batching): still read,
+        # so that what an earlier version left unpublished or on the stream is not set aside.
+        return (_require_user_id(data),)
+    if "userIds" not in data:
+        raise ContractError("userIds: required")
+    raw_ids = data["userIds"]
+    if not isinstance(raw_ids, list):
+        raise ContractError(f"userIds: expected a list, got {type(raw_ids).__name__}")
+    if not raw_ids:
+        raise ContractError("userIds: must not be empty")
+    if len(raw_ids) > MAX_USERS_PER_ANNOUNCEMENT:
+        raise ContractError(f"userIds: more than {MAX_USERS_PER_ANNOUNCEMENT} ({len(raw_ids)})")
+    user_ids = []
+    for raw_id in raw_ids:
+        if not isinstance(raw_id, str) or not _UUID.fullmatch(raw_id):
+            raise ContractError(f"userIds: not a UUID: {raw_id!r:.64}")
+        user_ids.append(uuid.UUID(raw_id))
+    if len(set(user_ids)) != len(user_ids):
+        raise ContractError("userIds: a user given more than once")
+    return tuple(user_ids)
+
+
 class _ServiceAnnouncement(_UserEvent):
-    """What a service announces of the work it did for a user, on ``<prefix>.<service>``.
+    """What a service announces of the work it did for users, on ``<prefix>.<service>``.
 
     The service is the subject's last token, so that the server's permissions let each
     service publish its own announcements only (deploy/nats/auth.conf), and consumers filter on
     ``<prefix>.*``. The payload names the service too; a message whose payload and subject
-    disagree breaks the contract. Carries no personal data: the user's id, the service, when.
+    disagree breaks the contract. Carries no personal data: the users' ids, the service, when.
+
+    One announcement speaks for every user of the transaction that did the work (a consumer's
+    batch, up to :data:`MAX_USERS_PER_ANNOUNCEMENT` each), not one per user: a row, a publish
+    and a projection update per batch rather than per user, which halved the drain when it was
+    one per user (docs/benchmarks.md). So it has no single user to be filed under (``key`` is
+    None), and erasing a user leaves it on the stream: it holds ids only, which the erased
+    user's tombstones keep too.
     """
 
     prefix: ClassVar[str]
     service: str
+    user_ids: tuple[uuid.UUID, ...]
+
+    @property
+    def key(self) -> None:
+        return None
 
     @property
     def published_subject(self) -> str:
         return f"{self.prefix}.{self.service}"
 
+    def __post_init__(self) -> None:
+        if not 0 < len(self.user_ids) <= MAX_USERS_PER_ANNOUNCEMENT:
+            raise ValueError(f"an announcement names 1 to {MAX_USERS_PER_ANNOUNCEMENT} users, "
+                             f"not {len(self.user_ids)}")
+
 
 @dataclass(frozen=True)
 class UserOnboarded(_ServiceAnnouncement):
-    """``user.onboarded.<service>``: the service has created all of the user's defaults, in the
-    transaction that applied ``user.registered`` there. Accounts keeps the readiness the game
-    client polls from these (``manage.py consume accounts``).
+    """``user.onboarded.<service>``: the service has created all of these users' defaults, in
+    the transaction that applied their ``user.registered`` there. Accounts keeps the readiness
+    the game client polls from these (``manage.py consume accounts``).
     """
 
     prefix: ClassVar[str] = "user.onboarded"
     subject: ClassVar[str] = "user.onboarded.*"
     version: ClassVar[int] = 1
 
-    user_id: uuid.UUID
     service: str
+    user_ids: tuple[uuid.UUID, ...]
     onboarded_at: dt.datetime
 
     def to_payload(self) -> dict:
-        return {"userId": str(self.user_id), "service": self.service,
+        return {"service": self.service, "userIds": [str(u) for u in self.user_ids],
                 "onboardedAt": _format_timestamp(self.onboarded_at)}
 
     @classmethod
     def from_payload(cls, data: object) -> UserOnboarded:
         data = _require_object(data)
-        return cls(user_id=_require_user_id(data), service=_require_service(data),
+        return cls(service=_require_service(data), user_ids=_require_user_ids(data),
                    onboarded_at=_require_timestamp(data, "onboardedAt"))
 
 
 @dataclass(frozen=True)
 class UserErased(_ServiceAnnouncement):
-    """``user.erased.<service>``: the service has deleted the user's rows and keeps a tombstone
-    (its handling of ``user.deleted``). Final: nothing is created for the user there again.
+    """``user.erased.<service>``: the service has deleted these users' rows and keeps a
+    tombstone for each (its handling of ``user.deleted``). Final: nothing is created for them
+    there again.
     """
 
     prefix: ClassVar[str] = "user.erased"
     subject: ClassVar[str] = "user.erased.*"
     version: ClassVar[int] = 1
 
-    user_id: uuid.UUID
     service: str
+    user_ids: tuple[uuid.UUID, ...]
     erased_at: dt.datetime
 
     def to_payload(self) -> dict:
-        return {"userId": str(self.user_id), "service": self.service,
+        return {"service": self.service, "userIds": [str(u) for u in self.user_ids],
                 "erasedAt": _format_timestamp(self.erased_at)}
 
     @classmethod
     def from_payload(cls, data: object) -> UserErased:
         data = _require_object(data)
-        return cls(user_id=_require_user_id(data), service=_require_service(data),
+        return cls(service=_require_service(data), user_ids=_require_user_ids(data),
                    erased_at=_require_timestamp(data, "erasedAt"))
 
 

@@ -112,9 +112,10 @@ def prune_command(*args) -> dict[str, dict[str, int]]:
 
 def expected_counts(*, outbox: int, inbox_per_consumer: int, dead_letters: int,
                     access_logs: int = 0, ledger: int = 0,
-                    announcements_per_context: int = 0) -> dict:
+                    announcements: dict[str, int] | None = None) -> dict:
     """What the command prints, database by database: contexts sharing a database share a line.
-    Accounts' consumer (its inbox in default) does not run in these tests."""
+    Accounts' consumer (its inbox in default) does not run in these tests. ``announcements``:
+    by database alias."""
     expected = {"default": {pruning.OUTBOX: outbox, pruning.LEDGER: ledger}}
     for alias in settings.CONTEXT_DATABASES.values():
         line = expected.setdefault(alias, {})
@@ -123,7 +124,8 @@ def expected_counts(*, outbox: int, inbox_per_consumer: int, dead_letters: int,
     for context in settings.BOUNDED_CONTEXTS:
         line = expected[settings.CONTEXT_DATABASES[context]]
         line[pruning.INBOX] += inbox_per_consumer
-        line[pruning.ANNOUNCEMENTS] += announcements_per_context
+    for alias, count in (announcements or {}).items():
+        expected[alias][pruning.ANNOUNCEMENTS] = count
     expected["default"][pruning.DEAD_LETTERS] = dead_letters
     expected["default"][pruning.ACCESS_LOGS] = access_logs
     return expected
@@ -173,9 +175,13 @@ def test_prune_deletes_what_the_windows_let_go_and_keeps_what_the_guarantees_nee
     assert (published_rows(), inbox_rows(), DeadLetter.objects.count()) == (
         3, 3 * N_CONSUMERS, 2 * N_CONSUMERS)
 
+    # One announcement per batch that set users up: as many as the consumers' batches were.
+    announced = {alias: Announcement.objects.using(alias).count() for alias in dict.fromkeys(
+        settings.CONTEXT_DATABASES[context] for context in settings.BOUNDED_CONTEXTS)}
+    assert all(announced.values()), announced
     windows(settings, 0)  # the windows pass
     due = expected_counts(outbox=3, inbox_per_consumer=3, dead_letters=N_CONSUMERS + 1,
-                          announcements_per_context=3)
+                          announcements=announced)
     assert prune_command("--dry-run") == due
     assert (published_rows(), inbox_rows(), DeadLetter.objects.count()) == (
         3, 3 * N_CONSUMERS, 2 * N_CONSUMERS), "a dry run deleted something"

@@ -1,7 +1,8 @@
-"""A context's announcements of the work it did for a user, written where that work commits.
+"""A context's announcements of the work it did for users, written where that work commits.
 
 A context tells the others what it did in events of its own (``user.onboarded.<context>`` once
-it created a user's defaults, ``user.erased.<context>`` once it erased them), so that nobody
+it created users' defaults, ``user.erased.<context>`` once it erased them; one announcement for
+all the users of a transaction), so that nobody
 needs to read its database to know: accounts keeps the readiness the game client polls from
 them (``manage.py consume accounts``). :func:`announce` writes them to the context's own outbox
 (:class:`~onboarding.eventbus.models.Announcement`), in the transaction that applies the handler,
@@ -30,9 +31,15 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from onboarding.contracts import UserErased, UserOnboarded, event_headers, event_type_of
+from onboarding.contracts import (
+    MAX_USERS_PER_ANNOUNCEMENT,
+    UserErased,
+    UserOnboarded,
+    event_headers,
+    event_type_of,
+)
 from onboarding.eventbus.ids import uuid7
-from onboarding.eventbus.models import Announcement
+from onboarding.eventbus.models import Announcement, Tombstone
 from onboarding.eventbus.rows import insert_ignoring_conflicts
 
 
@@ -56,49 +63,55 @@ _listeners: dict[str, Callable[[], None]] = {}  # context -> wakes its announcer
 _committed: dict[str, list[AnnouncedMessage]] = {}  # context -> committed, not yet handed over
 
 
-def announce(*, context: str, events: Iterable, unless_erased: bool = True) -> int:
-    """Write ``events`` (the context's own announcements, each about a user) to its outbox in the
-    current transaction on its database; return how many it wrote. With ``unless_erased``,
-    users the context erased are left out, in the same statement (``rows.py``). Once that
-    transaction commits, this process's announcer (if one listens) publishes them at once; else
-    the scan does."""
+def announce(*, context: str, events: Iterable) -> int:
+    """Write ``events`` (the context's own announcements) to its outbox in the current
+    transaction on its database, in one statement; return how many it wrote. Once that
+    transaction commits, this process's announcer (if one listens) publishes them at once;
+    else the scan does."""
     alias = settings.CONTEXT_DATABASES[context]
-    messages = {}
-    rows = []
-    for event in events:
-        event_id = str(uuid7())  # time-ordered, as every event id (ids.py)
-        payload = event.to_json()
-        messages[event_id] = AnnouncedMessage(event_id, event.published_subject, payload)
-        rows.append((event_id, event.user_id, event.published_subject, payload.decode()))
-    if not rows:
+    messages = [AnnouncedMessage(str(uuid7()), event.published_subject, event.to_json())
+                for event in events]  # time-ordered event ids, as every event's (ids.py)
+    if not messages:
         return 0
-    written = insert_ignoring_conflicts(
-        Announcement, ("event_id", "user_id", "subject", "payload"), rows,
-        same={"context": context}, using=alias,
-        unless_erased=context if unless_erased else None, returning="event_id")
-    committed = [messages[str(event_id)] for event_id in written]
-    if committed:
-        transaction.on_commit(lambda: _hand_over(context, committed), using=alias)
-    return len(committed)
+    insert_ignoring_conflicts(
+        Announcement, ("event_id", "subject", "payload"),
+        [(m.event_id, m.subject, m.payload.decode()) for m in messages],
+        same={"context": context}, using=alias)
+    transaction.on_commit(lambda: _hand_over(context, messages), using=alias)
+    return len(messages)
+
+
+def _pieces(user_ids: Iterable[uuid.UUID]) -> list[tuple[uuid.UUID, ...]]:
+    """The distinct ``user_ids``, sorted, in pieces of at most MAX_USERS_PER_ANNOUNCEMENT."""
+    ordered = sorted(set(user_ids))
+    return [tuple(ordered[start:start + MAX_USERS_PER_ANNOUNCEMENT])
+            for start in range(0, len(ordered), MAX_USERS_PER_ANNOUNCEMENT)]
 
 
 def announce_onboarded(*, context: str, user_ids: Iterable[uuid.UUID]) -> int:
-    """``user.onboarded.<context>`` for each user whose defaults the caller has just created in
-    this transaction (users the context erased are left out: it created nothing for them)."""
+    """``user.onboarded.<context>`` for the users whose defaults the caller has just created in
+    this transaction, one announcement for all of them. Users the context erased are left out:
+    it created nothing for them. (They are read in this transaction, after the handler's
+    INSERTs, which skipped the same tombstones: an erasure cannot commit one in between, as it
+    waits for the tables this transaction wrote to, ``erasing.py``.)"""
+    alias = settings.CONTEXT_DATABASES[context]
+    user_ids = set(user_ids)
+    erased = set(Tombstone.objects.using(alias).filter(context=context, user_id__in=user_ids)
+                 .values_list("user_id", flat=True)) if user_ids else set()
     now = timezone.now()
     return announce(context=context, events=[
-        UserOnboarded(user_id=user_id, service=context, onboarded_at=now)
-        for user_id in sorted(set(user_ids))
+        UserOnboarded(service=context, user_ids=piece, onboarded_at=now)
+        for piece in _pieces(user_ids - erased)
     ])
 
 
 def announce_erased(*, context: str, user_ids: Iterable[uuid.UUID]) -> int:
-    """``user.erased.<context>`` for each user the caller has just erased (and tombstoned) in
-    this transaction."""
+    """``user.erased.<context>`` for the users the caller has just erased (and tombstoned) in
+    this transaction, one announcement for all of them."""
     now = timezone.now()
-    return announce(context=context, unless_erased=False, events=[
-        UserErased(user_id=user_id, service=context, erased_at=now)
-        for user_id in sorted(set(user_ids))
+    return announce(context=context, events=[
+        UserErased(service=context, user_ids=piece, erased_at=now)
+        for piece in _pieces(user_ids)
     ])
 
 

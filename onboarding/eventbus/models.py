@@ -142,8 +142,9 @@ class Tombstone(models.Model):
 
 
 class Announcement(models.Model):
-    """What a context announces of the work it did for a user (``user.onboarded.<context>``,
-    ``user.erased.<context>``): an outbox in the context's own database, beside its inbox.
+    """What a context announces of the work it did for users (``user.onboarded.<context>``,
+    ``user.erased.<context>``, one row for the users of a transaction): an outbox in the
+    context's own database, beside its inbox.
 
     Written in the transaction that applied the handler, so the announcement commits with the
     rows it speaks of, or not at all. The context's ``consume`` process publishes it: at once
@@ -152,10 +153,9 @@ class Announcement(models.Model):
     follow from the subject and the event id (``contracts.event_headers``), so none are kept.
     """
 
-    # Neither indexed: rows are found by id (the scan, the marks). Every handled batch writes
-    # them, so each index would cost every registration a write in every context.
+    # Not indexed: rows are found by id (the scan, the marks). Every handled batch writes one,
+    # so an index would cost every batch a write in every context.
     event_id = models.UUIDField(editable=False)
-    user_id = models.UUIDField()
     context = models.CharField(max_length=64)
     subject = models.CharField(max_length=255)
     payload = models.TextField(help_text="The exact JSON published.")

@@ -127,7 +127,7 @@ class Settling:
         if not event_logger.isEnabledFor(logging.INFO):
             return  # EVENT_LOG_LEVEL above INFO: not even the fields (docs/benchmarks.md)
         outcome = "processed" if applied else "duplicate"
-        fields = event_fields(self.spec.name, msg, outcome, user_id=str(item.event.user_id),
+        fields = event_fields(self.spec.name, msg, outcome, user_id=item.event.key,
                               meta=item.meta, event_id=item.event_id,
                               duration_ms=round(took * 1000, 3), **more)
         event_logger.info(
