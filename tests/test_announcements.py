@@ -131,3 +131,11 @@ def test_nothing_to_announce_writes_nothing_and_a_rollback_takes_the_announcemen
         announce_onboarded(context="buildings", user_ids=USERS[1:])
         raise RuntimeError("the handler's transaction fails")
     assert written("buildings") == []
+    # One of a batch erased here: the others are announced without it.
+    with transaction.atomic(using=alias):
+        assert announce_onboarded(context="buildings", user_ids=USERS) == 1
+    [announced] = written("buildings")
+    assert announced["userIds"] == sorted(str(u) for u in USERS[1:])
+    with transaction.atomic(using=alias):  # none erased: the one statement
+        assert announce_onboarded(context="buildings", user_ids=USERS[1:]) == 1
+    assert written("buildings")[-1]["userIds"] == sorted(str(u) for u in USERS[1:])

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connections, transaction
 from django.utils import timezone
 
 from onboarding.contracts import (
@@ -69,16 +69,24 @@ def announce(*, context: str, events: Iterable) -> int:
     transaction commits, this process's announcer (if one listens) publishes them at once;
     else the scan does."""
     alias = settings.CONTEXT_DATABASES[context]
-    messages = [AnnouncedMessage(str(uuid7()), event.published_subject, event.to_json())
-                for event in events]  # time-ordered event ids, as every event's (ids.py)
+    messages = [_message(event) for event in events]
     if not messages:
         return 0
     insert_ignoring_conflicts(
         Announcement, ("event_id", "subject", "payload"),
         [(m.event_id, m.subject, m.payload.decode()) for m in messages],
         same={"context": context}, using=alias)
-    transaction.on_commit(lambda: _hand_over(context, messages), using=alias)
+    _hand_over_on_commit(context, alias, messages)
     return len(messages)
+
+
+def _message(event) -> AnnouncedMessage:
+    # A time-ordered event id, as every event's (ids.py).
+    return AnnouncedMessage(str(uuid7()), event.published_subject, event.to_json())
+
+
+def _hand_over_on_commit(context: str, alias: str, messages: list[AnnouncedMessage]) -> None:
+    transaction.on_commit(lambda: _hand_over(context, messages), using=alias)
 
 
 def _pieces(user_ids: Iterable[uuid.UUID]) -> list[tuple[uuid.UUID, ...]]:
@@ -91,18 +99,53 @@ def _pieces(user_ids: Iterable[uuid.UUID]) -> list[tuple[uuid.UUID, ...]]:
 def announce_onboarded(*, context: str, user_ids: Iterable[uuid.UUID]) -> int:
     """``user.onboarded.<context>`` for the users whose defaults the caller has just created in
     this transaction, one announcement for all of them. Users the context erased are left out:
-    it created nothing for them. (They are read in this transaction, after the handler's
-    INSERTs, which skipped the same tombstones: an erasure cannot commit one in between, as it
-    waits for the tables this transaction wrote to, ``erasing.py``.)"""
+    it created nothing for them.
+
+    Every handled batch of registrations comes here, so the usual case is one statement: the
+    announcement of them all, inserted unless one of them is erased here. Only when one is (a
+    late or replayed registration), or the batch is larger than one announcement, are the
+    tombstones read first. They are read in this transaction, after the handler's INSERTs,
+    which skipped the same tombstones: an erasure cannot commit one in between, as it waits for
+    the tables this transaction wrote to (``erasing.py``)."""
     alias = settings.CONTEXT_DATABASES[context]
-    user_ids = set(user_ids)
-    erased = set(Tombstone.objects.using(alias).filter(context=context, user_id__in=user_ids)
-                 .values_list("user_id", flat=True)) if user_ids else set()
+    pieces = _pieces(user_ids)
+    if not pieces:
+        return 0
     now = timezone.now()
+    if len(pieces) == 1:
+        message = _message(UserOnboarded(service=context, user_ids=pieces[0], onboarded_at=now))
+        if _insert_unless_any_erased(context, alias, message, pieces[0]):
+            _hand_over_on_commit(context, alias, [message])
+            return 1
+    erased = set(Tombstone.objects.using(alias).filter(
+        context=context, user_id__in=[u for piece in pieces for u in piece])
+        .values_list("user_id", flat=True))
     return announce(context=context, events=[
         UserOnboarded(service=context, user_ids=piece, onboarded_at=now)
-        for piece in _pieces(user_ids - erased)
+        for piece in _pieces(u for piece in pieces for u in piece if u not in erased)
     ])
+
+
+def _insert_unless_any_erased(context: str, alias: str, message: AnnouncedMessage,
+                              user_ids: tuple[uuid.UUID, ...]) -> bool:
+    """INSERT the announcement unless ``context`` erased any of ``user_ids``, in one statement
+    (no ORM: it runs for every handled batch); whether it did."""
+    connection = connections[alias]
+    quote = connection.ops.quote_name
+    field = Announcement._meta.get_field
+    user_id = Tombstone._meta.get_field("user_id")
+    sql = (f"INSERT INTO {quote(Announcement._meta.db_table)} "
+           f"({quote('event_id')}, {quote('context')}, {quote('subject')}, {quote('payload')}, "
+           f"{quote('created_at')}) SELECT %s, %s, %s, %s, %s WHERE NOT EXISTS (SELECT 1 FROM "
+           f"{quote(Tombstone._meta.db_table)} WHERE {quote('context')} = %s AND "
+           f"{quote('user_id')} IN ({', '.join(['%s'] * len(user_ids))}))")
+    params = [field("event_id").get_db_prep_save(uuid.UUID(message.event_id), connection),
+              context, message.subject, message.payload.decode(),
+              field("created_at").get_db_prep_save(timezone.now(), connection),
+              context, *(user_id.get_db_prep_save(u, connection) for u in user_ids)]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount == 1
 
 
 def announce_erased(*, context: str, user_ids: Iterable[uuid.UUID]) -> int:
