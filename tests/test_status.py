@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import socket
 import uuid
 
 import pytest
@@ -16,7 +17,7 @@ from django.utils import timezone
 from accounts.services import user_register
 from conftest import consumer_state, relay_flush, run_async, wait_settled, wait_until
 from onboarding.eventbus.deadletters.store import dead_letter_store
-from onboarding.eventbus.models import OutboxEvent, ProcessedEvent
+from onboarding.eventbus.models import Announcement, OutboxEvent, ProcessedEvent
 from onboarding.eventbus.nats.options import display_url
 from onboarding.eventbus.ops.health import onboarding_status
 from tests.flow import complete_count, counts
@@ -110,6 +111,10 @@ def test_healthy_stack_exit_0_and_json_keeps_its_keys(start_consumers, manage):
     assert set(status["outbox"]) == {"backlog", "oldest_age_seconds", "set_aside"}
     for name in settings.BOUNDED_CONTEXTS:
         entry = status["consumers"][name]
+        # Each context's announcements: published at once by its consume process.
+        wait_until(lambda name=name: onboarding_status()["consumers"][name]["announcements"]
+                   == {"backlog": 0, "oldest_age_seconds": None},
+                   message=f"{name}'s announcements published")
         assert {"pending", "ack_pending", "redelivered", "waiting", "dead_letters"} <= set(entry)
         assert entry["pending"] == 0 and entry["stalled"] is False
         assert entry["durable"] == "present"
@@ -196,6 +201,40 @@ def test_an_old_unpublished_outbox_event_is_unhealthy_past_the_threshold(jetstre
     assert "s old (> 60s; is `manage.py outbox_relay` running?)" in output
     code, output = status_in_process("--max-outbox-age", "300")
     assert code == 0, output
+
+
+def test_an_old_unpublished_announcement_is_unhealthy_past_the_threshold(jetstream, manage):
+    """A context whose announcements wait (its consume process down, or refused the subject):
+    the users' readiness waits with them, so the flow is unhealthy, naming the context."""
+    Announcement.objects.using(settings.CONTEXT_DATABASES["characters"]).create(
+        event_id=uuid.uuid4(), context="characters", subject="user.onboarded.characters",
+        payload="{}", created_at=timezone.now() - dt.timedelta(seconds=120))
+    code, output = status_process(manage)
+    assert code == 1, output
+    assert "announcements waiting: characters 1 (oldest 12" in output
+    assert ("unhealthy: consumer characters: oldest unpublished announcement is 12") in output
+    assert "is `manage.py consume characters` running, and may it publish " \
+        "user.onboarded.characters?); users' readiness waits for it" in output
+    status = json_of(status_process(manage, "--json")[1])
+    assert status["consumers"]["characters"]["announcements"]["backlog"] == 1
+    assert status["consumers"]["players"]["announcements"]["backlog"] == 0
+    assert "announcements" not in status["consumers"]["accounts"]  # it announces nothing
+    code, output = status_in_process("--max-outbox-age", "300")  # the outbox's threshold
+    assert code == 0, output
+
+
+def test_a_context_database_that_does_not_answer_is_one_line(jetstream, manage):
+    """Its announcements cannot be read: said in one line, naming the database without its
+    password, never a traceback."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        db_port = sock.getsockname()[1]  # closed once the block ends: nothing listens there
+    code, output = status_process(
+        manage, BUILDINGS_DATABASE_URL=f"postgres://nobody:db-pw@127.0.0.1:{db_port}/gone")
+    assert code == 1, output
+    assert "Traceback" not in output and "db-pw" not in output
+    assert (f"unhealthy: consumer buildings: announcements not read: database buildings "
+            f"(postgres://nobody@127.0.0.1:{db_port}/gone) unreachable: OperationalError") in output
 
 
 def test_open_dead_letters_are_unhealthy_until_discarded(jetstream, manage):

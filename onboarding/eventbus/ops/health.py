@@ -11,13 +11,15 @@ from __future__ import annotations
 import datetime as dt
 
 from django.conf import settings
+from django.db import DatabaseError
 from django.db.models import Count
 from django.utils import timezone
 
 from onboarding.eventbus.deadletters.store import dead_letters_list, dead_letters_open
 from onboarding.eventbus.models import ProcessedEvent
 from onboarding.eventbus.ops.durables import read_durables
-from onboarding.eventbus.ops.labels import checked_databases, nats_label
+from onboarding.eventbus.ops.labels import checked_databases, nats_label, unreachable
+from onboarding.eventbus.outbox.announcer import announcements_backlog
 from onboarding.eventbus.outbox.store import outbox_backlog, outbox_set_aside_count
 from onboarding.eventbus.registry import get_consumers
 
@@ -41,6 +43,22 @@ def _stuck(entry: dict, max_unacked_age: float) -> bool:
     return quiet > max_unacked_age
 
 
+def _announcements(entry: dict, context: str, max_age: float) -> str | None:
+    """Put ``context``'s unpublished announcements in its ``entry``; the problem, if any."""
+    try:
+        waiting, oldest = announcements_backlog(context=context)
+    except DatabaseError as exc:
+        entry["announcements"] = {"backlog": None, "oldest_age_seconds": None}
+        return f"consumer {context}: announcements not read: {unreachable(entry['database'], exc)}"
+    age = (timezone.now() - oldest).total_seconds() if oldest else None
+    entry["announcements"] = {"backlog": waiting, "oldest_age_seconds": age}
+    if age is not None and age > max_age:
+        return (f"consumer {context}: oldest unpublished announcement is {age:.0f}s old "
+                f"(> {max_age:g}s; is `manage.py consume {context}` running, and may it publish "
+                f"user.onboarded.{context}?); users' readiness waits for it")
+    return None
+
+
 def onboarding_status(
     *,
     max_outbox_age: float = MAX_OUTBOX_AGE,
@@ -59,7 +77,9 @@ def onboarding_status(
     pulls again, so rule one alone would miss a consumer killed with a batch in hand); more
     than ``max_dead_letters`` open dead letters of a consumer (discarded ones do not count);
     the oldest unpublished outbox event older than ``max_outbox_age`` seconds; any outbox
-    event the relay set aside (JetStream refused it every attempt); with
+    event the relay set aside (JetStream refused it every attempt); a context's oldest
+    unpublished announcement older than ``max_outbox_age`` (its ``consume`` process publishes
+    them: the client's readiness waits for them), or its database unreachable; with
     ``max_pending``, a consumer lagging by more. ``count_processed`` adds each inbox's row
     count (a COUNT per context database).
     """
@@ -113,6 +133,10 @@ def onboarding_status(
             )
         if max_pending is not None and entry.get("pending", 0) > max_pending:
             problems.append(f"consumer {name}: {entry['pending']} pending > {max_pending}")
+        if name in settings.BOUNDED_CONTEXTS:  # a context announces what it did (announcing.py)
+            problem = _announcements(entry, name, max_outbox_age)
+            if problem:
+                problems.append(problem)
     backlog, oldest = outbox_backlog()
     age = (timezone.now() - oldest).total_seconds() if oldest else None
     if age is not None and age > max_outbox_age:

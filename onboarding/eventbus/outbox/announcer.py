@@ -50,6 +50,15 @@ def announcements_unpublished(*, context: str, older_than: float,
             for event_id, subject, payload in rows]
 
 
+def announcements_backlog(*, context: str) -> tuple[int, dt.datetime | None]:
+    """(how many of ``context``'s announcements wait to be published, when the oldest was
+    written): read in the context's own database, through the small index of its unpublished
+    rows."""
+    rows = Announcement.objects.using(settings.CONTEXT_DATABASES[context]).filter(
+        context=context, published_at__isnull=True)
+    return rows.count(), rows.order_by("id").values_list("created_at", flat=True).first()
+
+
 def announcements_mark_published(*, context: str, event_ids: list[str]) -> int:
     """Mark these announcements published. Not worth a disk flush of its own (PostgreSQL:
     ``synchronous_commit`` off for this transaction alone): a mark lost in a crash only has the

@@ -101,6 +101,12 @@ class Command(BaseCommand):
             + (f" (oldest {age:.1f}s old)" if age is not None else "")
             + (f"; set aside: {outbox['set_aside']}" if outbox.get("set_aside") else "")
         )
+        waiting = {name: entry["announcements"] for name, entry in status["consumers"].items()
+                   if entry.get("announcements", {}).get("backlog")}
+        if waiting:
+            self.stdout.write("announcements waiting: " + ", ".join(
+                f"{name} {a['backlog']} (oldest {a['oldest_age_seconds']:.1f}s old)"
+                for name, a in waiting.items()))
         if status["healthy"]:
             self.stdout.write(self.style.SUCCESS("healthy"))
         for problem in status["problems"]:
