@@ -312,7 +312,8 @@ def sessions_per_process() -> dict[str, int]:
         cursor.execute("SELECT application_name, count(*) FROM pg_stat_activity "
                        "WHERE datname = ANY(%s) AND pid <> pg_backend_pid() "
                        "GROUP BY 1 ORDER BY 1", [names])
-        return dict(cursor.fetchall())
+        # Unnamed: this script's own connections to the other databases (it counts the rows).
+        return {name or "(this script)": count for name, count in cursor.fetchall()}
 
 
 def projection_complete(user_ids: list[str]) -> int:
