@@ -121,6 +121,14 @@ def test_the_accounts_side_works_with_every_service_database_unreachable(manage,
         assert re.search(rf"database {context} \([^)]*\) unreachable", page), context
         # Its readiness, from accounts' own projection, is there all the same.
         assert re.search(rf'data-service="{context}" [^>]*data-ready="true"', page), context
+    # The Event flow page counts each inbox and each context's waiting announcements there:
+    # "unreachable" for each, not a 500.
+    status, page = client.call("GET", "/admin/eventbus/flow/")
+    assert status == 200, page[:2000]
+    for context in settings.BOUNDED_CONTEXTS:
+        assert re.search(rf"consumer {context}: inbox not read: database {context} \([^)]*\) "
+                         "unreachable", page), context
+        assert f"consumer {context}: announcements not read: database {context}" in page
     assert web.poll() is None
 
 

@@ -108,9 +108,14 @@ def onboarding_status(
         )
         entry["database"] = consumers_by_name[name].database
         if count_processed:
-            entry["processed"] = (
-                ProcessedEvent.objects.using(entry["database"]).filter(consumer=name).count()
-            )
+            try:
+                entry["processed"] = (
+                    ProcessedEvent.objects.using(entry["database"]).filter(consumer=name).count()
+                )
+            except DatabaseError as exc:  # the web may not hold this database: said, not a 500
+                entry["processed"] = None
+                problems.append(f"consumer {name}: inbox not read: "
+                                f"{unreachable(entry['database'], exc)}")
         consumers[name] = entry
         if entry["durable"] == "missing":
             problems.append(f"consumer {name}: durable missing (run manage.py setup_jetstream)")
