@@ -4,8 +4,8 @@ Accounts' processes — the web, the relay and ``consume accounts`` — run as r
 every context's database URL pointing at a port where nothing listens; each context's consumer
 runs with its own database. Registration, the client's readiness poll (complete within
 seconds, from accounts' projection of the services' announcements) and the staff endpoint all
-work. What needs a service's own records (the admin's user page) says "unreachable" for each
-service, one line, never a 500.
+work. What needs a service's own records (the admin's user page, its Event flow page, a
+service's rows in the admin) says "unreachable" for each service, one line, never a 500.
 """
 
 from __future__ import annotations
@@ -129,6 +129,14 @@ def test_the_accounts_side_works_with_every_service_database_unreachable(manage,
         assert re.search(rf"consumer {context}: inbox not read: database {context} \([^)]*\) "
                          "unreachable", page), context
         assert f"consumer {context}: announcements not read: database {context}" in page
+    # A service's own rows in the admin, and its inbox: one line naming the database, a 503.
+    for path in ("/admin/players/player/", "/admin/buildings/building/",
+                 "/admin/eventbus/processedevent/?consumer=characters"):
+        status, page = client.call("GET", path)
+        context = re.search(r"players|buildings|characters", path).group()
+        assert status == 503, (path, page[:2000])
+        assert re.search(rf'id="unreachable">database {context} \(postgres://nobody@[^)]*\) '
+                         "unreachable: OperationalError", page), page[:3000]
     assert web.poll() is None
 
 

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.contrib import admin
+from django.db import DatabaseError, router
+from django.template.response import TemplateResponse
 from django.utils.html import format_html
+
+from onboarding.eventbus.ops.labels import unreachable
 
 SHORT_ID_LENGTH = 8
 
@@ -28,7 +32,35 @@ def copyable_id(value, *, short: bool = True) -> str:
     )
 
 
-class ContextModelAdmin(admin.ModelAdmin):
+class SaysUnreachable:
+    """For an admin page whose rows live in a context's database: the web process may not
+    reach it (a service deployed apart, its database down), and then the page says so in one
+    line, naming the database, with a 503; never a 500."""
+
+    def database_alias(self, request) -> str:
+        return router.db_for_read(self.model)
+
+    def _answering(self, request, view, *args):
+        try:
+            response = view(request, *args)
+            if hasattr(response, "render") and not response.is_rendered:
+                response.render()  # the queries run here, while rendering: inside the try
+            return response
+        except DatabaseError as exc:
+            return TemplateResponse(request, "admin/eventbus/unreachable.html", {
+                **self.admin_site.each_context(request),
+                "title": self.model._meta.verbose_name_plural.capitalize(),
+                "said": unreachable(self.database_alias(request), exc),
+            }, status=503)
+
+    def changelist_view(self, request, extra_context=None):
+        return self._answering(request, super().changelist_view, extra_context)
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        return self._answering(request, super().change_view, object_id, form_url, extra_context)
+
+
+class ContextModelAdmin(SaysUnreachable, admin.ModelAdmin):
     """A bounded context's model: read-only, except for superusers when the setting allows."""
 
     def _editable(self, request) -> bool:

@@ -9,7 +9,7 @@ from django.utils.html import format_html
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.generic import RedirectView
 
-from onboarding.eventbus.admin.contexts import copyable_id
+from onboarding.eventbus.admin.contexts import SaysUnreachable, copyable_id
 from onboarding.eventbus.deadletters.replay import dead_letters_replay
 from onboarding.eventbus.deadletters.store import dead_letter_state, dead_letters_discard
 from onboarding.eventbus.models import (
@@ -241,17 +241,24 @@ class ConsumerFilter(admin.SimpleListFilter):
 
 
 @admin.register(ProcessedEvent)
-class ProcessedEventAdmin(ReadOnlyAdmin):
+class ProcessedEventAdmin(SaysUnreachable, ReadOnlyAdmin):
     list_display = ("consumer", "event_id", "subject", "stream_seq", "processed_at")
     list_filter = (ConsumerFilter,)
     search_fields = ("=event_id",)
 
-    def get_queryset(self, request):
+    @staticmethod
+    def _consumer(request) -> str:
         consumer = request.GET.get("consumer")
-        if consumer not in settings.CONTEXT_DATABASES:
-            consumer = next(iter(settings.CONTEXT_DATABASES))
-        alias = settings.CONTEXT_DATABASES[consumer]
-        return super().get_queryset(request).using(alias).filter(consumer=consumer)
+        return consumer if consumer in settings.CONTEXT_DATABASES else next(
+            iter(settings.CONTEXT_DATABASES))
+
+    def database_alias(self, request) -> str:
+        return settings.CONTEXT_DATABASES[self._consumer(request)]
+
+    def get_queryset(self, request):
+        consumer = self._consumer(request)
+        return (super().get_queryset(request).using(settings.CONTEXT_DATABASES[consumer])
+                .filter(consumer=consumer))
 
 
 class StreamErasedFilter(admin.SimpleListFilter):
