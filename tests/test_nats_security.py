@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-import time
 import urllib.request
 
 import pytest
@@ -262,10 +261,9 @@ def test_replies_of_one_role_are_closed_to_another(provisioned, as_role):
 
 def test_an_anonymous_client_is_refused(secured, as_role):
     as_role(None)
-    started = time.monotonic()
     with pytest.raises(NatsAccessError, match="authorization violation"):
-        asyncio.run(connect("anonymous"))
-    assert time.monotonic() - started < 5
+        # Refused, not retried: retrying would end in the bound's TimeoutError instead.
+        asyncio.run(asyncio.wait_for(connect("anonymous"), 10))
 
 
 @pytest.mark.parametrize(("error", "refused"), [
@@ -304,10 +302,8 @@ def test_a_wrong_password_ends_the_command_at_once_with_one_clear_line(
                                   stream_seq=1, event_id="e", payload=b"{}", headers={},
                                   deliveries=1, error_type="Test", error_message="x")
     env = secured.env_for(role, NATS_URL=secured.url(role, "not-the-password"))
-    started = time.monotonic()
     process = manage(*command, **env)
-    assert process.wait(10) == 1, process.output()
-    assert time.monotonic() - started < 5
+    assert process.wait(10) == 1, process.output()  # ended, not retrying
     assert_one_clear_line(process.output(), secured, role, "authorization violation")
     assert "not-the-password" not in process.output()
 
@@ -338,10 +334,10 @@ def test_a_permission_refused_at_run_time_ends_a_long_running_command(
 
 def test_tls_with_the_wrong_ca_fails_clearly(secured, manage, tmp_path):
     other_ca = make_certificates(tmp_path / "other")["ca"]
-    started = time.monotonic()
     process = manage("consume", "players", **secured.env_for("players", NATS_TLS_CA=str(other_ca)))
+    # It ends rather than retrying for ever (no timing asserted: a loaded machine takes seconds
+    # to start a Django process; CI failed on "< 5 s" once, at 5.9 s).
     assert process.wait(10) == 1, process.output()
-    assert time.monotonic() - started < 5
     assert_one_clear_line(process.output(), secured, "players", "TLS failed")
 
 
@@ -405,10 +401,8 @@ def test_a_client_certificate_is_presented_where_the_server_verifies_clients(tmp
         settings.NATS_TLS_KEY = str(certs["client_key"])
         assert allowed(lambda js: js.account_info()) is not None
         settings.NATS_TLS_CERT = settings.NATS_TLS_KEY = ""
-        started = time.monotonic()
         with pytest.raises(NatsAccessError):
-            asyncio.run(connect("no-certificate"))
-        assert time.monotonic() - started < 5
+            asyncio.run(asyncio.wait_for(connect("no-certificate"), 10))
     finally:
         server.stop()
 
