@@ -316,6 +316,13 @@ NATS_DUPLICATE_WINDOW = env.int("NATS_DUPLICATE_WINDOW", default=2 * 3600)  # se
 # Timeout of one JetStream API request or publish acknowledgement. Small, because a request in
 # flight when the connection drops waits this long.
 NATS_REQUEST_TIMEOUT = env.float("NATS_REQUEST_TIMEOUT", default=2.0)
+# How a connection that died silently (no FIN, no RST: a NAT or firewall that forgot it) is
+# noticed: a PING every NATS_PING_INTERVAL seconds, and the connection declared stale (then
+# re-made) when more than NATS_MAX_OUTSTANDING_PINGS go unanswered: within
+# (NATS_MAX_OUTSTANDING_PINGS + 1) * NATS_PING_INTERVAL, 24 s by default. nats-py's own
+# defaults (120 s, 2) took 4-6 minutes, while consumers' fetches timed out quietly.
+NATS_PING_INTERVAL = env.float("NATS_PING_INTERVAL", default=8.0)
+NATS_MAX_OUTSTANDING_PINGS = env.int("NATS_MAX_OUTSTANDING_PINGS", default=2)
 
 # Durable pull consumers (one per context app, named after it).
 CONSUMER_ACK_WAIT = env.float("CONSUMER_ACK_WAIT", default=30.0)  # seconds

@@ -65,6 +65,11 @@ def check_eventbus_settings(app_configs, **kwargs):
                 id="eventbus.W002",
             )
         )
+    if settings.NATS_PING_INTERVAL <= 0 or settings.NATS_MAX_OUTSTANDING_PINGS < 1:
+        problems.append(Error(
+            "NATS_PING_INTERVAL must be above 0 and NATS_MAX_OUTSTANDING_PINGS at least 1: "
+            "without pings a connection that died silently is never noticed.",
+            id="eventbus.E020"))
     if settings.CONSUMER_MAX_DELIVER < 1:
         problems.append(Error("CONSUMER_MAX_DELIVER must be at least 1.", id="eventbus.E002"))
     return problems

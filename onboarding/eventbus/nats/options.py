@@ -90,7 +90,7 @@ def tls_context() -> ssl.SSLContext | None:
 
 
 def connect_options() -> dict:
-    """The ``nats.connect`` options that settings decide (servers, credentials, TLS).
+    """The ``nats.connect`` options that settings decide (servers, credentials, TLS, pings).
 
     A user and password (or token) in the URL are passed as options, and the servers without
     them: nats-py sends a URL's credentials to that URL only, and the servers a cluster
@@ -101,6 +101,9 @@ def connect_options() -> dict:
     options: dict = {
         "servers": [_without_userinfo(url) for url in urls],
         "inbox_prefix": settings.NATS_INBOX_PREFIX,
+        # A silent death noticed in seconds rather than minutes (settings.py).
+        "ping_interval": settings.NATS_PING_INTERVAL,
+        "max_outstanding_pings": settings.NATS_MAX_OUTSTANDING_PINGS,
     }
     parts = urlsplit(urls[0])
     if parts.username is not None:
