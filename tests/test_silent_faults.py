@@ -83,3 +83,30 @@ def test_a_relay_whose_connection_dies_silently_notices_and_publishes(proxy, man
     assert relay.poll() is None, relay.output()
     said = relay.output()
     assert "nats outbox-relay: disconnected" in said and "reconnected" in said, said
+
+
+def test_a_consumer_on_a_silent_connection_stops_saying_alive_until_it_reconnects(
+    proxy, manage, tmp_path
+):
+    """The heartbeat follows the loop's ticks, and the loop ticks only when the server was heard
+    from (or the connection is known to be down): fetches that time out on a dead connection
+    are not life. Pings slow enough here to see the frozen heartbeat before they notice."""
+    import time
+
+    heartbeat = tmp_path / "consumer.alive"
+    consumer = manage("consume", "players", NATS_URL=proxy.url, HEARTBEAT_FILE=str(heartbeat),
+                      NATS_PING_INTERVAL="5", NATS_MAX_OUTSTANDING_PINGS="1")
+    consumer.wait_for_output("consumers started")
+
+    def age() -> float:
+        return time.time() - heartbeat.stat().st_mtime
+
+    wait_until(lambda: age() < 2, timeout=20, message="a fresh heartbeat")
+    proxy.silence()
+    wait_until(lambda: age() > 3, timeout=10, message="the heartbeat frozen")
+    assert consumer.poll() is None
+    user = user_register(username="later", email="later@example.com", password="x")
+    relay_flush()
+    # The pings give the connection up, a new one is made: alive again, and working.
+    wait_until(lambda: age() < 2, timeout=30, message="the heartbeat moving again")
+    wait_until(lambda: has_player(user), timeout=30, message="the event, over the new connection")

@@ -170,10 +170,20 @@ class ConsumerRunner:
             # consumer, and its first events do not pay for the first connection (warmup.py).
             await self.stopper.wait_for(
                 asyncio.ensure_future(worker.call(consumer_warm_up, spec)))
+            heard = -1  # the connection's messages received at the last tick
             while not self.stopper.stopped:
                 if not await worker.idle(self.stopper):
                     break
-                metrics.consumer_tick(spec.name)
+                # Alive means able to work: the server answered since the last turn (a fetch
+                # that finds nothing still gets its 408 each second), or the connection is known
+                # to be down and is being made again (an outage, waited out on purpose). A
+                # connection that died silently answers nothing and is not known to be down:
+                # the loop then stops ticking, and the heartbeat and the loop's gauge say so
+                # until the pings give the connection up (NATS_PING_INTERVAL).
+                received = nc.stats["in_msgs"]
+                if received != heard or not nc.is_connected:
+                    metrics.consumer_tick(spec.name)
+                    heard = received
                 try:
                     if psub is None:
                         info = await js.consumer_info(settings.NATS_STREAM, spec.durable)

@@ -1,7 +1,9 @@
 """Liveness of a long-running eventbus process: is every loop of it still moving?
 
 Each loop *ticks* when it makes progress or waits on purpose: a consumer at each fetch
-iteration (an empty fetch returns within a second; a failing one backs off at most 10 s), after
+iteration after which the server was heard from, or the connection is known to be down (an empty
+fetch returns within a second with the server's 408; a failing one backs off at most 10 s; a
+connection that died silently is heard from no more, so the consumer stops ticking), after
 each message it settles one at a time, and at each database probe during an outage; the relay
 at each scan or idle tick, and every poll while it stands by. A tick also sets the loop's
 ``*_last_loop_timestamp_seconds`` metric (:mod:`.metrics`). The heartbeat thread sets the mtime
