@@ -375,6 +375,11 @@ OUTBOX_RELAY_POLL_INTERVAL = env.float("OUTBOX_RELAY_POLL_INTERVAL", default=1.0
 # as a standby and retries the lock this often, so it takes over this soon after the active
 # relay dies.
 OUTBOX_RELAY_STANDBY_POLL = env.float("OUTBOX_RELAY_STANDBY_POLL", default=1.0)  # seconds
+# An active relay that has published nothing for this long while rows wait (every batch failed:
+# its NATS connection dead or refused, PubAcks lost) gives up the lock for a moment, so that a
+# standby whose connection works takes over; with no standby it takes the lock back and tries
+# again. 0 = never.
+RELAY_STALL_SECONDS = env.float("RELAY_STALL_SECONDS", default=30.0)
 # A row JetStream refuses this many times (a subject the stream does not take, a message over
 # the server's max payload) is set aside, so that it cannot hold back the rows behind it, until
 # an operator requeues it (admin). An outage counts no attempt.

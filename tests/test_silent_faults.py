@@ -110,3 +110,26 @@ def test_a_consumer_on_a_silent_connection_stops_saying_alive_until_it_reconnect
     # The pings give the connection up, a new one is made: alive again, and working.
     wait_until(lambda: age() < 2, timeout=30, message="the heartbeat moving again")
     wait_until(lambda: has_player(user), timeout=30, message="the event, over the new connection")
+
+
+def test_a_relay_that_cannot_publish_steps_down_for_a_standby_that_can(proxy, manage):
+    """The active relay's connection dies silently and its pings are slow to notice (nats-py's
+    defaults here): after RELAY_STALL_SECONDS of failed batches it gives up the outbox lock, and
+    the standby, whose connection works, takes over and publishes."""
+    from onboarding.eventbus.models import OutboxEvent
+
+    def published(user) -> bool:
+        return OutboxEvent.objects.filter(key=str(user.id), published_at__isnull=False).exists()
+
+    stuck = manage("outbox_relay", NATS_URL=proxy.url, NATS_PING_INTERVAL="120",
+                   RELAY_STALL_SECONDS="3")
+    stuck.wait_for_output("relay: active")
+    standby = manage("outbox_relay", RELAY_STALL_SECONDS="3")
+    standby.wait_for_output("relay: standby")
+    proxy.silence()
+    user = user_register(username="waits", email="waits@example.com", password="x")
+    wait_until(lambda: published(user), timeout=30,
+               message="the event, published by the standby after the active relay stepped down")
+    assert "giving up the outbox lock" in stuck.output(), stuck.output()
+    assert "relay: active (took the outbox lock)" in standby.output()
+    assert stuck.poll() is None and standby.poll() is None

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from django.conf import settings
@@ -108,6 +109,7 @@ class OutboxRelay:
         # The active relay prunes the outbox it publishes (EVENTBUS_PRUNE_INTERVAL).
         pruner = pruning.BackgroundPruning("relay", pruning.relay_prune, enabled=not once,
                                            when=lambda: self._lock.holding).start()
+        failing_since = None  # time.monotonic() of the first failed batch since one worked
         try:
             grace = await self._lead(once=once)
             while grace is not None and not self.stopper.stopped:
@@ -122,10 +124,17 @@ class OutboxRelay:
                     if once:  # a one-shot flush reports failure instead of waiting for ever
                         raise (self.stopper.error or exc) from None
                     self.scanned.set()
+                    failing_since = failing_since or time.monotonic()
+                    if self._stalled(failing_since, exc):
+                        failing_since = None
+                        await self._step_down()
+                        grace = await self._lead(once=once)
+                        continue
                     delay = backoff.next()
                     logger.warning("relay batch failed, retrying in %.1fs: %s", delay, exc)
                     await self.stopper.sleep(delay)
                     continue
+                failing_since = None
                 backoff.reset()
                 await self._erase_due()
                 self.scanned.set()
@@ -147,6 +156,25 @@ class OutboxRelay:
         if self.stopper.error is not None:
             raise self.stopper.error
         return self.published
+
+    @staticmethod
+    def _stalled(failing_since: float, exc: Exception) -> bool:
+        stall = settings.RELAY_STALL_SECONDS
+        if not stall or time.monotonic() - failing_since < stall:
+            return False
+        logger.warning(
+            "relay: nothing published for %.0fs (%s); giving up the outbox lock so that a relay "
+            "whose NATS connection works takes over", time.monotonic() - failing_since, exc)
+        return True
+
+    async def _step_down(self) -> None:
+        """Give up the lock, and stay away from it long enough for a standby's next try
+        (``OUTBOX_RELAY_STANDBY_POLL``); then :meth:`_lead` tries for it again, as any standby."""
+        metrics.relay_stepped_down()
+        await self._stop_fast_path()
+        await self._orm(self._lock.release)
+        metrics.relay_active(False)
+        await self.stopper.sleep(max(3 * settings.OUTBOX_RELAY_STANDBY_POLL, 2.0))
 
     async def _lead(self, *, once: bool) -> float | None:
         """Wait as a standby until this relay holds the outbox lock, then start afresh.

@@ -128,6 +128,11 @@ RELAY_ACTIVE = Gauge(
     "onboarding_relay_active",
     "1 while this relay holds the outbox lock and publishes, 0 while it stands by.",
 )
+RELAY_STEPPED_DOWN = Counter(
+    "onboarding_relay_stepped_down_total",
+    "Times this relay gave up the outbox lock after publishing nothing for RELAY_STALL_SECONDS "
+    "(a dead or refused NATS connection), so that a standby that can publish takes over.",
+)
 RELAY_LAST_LOOP = Gauge(
     "onboarding_relay_last_loop_timestamp_seconds",
     "Unix time of the relay loop's last tick (a scan, an idle tick, a standby poll).",
@@ -154,7 +159,7 @@ _ROLES = {
                  HANDLER_DURATION, BATCH_DURATION, BATCH_SIZE, PENDING, ACK_PENDING,
                  ANNOUNCEMENTS_PUBLISHED, CONSUMER_LAST_LOOP),
     "relay": (RELAY_PUBLISHED, RELAY_PUBLISH_FAILED, RELAY_ERASURES, RELAY_BACKLOG,
-              RELAY_BACKLOG_AGE, RELAY_ACTIVE, RELAY_LAST_LOOP),
+              RELAY_BACKLOG_AGE, RELAY_ACTIVE, RELAY_STEPPED_DOWN, RELAY_LAST_LOOP),
 }
 
 
@@ -264,6 +269,10 @@ def relay_active(active: bool) -> None:
 def announcements_published(consumer: str, count: int, *, path: str) -> None:
     if count:
         ANNOUNCEMENTS_PUBLISHED.labels(consumer, path).inc(count)
+
+
+def relay_stepped_down() -> None:
+    RELAY_STEPPED_DOWN.inc()
 
 
 def relay_published(count: int, *, path: str) -> None:
