@@ -27,6 +27,7 @@ import logging
 
 from django.conf import settings
 from django.db import connections, transaction
+from django.db.models import Count, Min
 from django.utils import timezone
 
 from onboarding.eventbus import announcing
@@ -54,9 +55,11 @@ def announcements_backlog(*, context: str) -> tuple[int, dt.datetime | None]:
     """(how many of ``context``'s announcements wait to be published, when the oldest was
     written): read in the context's own database, through the small index of its unpublished
     rows."""
-    rows = Announcement.objects.using(settings.CONTEXT_DATABASES[context]).filter(
-        context=context, published_at__isnull=True)
-    return rows.count(), rows.order_by("id").values_list("created_at", flat=True).first()
+    # One statement: a count and an oldest read apart could disagree (rows published between).
+    found = (Announcement.objects.using(settings.CONTEXT_DATABASES[context])
+             .filter(context=context, published_at__isnull=True)
+             .aggregate(n=Count("id"), oldest=Min("created_at")))
+    return found["n"], found["oldest"]
 
 
 def announcements_mark_published(*, context: str, event_ids: list[str]) -> int:

@@ -105,7 +105,8 @@ class Command(BaseCommand):
                    if entry.get("announcements", {}).get("backlog")}
         if waiting:
             self.stdout.write("announcements waiting: " + ", ".join(
-                f"{name} {a['backlog']} (oldest {a['oldest_age_seconds']:.1f}s old)"
+                f"{name} {a['backlog']}" + (f" (oldest {a['oldest_age_seconds']:.1f}s old)"
+                                           if a["oldest_age_seconds"] is not None else "")
                 for name, a in waiting.items()))
         if status["healthy"]:
             self.stdout.write(self.style.SUCCESS("healthy"))
