@@ -117,10 +117,9 @@ def announce_onboarded(*, context: str, user_ids: Iterable[uuid.UUID]) -> int:
         if _insert_unless_any_erased(context, alias, message, pieces[0]):
             _hand_over_on_commit(context, alias, [message])
             return 1
-    from onboarding.eventbus.erasing import tombstoned  # it imports this module
-
-    erased = tombstoned(context=context, user_ids=[u for piece in pieces for u in piece],
-                        using=alias)
+    erased = set(Tombstone.objects.using(alias).filter(
+        context=context, user_id__in=[u for piece in pieces for u in piece])
+        .values_list("user_id", flat=True))
     return announce(context=context, events=[
         UserOnboarded(service=context, user_ids=piece, onboarded_at=now)
         for piece in _pieces(u for piece in pieces for u in piece if u not in erased)
