@@ -235,6 +235,66 @@ def test_a_handler_blocked_on_a_row_lock_is_handed_back_and_applied_once_release
     assert _log_has(caplog, expected), [r.getMessage() for r in caplog.records]
 
 
+@pytest.mark.parametrize("mode", ["per-message", "batch-fallback"])
+def test_a_batch_is_not_held_hostage_by_a_transaction_given_up_on(manage, settings, mode):
+    """Issue 19. A replica's transaction blocks on a row lock and is given up on
+    (CONSUMER_BATCH_TIMEOUT), in --per-message mode or in the batch's one-at-a-time fallback.
+    The rest of its batch is handed back at once, so another replica applies it while the lock
+    is still held; and a SIGTERM ends the blocked replica within seconds. Before: the next
+    message waited for the blocked thread with no limit, the keepalive kept the rest of the
+    batch from every other replica, and the process ignored SIGTERM until the database gave up.
+    """
+    if not _on_postgresql():
+        pytest.skip("row locks are PostgreSQL's (SQLite locks the whole file, and a second "
+                    "replica could not write either)")
+    from django.db import connections, transaction
+
+    from players.models import Player
+
+    alias = settings.CONTEXT_DATABASES["players"]
+    locked, *free = (sample_event(username=f"{mode}-{name}") for name in ("locked", "a", "b"))
+    blocked_env = {
+        "CONSUMER_BATCH_TIMEOUT": "1",
+        # Only the cap gives up on it: the database would let it wait ten minutes.
+        "CONSUMER_LOCK_TIMEOUT": "600", "CONSUMER_STATEMENT_TIMEOUT": "600",
+        # The blocked event, nak'ed with its retry delay, stays away from the other replica
+        # (whose batch would otherwise block on it in turn).
+        "CONSUMER_RETRY_BASE_DELAY": "300", "CONSUMER_RETRY_MAX_DELAY": "300",
+    }
+    if mode == "per-message":
+        args = ("consume", "players", "--per-message")
+    else:
+        # The batch's transaction fails first (an injected failure at each event's first
+        # attempt), so the batch falls back to one message at a time; the blocked event is first.
+        args = ("consume", "players")
+        blocked_env["FAULT_FAIL_FIRST"] = "players:1"
+    try:
+        with transaction.atomic(using=alias):
+            # The same player, inserted and not committed: the handler's insert waits on it.
+            Player.objects.using(alias).create(user_id=locked.user_id, username="holder")
+            publish_all([valid(event) for event in (locked, *free)])
+            blocked = manage(*args, faults=mode != "per-message", **blocked_env)
+            blocked.wait_for_output("HandlerTimeout", timeout=30)
+            other = manage("consume", "players")
+            wait_until(
+                lambda: Player.objects.filter(
+                    user_id__in=[event.user_id for event in free]).count() == 2,
+                timeout=30, message="the rest of the batch applied by the other replica")
+            assert blocked.poll() is None, blocked.output()
+            code, output = blocked.stop(timeout=15)  # its thread is still blocked on the lock
+            assert code == 0, output
+            assert "handing back 2 message(s)" in output, output
+            transaction.set_rollback(True, using=alias)
+    finally:
+        connections[alias].close()
+    code, output = other.stop()
+    assert code == 0, output
+    assert "processed 2, 0 duplicate(s) skipped" in output, output
+    # The transaction given up on never committed; its event waits for its retry delay.
+    assert not Player.objects.filter(user_id=locked.user_id).exists()
+    assert not DeadLetter.objects.exists()
+
+
 def test_the_session_timeouts_are_the_consumers_alone(settings):
     """Consumer threads' PostgreSQL connections get statement_timeout and lock_timeout; the
     connections of any other thread (the web's) keep the server's defaults."""
@@ -368,3 +428,43 @@ def test_events_of_different_users_commute_and_each_users_order_is_kept():
     for user in (a, b, c):
         mine = [n for n, event in enumerate(stream) if event.user_id == user.user_id]
         assert [seq for seq in order if seq in mine] == mine
+
+
+def test_a_daemon_thread_runs_in_order_hands_back_errors_and_never_holds_the_exit():
+    """The consumer's database threads (runtime/threads.py): a call still blocked when the process
+    ends (an abandoned transaction on a row lock) must not keep it alive, as a
+    ThreadPoolExecutor's thread would (the interpreter joins those at exit)."""
+    import subprocess
+    import sys
+    import threading
+
+    from onboarding.eventbus.runtime.threads import DaemonThread
+
+    thread = DaemonThread("test-daemon")
+    ran = []
+    first, second = thread.submit(ran.append, 1), thread.submit(ran.append, 2)
+    failing = thread.submit(lambda: 1 / 0)
+    assert first.result(5) is None and second.result(5) is None and ran == [1, 2]
+    with pytest.raises(ZeroDivisionError):
+        failing.result(5)
+    started, release = threading.Event(), threading.Event()
+
+    def blocks():
+        started.set()
+        return release.wait()
+
+    blocked = thread.submit(blocks)
+    queued = thread.submit(ran.append, 3)
+    assert started.wait(5)
+    thread.shutdown(wait=False, cancel_futures=True)
+    assert queued.cancelled() and not blocked.done()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        thread.submit(ran.append, 4)
+    release.set()
+    assert blocked.result(5) is True and ran == [1, 2]
+
+    program = ("import threading; from onboarding.eventbus.runtime.threads import DaemonThread; "
+               "DaemonThread('blocked').submit(threading.Event().wait); print('exiting')")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=20)
+    assert done.returncode == 0 and done.stdout.strip() == "exiting", done.stderr

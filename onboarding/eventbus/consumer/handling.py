@@ -47,20 +47,31 @@ class Handling:
         self.settle = Settling(spec, worker, counts)
 
     async def handle_batch(self, msgs: list, ack_wait: float) -> None:
-        """Settle every message of ``msgs``, unless a stop comes first: then the rest is handed
-        back at once rather than after ack_wait."""
+        """Settle every message of ``msgs``, unless a stop comes first, or a transaction given
+        up on still holds the work thread: then the rest is handed back at once rather than
+        after ack_wait."""
         name = self.spec.name
         unsettled = list(msgs)
         async with keepalive(name, unsettled, ack_wait):
             if not self.per_message and len(unsettled) > 1:
                 await self._together(unsettled)
             while unsettled:
-                metrics.consumer_tick(name)  # one message at a time: each is progress
                 if self.stopper.stopped:
-                    for msg in unsettled:
-                        with contextlib.suppress(Exception):
-                            await msg.nak()
+                    await _hand_back(unsettled)
                     return
+                if self.worker.busy:
+                    # The next message would wait for the abandoned transaction, for as long as
+                    # the database lets it block, while the keepalive kept the rest of the batch
+                    # from every other replica: a batch held hostage. Hand it back instead; the
+                    # loop fetches again once the thread is free (Worker.idle).
+                    logger.warning(
+                        "consumer %s: a transaction given up on still holds the work thread; "
+                        "handing back %d message(s) for another replica: %s",
+                        name, len(unsettled), message_ids(unsettled),
+                    )
+                    await _hand_back(unsettled)
+                    return
+                metrics.consumer_tick(name)  # one message at a time: each is progress
                 if await self._alone(unsettled[0], unsettled):
                     unsettled.pop(0)
 
@@ -199,6 +210,15 @@ class Handling:
         applied, took = done
         await self.settle.applied([(msg, item)], applied, took)
         return True
+
+
+async def _hand_back(msgs: list) -> None:
+    """nak each of ``msgs`` with no delay: none of them was tried, so none spends a retry's wait,
+    and JetStream may give them to another replica at once."""
+    for msg in msgs:
+        with contextlib.suppress(Exception):  # unsettled, it comes back after ack_wait anyway
+            await msg.nak()
+    msgs.clear()
 
 
 def _forget(unsettled: list, settled: list) -> None:

@@ -85,6 +85,19 @@ class Settling:
         """Store ``msg`` as a dead letter, then terminate it; never terminate one that could not
         be stored (it comes back later instead)."""
         meta, name = msg.metadata, self.spec.name
+        if self.worker.busy:
+            # Storing it would wait for the abandoned transaction that holds the work thread,
+            # with the message in hand. It comes back later, and the first delivery past the
+            # last allowed one that fails is dead-lettered (retry_later), with the thread free.
+            delay = retry_delay(meta.num_delivered)
+            logger.warning(
+                "consumer %s: dead letter seq=%s waits: a transaction given up on still holds "
+                "the work thread; redelivering in %.1fs", name, meta.sequence.stream, delay,
+                extra=event_fields(name, msg, "retried"),
+            )
+            metrics.retried(name)
+            await msg.nak(delay=delay)
+            return
         try:
             await self.worker.call(
                 dead_letter_store,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 from django.db import close_old_connections, connections
 
@@ -14,6 +13,7 @@ from onboarding.eventbus.consumer.inbox import CommitGate, Incoming, process_eve
 from onboarding.eventbus.consumer.timeouts import consumer_thread
 from onboarding.eventbus.registry import ConsumerSpec
 from onboarding.eventbus.runtime.lifecycle import Stopper
+from onboarding.eventbus.runtime.threads import DaemonThread
 
 logger = logging.getLogger(__name__)
 
@@ -29,17 +29,27 @@ class Worker:
     abandoned (it rolls back at its commit, :class:`~.inbox.CommitGate`) and
     the loop hands its messages back. Until the abandoned call returns, the work thread is busy
     and the next call waits for it; the probe has a thread of its own, so it still answers.
-    A call that never returns (a handler hung outside the database) stops this consumer's
-    loop, which freezes the heartbeat: the process is stuck, and its supervisor restarts it.
+    Meanwhile the consumer takes no new work (:attr:`busy`): the rest of a batch in hand is
+    handed back for another replica, a dead letter waits for a later delivery, and the loop
+    fetches nothing until the thread is free (:meth:`idle`), or stops when told to. A call that
+    never returns (a handler hung outside the database) stops this consumer's loop, which
+    freezes the heartbeat: the process is stuck, and its supervisor restarts it. A stop never
+    waits for the thread: it is a daemon (:class:`~onboarding.eventbus.runtime.threads.
+    DaemonThread`), so a SIGTERMed process exits, and the server rolls the abandoned
+    transaction back when the connection closes.
     """
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._work = ThreadPoolExecutor(1, thread_name_prefix=f"consume-{name}",
-                                        initializer=consumer_thread)
-        self._probe = ThreadPoolExecutor(1, thread_name_prefix=f"probe-{name}",
-                                         initializer=consumer_thread)
+        self._work = DaemonThread(f"consume-{name}", initializer=consumer_thread)
+        self._probe = DaemonThread(f"probe-{name}", initializer=consumer_thread)
         self._abandoned: asyncio.Future | None = None
+
+    @property
+    def busy(self) -> bool:
+        """True while an abandoned transaction still holds the work thread: anything submitted
+        now would wait for it, for as long as the database lets it block."""
+        return self._abandoned is not None and not self._abandoned.done()
 
     async def call(self, fn, /, *args, **kwargs):
         """``fn(*args, **kwargs)`` on the work thread."""
@@ -90,8 +100,10 @@ class Worker:
         """
         if self._abandoned is None:
             return True
-        if not await stopper.wait_for(asyncio.shield(self._abandoned)):
+        returned = asyncio.shield(self._abandoned)  # a stop must not cancel the call itself
+        if not await stopper.wait_for(returned):
             return False
+        returned.exception()  # the shield's copy of the outcome, retrieved (else asyncio logs it)
         await self._abandoned_returned()
         return True
 
