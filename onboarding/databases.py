@@ -90,6 +90,12 @@ SQLITE_OPTIONS = {
 }
 
 
+# How long data sent on a PostgreSQL connection may go unacknowledged before the connection is
+# given up (libpq's tcp_user_timeout, Linux). Above any pause a healthy network has; far below
+# the kernel's ~15 minutes of retransmissions.
+TCP_USER_TIMEOUT_MS = 30_000
+
+
 def prepare(config: dict, *, test_dir: Path) -> dict:
     """Complete a database config parsed from a URL with the options this project relies on."""
     config = dict(config)
@@ -97,13 +103,20 @@ def prepare(config: dict, *, test_dir: Path) -> dict:
     config.setdefault("CONN_HEALTH_CHECKS", True)
     if config["ENGINE"] == POSTGRESQL_ENGINE:
         # A database that stops answering must fail a call, not hang the consumer's only ORM
-        # thread: bounded connect, and TCP keepalives to notice a dead peer.
+        # thread: bounded connect, and TCP keepalives to notice a dead peer while waiting for
+        # an answer. Keepalives stay silent while sent data waits to be acknowledged (a query
+        # sent into a dead link): the kernel retransmits for ~15 minutes (tcp_retries2) unless
+        # tcp_user_timeout (ms) bounds it. Measured through a link taken down in a network
+        # namespace (tests/test_partitions.py): a query sent into it fails after ~30 s, one
+        # waiting for its answer after ~40 s (docs/architecture.md). A URL's query string may
+        # override each (`?tcp_user_timeout=10000`).
         config["OPTIONS"] = {
             "connect_timeout": 5,
             "keepalives": 1,
             "keepalives_idle": 30,
             "keepalives_interval": 10,
             "keepalives_count": 3,
+            "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
             **config.get("OPTIONS", {}),
         }
     if config["ENGINE"] == SQLITE_ENGINE:

@@ -50,12 +50,14 @@ class _Pair:
 
 
 class SilentProxy:
-    """Forwards 127.0.0.1:<port> to ``target``; :meth:`silence` kills the open connections
-    silently (see the module)."""
+    """Forwards ``host``:<port> (127.0.0.1 unless told) to ``target``; :meth:`silence` kills the
+    open connections silently (see the module). ``host`` may be the address of a test host of
+    one's own (a network namespace's veth, tests/test_partitions.py)."""
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    def __init__(self, target: tuple[str, int], *, host: str = "127.0.0.1") -> None:
         self.target = target
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.host = host
+        self._listener = socket.create_server((host, 0))
         self.port = self._listener.getsockname()[1]
         self._pairs: list[_Pair] = []
         self._lock = threading.Lock()
@@ -64,7 +66,7 @@ class SilentProxy:
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"nats://{self.host}:{self.port}"
 
     def start(self) -> SilentProxy:
         threading.Thread(target=self._accept, name="silent-proxy", daemon=True).start()

@@ -38,9 +38,11 @@ RELAY_LOCK_NAME = "onboarding.outbox_relay"
 
 # PostgreSQL learns that a holder's host vanished (rather than its process: that closes the
 # socket at once) only from TCP keepalives, after two hours by the server's defaults. The lock's
-# session asks for ~20 s, so that a standby takes over in seconds then too.
+# session asks for ~20 s, so that a standby takes over in seconds then too; tcp_user_timeout
+# (ms) bounds it as well while the server has data waiting to be acknowledged (keepalives wait
+# for that, ~15 minutes of retransmissions).
 SERVER_KEEPALIVES = {"tcp_keepalives_idle": 5, "tcp_keepalives_interval": 5,
-                     "tcp_keepalives_count": 3}
+                     "tcp_keepalives_count": 3, "tcp_user_timeout": 20_000}
 
 
 def relay_lock(*, name: str = RELAY_LOCK_NAME) -> AdvisoryLock | FileLock:
