@@ -45,6 +45,9 @@ class User(AbstractUser):
             models.UniqueConstraint(Lower("username"), name="accounts_user_username_ci_unique"),
             models.UniqueConstraint(Lower("email"), name="accounts_user_email_ci_unique"),
         ]
+        # The background reconcile reads the users registered since its watermark, and
+        # `reconcile --since` a period: by date_joined, not a scan of the table.
+        indexes = [models.Index(fields=["date_joined", "id"], name="accounts_user_joined")]
 
 
 class ServiceReadiness(models.Model):
@@ -79,3 +82,16 @@ class ServiceReadiness(models.Model):
     @property
     def ready(self) -> bool:
         return self.onboarded_at is not None and self.erased_at is None
+
+
+class HealingWatermark(models.Model):
+    """How far the background reconcile (``accounts/healing.py``) has looked, per service: every
+    user registered up to ``reached`` was set up by the service, or re-delivered their
+    ``user.registered``. The next pass starts there, not at the first user."""
+
+    service = models.CharField(max_length=64, primary_key=True)
+    reached = models.DateTimeField()
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self):
+        return f"{self.service}: up to {self.reached:%Y-%m-%d %H:%M:%S}"

@@ -39,7 +39,9 @@ OPERATOR_WRITES = {"accounts.servicereadiness": DML, "eventbus.publishedmessage"
                    "eventbus.deadletter": DML}
 RELAY_TABLES = {"eventbus.outboxevent", "eventbus.publishedmessage", "eventbus.erasure",
                 "eventbus.deadletter", "axes.accesslog", "axes.accessfailurelog",
-                "axes.accessattempt"}
+                "axes.accessattempt", "accounts.healingwatermark"}
+# The background reconcile (accounts/healing.py) reads who registered and the projection.
+RELAY_READS = {"accounts.user", "accounts.servicereadiness"}
 PER_CONTEXT = {"eventbus.processedevent", "eventbus.tombstone", "eventbus.announcement"}
 
 
@@ -98,6 +100,8 @@ def grants() -> list[Grant]:
                 found.append(Grant("web", alias, table, DML))
             if label in RELAY_TABLES:
                 found.append(Grant("relay", alias, table, DML))
+            elif label in RELAY_READS:
+                found.append(Grant("relay", alias, table, READ))
             if label in PER_CONTEXT or label == "accounts.servicereadiness":
                 found.append(Grant("accounts", alias, table, DML))
             elif app == "accounts":  # its own service's tables, read (its warm-up touches them)

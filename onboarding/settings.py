@@ -385,6 +385,19 @@ RELAY_STALL_SECONDS = env.float("RELAY_STALL_SECONDS", default=30.0)
 # an operator requeues it (admin). An outage counts no attempt.
 OUTBOX_MAX_ATTEMPTS = env.int("OUTBOX_MAX_ATTEMPTS", default=5)
 
+# --- Self-healing: the background reconcile (accounts/healing.py) ---------------------------
+
+# Every RECONCILE_INTERVAL seconds the active relay looks for users registered since its last
+# pass (a watermark) who are older than RECONCILE_MIN_AGE and whom a service never set up, in
+# accounts' readiness projection, and re-delivers their user.registered to that service alone,
+# as `reconcile --repair` does: events a broker forgot (a wiped store, an fsync window lost)
+# heal without a person. 0 = off. Defaults lost after they were applied (a restored database)
+# still need the full `manage.py reconcile`.
+RECONCILE_INTERVAL = env.float("RECONCILE_INTERVAL", default=60.0)  # seconds
+RECONCILE_MIN_AGE = env.float("RECONCILE_MIN_AGE", default=60.0)  # seconds
+# What a pass runs: accounts owns the users and the projection; the relay only schedules it.
+RECONCILE_PASS = "accounts.healing.healing_pass"
+
 # --- Pruning (onboarding/eventbus/runtime/pruning.py) --------------------------------------
 
 # Published outbox rows go after NATS_DUPLICATE_WINDOW, inbox rows after NATS_STREAM_MAX_AGE;

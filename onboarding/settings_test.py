@@ -42,6 +42,9 @@ REST_FRAMEWORK = {
 CONSUMER_RETRY_BASE_DELAY = env.float("CONSUMER_RETRY_BASE_DELAY", default=0.2)
 CONSUMER_RETRY_MAX_DELAY = env.float("CONSUMER_RETRY_MAX_DELAY", default=1.0)
 CONSUMER_MAX_DELIVER = 4
+# No background reconcile unless a test asks for it (tests/test_healing.py): its repairs would
+# be events the other tests do not expect.
+RECONCILE_INTERVAL = env.float("RECONCILE_INTERVAL", default=0.0)
 CONSUMER_ACK_WAIT = env.float("CONSUMER_ACK_WAIT", default=10.0)
 OUTBOX_RELAY_POLL_INTERVAL = 0.2
 # NATS_URL is set by the suite to the nats-server it starts (see conftest.py).

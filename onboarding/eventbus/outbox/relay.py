@@ -40,6 +40,7 @@ from django.utils import timezone
 from onboarding.eventbus.nats.connection import close, connect
 from onboarding.eventbus.nats.publish import describe, failed, publish_pipelined
 from onboarding.eventbus.outbox.erasure import erase_messages, erasures_done, erasures_due
+from onboarding.eventbus.outbox.healing import BackgroundHealing
 from onboarding.eventbus.outbox.leadership import relay_lock
 from onboarding.eventbus.outbox.listening import FastPath
 from onboarding.eventbus.outbox.refusals import refusal
@@ -86,6 +87,7 @@ class OutboxRelay:
         self.scanned = threading.Event()  # set once the first scan is over
         self.published = 0
         self.erased = 0  # erasures carried out
+        self.healing: BackgroundHealing | None = None
 
     async def _orm(self, fn, /, **kwargs):
         def call():
@@ -109,6 +111,10 @@ class OutboxRelay:
         # The active relay prunes the outbox it publishes (EVENTBUS_PRUNE_INTERVAL).
         pruner = pruning.BackgroundPruning("relay", pruning.relay_prune, enabled=not once,
                                            when=lambda: self._lock.holding).start()
+        # And heals what a broker forgot (RECONCILE_INTERVAL): outbox/healing.py.
+        self.healing = BackgroundHealing(active=lambda: self._lock.holding,
+                                         connection=lambda: (self._nc, self._js),
+                                         enabled=not once).start()
         failing_since = None  # time.monotonic() of the first failed batch since one worked
         try:
             grace = await self._lead(once=once)
@@ -144,6 +150,7 @@ class OutboxRelay:
                     # A notification without its message (too large) asks for a scan at once.
                     grace = 0.0 if await self._idle() else self.grace
         finally:
+            await self.healing.stop()
             await pruner.stop()
             await self._stop_fast_path()
             await close(self._nc)

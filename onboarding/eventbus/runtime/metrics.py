@@ -133,6 +133,29 @@ RELAY_STEPPED_DOWN = Counter(
     "Times this relay gave up the outbox lock after publishing nothing for RELAY_STALL_SECONDS "
     "(a dead or refused NATS connection), so that a standby that can publish takes over.",
 )
+RECONCILE_PASSES = Counter(
+    "onboarding_reconcile_passes_total",
+    "Background reconcile passes of the active relay (RECONCILE_INTERVAL; result: done, or "
+    "failed: tried again next interval).",
+    ["result"],
+)
+RECONCILE_MISSING = Counter(
+    "onboarding_reconcile_missing_total",
+    "Users the background reconcile found a service never set up (older than "
+    "RECONCILE_MIN_AGE, not ready in accounts' projection); each was re-delivered its "
+    "user.registered, to that service alone.",
+    ["service"],
+)
+RECONCILE_SKIPPED = Counter(
+    "onboarding_reconcile_skipped_total",
+    "Services a background reconcile pass left for later because their durable still had "
+    "events to deliver (catching up; accounts: the projection itself is behind).",
+    ["service"],
+)
+RECONCILE_LAST_PASS = Gauge(
+    "onboarding_reconcile_last_pass_timestamp_seconds",
+    "Unix time of the background reconcile's last pass that completed.",
+)
 RELAY_LAST_LOOP = Gauge(
     "onboarding_relay_last_loop_timestamp_seconds",
     "Unix time of the relay loop's last tick (a scan, an idle tick, a standby poll).",
@@ -286,6 +309,21 @@ def relay_publish_failed(count: int) -> None:
 
 def relay_erasure(*, done: bool, count: int = 1) -> None:
     RELAY_ERASURES.labels(result="done" if done else "failed").inc(count)
+
+
+def reconcile_pass(*, done: bool) -> None:
+    RECONCILE_PASSES.labels(result="done" if done else "failed").inc()
+    if done:
+        RECONCILE_LAST_PASS.set(time.time())
+
+
+def reconcile_missing(service: str, count: int) -> None:
+    if count:
+        RECONCILE_MISSING.labels(service).inc(count)
+
+
+def reconcile_skipped(service: str) -> None:
+    RECONCILE_SKIPPED.labels(service).inc()
 
 
 def relay_backlog(count: int, age: float) -> None:
