@@ -450,9 +450,10 @@ def main() -> int:
         plan = {int(n * 0.25): "kill the NATS stream leader",
                 int(n * 0.40): "kill one replica of each consumer",
                 int(n * 0.55): "kill the active relay",
-                int(n * 0.75): "restart the killed NATS node"}
+                int(n * 0.75): "restart the killed NATS node",
+                int(n * 0.85): "wipe a NATS follower's store and restart it"}
         events: list[str] = []
-        killed_node = None
+        killed_node = wiped_node = None
         started = time.monotonic()
         first_kill_at = started + min(plan) / args.rate
         with ThreadPoolExecutor(8) as pool:
@@ -478,9 +479,21 @@ def main() -> int:
                         else:
                             relay.kill()
                             events.append(f"{at:.1f}s: SIGKILL the active relay {relay.label}")
-                    elif killed_node is not None:
+                    elif plan[i] == "restart the killed NATS node" and killed_node is not None:
                         nats.start_server(killed_node)
                         events.append(f"{at:.1f}s: restarted NATS node {killed_node.name}")
+                    elif plan[i] == "wipe a NATS follower's store and restart it":
+                        # A node whose disk was lost: it comes back empty and must catch up
+                        # from the other two (issue 19).
+                        leader = nats.stream_leader()
+                        followers = [s for s in nats.servers if s.name != leader]
+                        # Not the node restarted a moment ago, when the other follower is there.
+                        wiped_node = next((s for s in followers if s is not killed_node),
+                                          followers[0])
+                        nats.wipe(wiped_node)
+                        nats.start_server(wiped_node)
+                        events.append(f"{at:.1f}s: SIGKILL NATS follower {wiped_node.name}, "
+                                      "its store deleted, restarted empty")
                     log(events[-1])
                 pool.submit(register, port, f"rh{i}", watch)
         burst_seconds = time.monotonic() - started
@@ -493,6 +506,15 @@ def main() -> int:
         except SystemExit as exc:
             log(str(exc))  # the report says how many are missing
         settled_at = time.monotonic()
+        caught_up = None
+        if wiped_node is not None:
+            try:
+                wait_for(lambda: nats.stream_followers().get(wiped_node.name) == (True, 0), 60,
+                         "the wiped node caught up", interval=0.5)
+            except SystemExit as exc:
+                log(str(exc))
+            current, lag = nats.stream_followers().get(wiped_node.name, (False, -1))
+            caught_up = {"node": wiped_node.name, "current": current, "lag": lag}
         sessions = sessions_per_process() if engine == "postgresql" else {}
         watch.stop.set()
         poller.join(5)
@@ -539,6 +561,7 @@ def main() -> int:
             "rate_per_s": args.rate,
             "events": events,
             "standby_took_over": took_over,
+            "wiped_node_caught_up": caught_up,
             "database_sessions": sessions,
             "hasher": "settings" if args.real_hasher else "MD5 (fast)",
         }
@@ -553,7 +576,8 @@ def main() -> int:
               or report["users_with_all_four_defaults"] != report["created_201"]
               or report["users_ready_in_the_projection"] != report["created_201"]
               or report["other_statuses"]
-              or report["dead_letters"] or bad_exits or not report["standby_took_over"])
+              or report["dead_letters"] or bad_exits or not report["standby_took_over"]
+              or not (caught_up and caught_up["current"] and caught_up["lag"] == 0))
     if watch.errors:
         print("first errors:\n  " + "\n  ".join(watch.errors[:5]))
     print(f"logs and report.json in {workdir}")
@@ -604,6 +628,9 @@ def markdown(report: dict) -> str:
         ("burst", f"{report['registrations_sent']} at {report['rate_per_s']}/s "
                   f"in {report['burst_seconds']} s; hasher {report['hasher']}"),
         ("relay standby took over", ", ".join(report["standby_took_over"]) or "NO"),
+        ("NATS node wiped mid-burst, caught up from the others",
+         (lambda c: f"{c['node']}: current {c['current']}, lag {c['lag']}" if c else "NO")(
+             report["wiped_node_caught_up"])),
         ("processes that exited badly", report["unclean_exits"] or "none"),
         ("database sessions at the end, per process type (all replicas)",
          ", ".join(f"{k} {v}" for k, v in report["database_sessions"].items()) or "-"),

@@ -288,12 +288,27 @@ class SecuredNats:
 
     def stream_leader(self, stream: str = "USERS") -> str:
         """The name of the server that leads ``stream`` now, asked as the monitoring role."""
+        return self._stream_info(stream).cluster.leader
+
+    def stream_followers(self, stream: str = "USERS") -> dict[str, tuple[bool, int]]:
+        """Per follower of ``stream``, (current, lag) as its leader sees it: a node caught up
+        holds every message the leader does (lag 0, current)."""
+        info = self._stream_info(stream)
+        return {peer.name: (bool(peer.current), peer.lag or 0)
+                for peer in info.cluster.replicas or []}
+
+    def wipe(self, server: NatsServer) -> None:
+        """SIGKILL ``server`` and delete its JetStream store: a node whose disk was lost."""
+        server.kill()
+        shutil.rmtree(server.store_dir / "jetstream", ignore_errors=True)
+
+    def _stream_info(self, stream: str):
         import asyncio
         import ssl
 
         import nats
 
-        async def ask() -> str:
+        async def ask():
             running = [s for s in self.servers if s.process and s.process.poll() is None]
             nc = await nats.connect(
                 servers=[f"nats://127.0.0.1:{s.port}" for s in running],
@@ -302,7 +317,7 @@ class SecuredNats:
                 inbox_prefix="_INBOX_monitor", connect_timeout=2, max_reconnect_attempts=2,
             )
             try:
-                return (await nc.jetstream(timeout=5).stream_info(stream)).cluster.leader
+                return await nc.jetstream(timeout=5).stream_info(stream)
             finally:
                 await nc.close()
 

@@ -89,3 +89,43 @@ def test_killing_the_stream_leader_mid_burst_loses_and_duplicates_nothing(
         )
     finally:
         cluster.stop()
+
+
+def test_a_node_whose_store_was_wiped_catches_up_from_the_others(manage, tmp_path, settings):
+    """Issue 19: a follower loses its disk mid-burst (SIGKILL, its JetStream store deleted) and
+    comes back empty. It must catch up from the other two: its leader reports it current with
+    no lag, and every registration still gets its defaults exactly once."""
+    cluster = SecuredNats(tmp_path / "cluster", nodes=3).start()
+    try:
+        replicas = {"NATS_STREAM_REPLICAS": "3"}
+
+        def provisioned():
+            process = manage("setup_jetstream", "--wait", "10",
+                             **cluster.env_for("provision"), **replicas)
+            return process.wait(30) == 0
+
+        wait_until(provisioned, timeout=30, interval=1, message="stream provisioned (R3)")
+        relay = manage("outbox_relay", **cluster.env_for("relay"), OUTBOX_RELAY_GRACE="0.5")
+        consumers = [manage("consume", name, **cluster.env_for(name)) for name in get_consumers()]
+        settings.OUTBOX_PUBLISH_ON_COMMIT = False
+        n = 150
+        burst = Burst(n, 0.04, "wiped").start()
+        wait_until(lambda: burst.done >= n // 3, timeout=60, message="a third of the burst")
+        leader = cluster.stream_leader(settings.NATS_STREAM)
+        wiped = next(server for server in cluster.servers if server.name != leader)
+        cluster.wipe(wiped)
+        wait_until(lambda: burst.done >= 2 * n // 3, timeout=60, message="two thirds")
+        cluster.start_server(wiped)  # empty: everything it holds again came from the others
+        burst.join()
+        wait_until(lambda: counts() == complete_count(n), timeout=120, message="all defaults")
+        wait_until(lambda: cluster.stream_followers(settings.NATS_STREAM).get(wiped.name)
+                   == (True, 0), timeout=60, message="the wiped node current, no lag")
+        for process in (relay, *consumers):
+            assert process.poll() is None, process.output()
+            code, output = process.stop()
+            assert code == 0, output
+        assert_exactly(n)
+        report("cluster node wiped", registrations=n, wiped=wiped.name, leader=leader,
+               followers=cluster.stream_followers(settings.NATS_STREAM), lost=0, duplicated=0)
+    finally:
+        cluster.stop()
