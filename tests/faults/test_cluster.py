@@ -30,6 +30,22 @@ def longest_gap(times: list) -> float:
     return max(gaps, default=0.0)
 
 
+def _stack(cluster: SecuredNats, manage, settings):
+    """The stream provisioned with three replicas, the relay and every consumer on its own NATS
+    user; this test process registers, and only the relay publishes (the in-process publisher
+    is the suite's, not a role of this cluster)."""
+    def provisioned():  # the cluster elects its meta leader within a second or so
+        process = manage("setup_jetstream", "--wait", "10", **cluster.env_for("provision"),
+                         NATS_STREAM_REPLICAS="3")
+        return process.wait(30) == 0
+
+    wait_until(provisioned, timeout=30, interval=1, message="stream provisioned (R3)")
+    relay = manage("outbox_relay", **cluster.env_for("relay"), OUTBOX_RELAY_GRACE="0.5")
+    consumers = [manage("consume", name, **cluster.env_for(name)) for name in get_consumers()]
+    settings.OUTBOX_PUBLISH_ON_COMMIT = False
+    return relay, consumers
+
+
 def test_killing_the_stream_leader_mid_burst_loses_and_duplicates_nothing(
     manage, tmp_path, settings
 ):
@@ -40,20 +56,7 @@ def test_killing_the_stream_leader_mid_burst_loses_and_duplicates_nothing(
 
     cluster = SecuredNats(tmp_path / "cluster", nodes=3).start()
     try:
-        replicas = {"NATS_STREAM_REPLICAS": "3"}
-
-        def provisioned():  # the cluster elects its meta leader within a second or so
-            process = manage("setup_jetstream", "--wait", "10",
-                             **cluster.env_for("provision"), **replicas)
-            return process.wait(30) == 0
-
-        wait_until(provisioned, timeout=30, interval=1, message="stream provisioned (R3)")
-        relay = manage("outbox_relay", **cluster.env_for("relay"), OUTBOX_RELAY_GRACE="0.5")
-        consumers = [manage("consume", name, **cluster.env_for(name)) for name in get_consumers()]
-
-        # This test process registers; only the relay publishes (the in-process publisher is
-        # the suite's, not a role of this cluster).
-        settings.OUTBOX_PUBLISH_ON_COMMIT = False
+        relay, consumers = _stack(cluster, manage, settings)
         n = 300
         burst = Burst(n, 0.04, "cluster").start()
         wait_until(lambda: burst.done >= n // 3, timeout=60, message="a third of the burst")
@@ -97,17 +100,7 @@ def test_a_node_whose_store_was_wiped_catches_up_from_the_others(manage, tmp_pat
     no lag, and every registration still gets its defaults exactly once."""
     cluster = SecuredNats(tmp_path / "cluster", nodes=3).start()
     try:
-        replicas = {"NATS_STREAM_REPLICAS": "3"}
-
-        def provisioned():
-            process = manage("setup_jetstream", "--wait", "10",
-                             **cluster.env_for("provision"), **replicas)
-            return process.wait(30) == 0
-
-        wait_until(provisioned, timeout=30, interval=1, message="stream provisioned (R3)")
-        relay = manage("outbox_relay", **cluster.env_for("relay"), OUTBOX_RELAY_GRACE="0.5")
-        consumers = [manage("consume", name, **cluster.env_for(name)) for name in get_consumers()]
-        settings.OUTBOX_PUBLISH_ON_COMMIT = False
+        relay, consumers = _stack(cluster, manage, settings)
         n = 150
         burst = Burst(n, 0.04, "wiped").start()
         wait_until(lambda: burst.done >= n // 3, timeout=60, message="a third of the burst")
