@@ -32,6 +32,7 @@ def markdown(results: dict) -> str:
     lines = [f"### {engine}, {results.get('databases', '')} (drain, drain-mixed, latency, "
              f"erasure, relay: median of {results.get('runs', 1)} runs; register: median of its "
              "rounds)", "",
+             f"nats-server `sync_interval`: {results.get('nats_sync_interval', '2m')}", "",
              "| scenario | result | target |", "| --- | --- | --- |"]
     for d in results.get("drain", {}).values():
         project = d["project"]

@@ -2,7 +2,8 @@
 
 One engine per run (``--engine sqlite`` or ``--engine postgres``, the latter from
 ``DATABASE_URL``). Everything it needs is started here and torn down after: a nats-server on a
-free port with a temporary store (fsync on every write, as in development), bench databases
+free port with a temporary store (NATS's default fsync every 2 minutes, as in development;
+``--nats-sync always`` fsyncs each write before the ack, as ``deploy/nats/`` does), bench databases
 (SQLite files in a temporary folder; on PostgreSQL five databases, ``<name>_bench`` for accounts
 and ``<name>_bench_<context>`` for each context, as a deployment has them, or with
 ``--shared-database`` all in ``<name>_bench``), the real ``consume`` / ``outbox_relay``
@@ -171,6 +172,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--grown-ordered-ids", action="store_true",
                         help="grown, an experiment: time-ordered (UUIDv7) user ids too "
                              "(event ids are, as the project mints them)")
+    parser.add_argument("--nats-sync", choices=["default", "always"], default="default",
+                        help="the bench nats-server's jetstream sync_interval: default (fsync "
+                             "every 2 minutes, as make run) or always (fsync each write before "
+                             "the ack, as deploy/nats/; e.g. --only relay,drain --nats-sync "
+                             "always)")
     parser.add_argument("--only", default=",".join(SCENARIOS))
     parser.add_argument("--output", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
@@ -232,7 +238,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-onboarding-") as tmp:
         workdir = Path(tmp)
-        nats = NatsServer(workdir / "nats", name="bench-onboarding").start(
+        nats = NatsServer(workdir / "nats", name="bench-onboarding",
+                          sync_always=args.nats_sync == "always").start(
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         env = setup_django(args.engine, workdir, nats.url, args.shared_database,
@@ -241,7 +248,8 @@ def main() -> None:
             key: value for key, value in env.items() if key.endswith("DATABASE_URL")
             and key in ("DATABASE_URL", *(f"{c.upper()}_DATABASE_URL" for c in CONTEXTS))})
         results = {"engine": args.engine, "databases": label, "machine": machine(),
-                   "hasher": HASHERS[args.hasher], "runs": args.runs}
+                   "hasher": HASHERS[args.hasher], "runs": args.runs,
+                   "nats_sync_interval": "always" if args.nats_sync == "always" else "2m"}
         if peer_version:
             results["peer"] = f"FastStream {peer_version}"
         port = free_port()
@@ -281,6 +289,7 @@ def main() -> None:
     # not replace the drain, latency and register figures of the same engine.
     path = output / (f"{args.engine}{'-shared' if args.shared_database else ''}"
                      f"{'' if args.hasher == 'md5' else '-' + args.hasher}"
+                     f"{'-sync-always' if args.nats_sync == 'always' else ''}"
                      f"{'-grown' if scenarios == {'grown'} else ''}.json")
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))

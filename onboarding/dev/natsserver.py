@@ -77,11 +77,12 @@ class NatsServer:
         sync_always: bool = False,
         config: Path | None = None,
         env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
     ):
-        # sync_always: fsync every write, so an acknowledged publish survives a power cut and
-        # not only a crash of the server (the default syncs every 2 minutes; a cluster's
-        # replicas are what make acknowledged messages durable there). Publishing is ~2-3x
-        # slower with it.
+        # sync_always: fsync every write before the ack (`sync_interval: always`, as the
+        # deploy/nats/ files do), so an acknowledged publish survives a power cut and not only a
+        # crash of the server; the default syncs every 2 minutes. The relay publishes 1.8-2.9x
+        # slower with it here (docs/benchmarks.md, "Issue 19 — sync_interval").
         self.sync_always = sync_always
         self.store_dir = Path(store_dir)
         self.port = port or free_port()
@@ -90,6 +91,8 @@ class NatsServer:
         # and passwords from the environment (NATS_PORT, NATS_STORE_DIR, ...).
         self.config = config
         self.env = env or {}
+        # More command-line options, after the config's (e.g. ``("-m", port)``: monitoring).
+        self.args = tuple(args)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -119,7 +122,8 @@ class NatsServer:
                 "NATS_STORE_DIR": str(self.store_dir / "jetstream"),
                 **self.env,
             }
-        self.process = subprocess.Popen([find_binary(), "-c", str(config)], env=env, **popen)
+        self.process = subprocess.Popen([find_binary(), "-c", str(config), *self.args],
+                                        env=env, **popen)
         deadline = time.monotonic() + timeout
         while not answers(self.url):
             if self.process.poll() is not None:
