@@ -153,10 +153,12 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 def project_modules() -> list[Path]:
-    """The production code: every module but the tests', the benchmarks' and deploy's."""
-    skip = {"tests", "bench", "deploy", ".venv", "var", "docs", "conftest.py"}
+    """The production code: every module but the tests', the benchmarks' and deploy's, and
+    nothing in a hidden folder (the virtualenvs: .venv, .venv-nats-newest)."""
+    skip = {"tests", "bench", "deploy", "var", "docs", "conftest.py"}
     return [path for path in ROOT.rglob("*.py")
-            if not (set(path.relative_to(ROOT).parts) & skip)]
+            if not (set(parts := path.relative_to(ROOT).parts) & skip)
+            and not any(part.startswith(".") for part in parts)]
 
 
 def test_no_production_module_imports_the_development_tools():
