@@ -148,14 +148,19 @@ def jetstream(nats_server):
     yield
 
 
-def wait_until(predicate, *, timeout: float = 20.0, interval: float = 0.05, message: str = ""):
+def wait_until(predicate, *, timeout: float = 20.0, interval: float = 0.05, message: str = "",
+               detail=None):
+    """``detail``, a callable, says what the world looked like when the wait timed out: a
+    failure CI met once must carry what is needed to explain it."""
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}")
+            seen = f"\n{detail()}" if detail is not None else ""
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {message or predicate}{seen}")
         time.sleep(interval)
 
 

@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -139,6 +140,14 @@ class NatsServer:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+    def lame_duck(self, timeout: float = 60.0) -> None:
+        """A planned stop: lame-duck mode (``nats-server --signal ldm=<pid>`` sends SIGUSR2).
+        The server takes no new clients, hands the leadership of its streams and consumers to
+        the other nodes, closes its clients over ``lame_duck_duration`` and exits."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGUSR2)
+            self.process.wait(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -306,7 +315,36 @@ class SecuredNats:
         server.kill()
         shutil.rmtree(server.store_dir / "jetstream", ignore_errors=True)
 
+    def describe(self, stream: str = "USERS") -> str:
+        """One line on ``stream`` and each of its consumers as the cluster sees them now, for a
+        test's failure message: who leads, how many messages, what each durable still has to
+        deliver or to see acknowledged. Never raises: a cluster that cannot answer says so."""
+        async def ask(js):
+            info = await js.stream_info(stream)
+            parts = [f"stream {stream}: leader={info.cluster.leader} msgs={info.state.messages} "
+                     f"last_seq={info.state.last_seq} replicas="
+                     + ",".join(f"{p.name}(current={p.current},lag={p.lag})"
+                                for p in info.cluster.replicas or [])]
+            for consumer in await js.consumers_info(stream):
+                parts.append(f"{consumer.name}: leader={consumer.cluster.leader} "
+                             f"pending={consumer.num_pending} "
+                             f"ack_pending={consumer.num_ack_pending} "
+                             f"redelivered={consumer.num_redelivered} "
+                             f"delivered={consumer.delivered.stream_seq} "
+                             f"ack_floor={consumer.ack_floor.stream_seq}")
+            return "; ".join(parts)
+
+        try:
+            return self._ask(ask)
+        except Exception as exc:  # noqa: BLE001 - a diagnosis must not hide the failure it explains
+            return f"stream {stream}: cluster did not answer ({exc!r})"
+
     def _stream_info(self, stream: str):
+        return self._ask(lambda js: js.stream_info(stream))
+
+    def _ask(self, question):
+        """``await question(jetstream)`` on a connection of the monitoring role to the servers
+        running now."""
         import asyncio
         import ssl
 
@@ -321,7 +359,7 @@ class SecuredNats:
                 inbox_prefix="_INBOX_monitor", connect_timeout=2, max_reconnect_attempts=2,
             )
             try:
-                return await nc.jetstream(timeout=5).stream_info(stream)
+                return await question(nc.jetstream(timeout=5))
             finally:
                 await nc.close()
 

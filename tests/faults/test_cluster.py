@@ -30,6 +30,22 @@ def longest_gap(times: list) -> float:
     return max(gaps, default=0.0)
 
 
+def _state(cluster: SecuredNats, settings, processes=()):
+    """What a timed-out wait saw: the defaults counted, the outbox not yet published, the stream
+    and its durables as the cluster reports them, and the last lines each process wrote."""
+    def describe() -> str:
+        lines = [f"counts={counts()}",
+                 "outbox unpublished="
+                 f"{OutboxEvent.objects.filter(published_at__isnull=True).count()}",
+                 cluster.describe(settings.NATS_STREAM)]
+        for process in processes:
+            tail = process.output().splitlines()[-15:]
+            lines.append(f"--- {' '.join(process.args[2:])} (exit {process.poll()}):")
+            lines.extend(tail)
+        return "\n".join(lines)
+    return describe
+
+
 def _stack(cluster: SecuredNats, manage, settings):
     """The stream provisioned with three replicas, the relay and every consumer on its own NATS
     user; this test process registers, and only the relay publishes (the in-process publisher
@@ -68,7 +84,8 @@ def test_killing_the_stream_leader_mid_burst_loses_and_duplicates_nothing(
         cluster.start_server(killed)  # the node comes back with its store as it was
         restarted_after = time.monotonic() - killed_at
         burst.join()
-        wait_until(lambda: counts() == complete_count(n), timeout=120, message="all defaults")
+        wait_until(lambda: counts() == complete_count(n), timeout=120, message="all defaults",
+                   detail=_state(cluster, settings, (relay, *consumers)))
         wait_until(lambda: not OutboxEvent.objects.filter(published_at__isnull=True).exists(),
                    timeout=30, message="every outbox row marked published")
         for process in (relay, *consumers):
@@ -110,9 +127,12 @@ def test_a_node_whose_store_was_wiped_catches_up_from_the_others(manage, tmp_pat
         wait_until(lambda: burst.done >= 2 * n // 3, timeout=60, message="two thirds")
         cluster.start_server(wiped)  # empty: everything it holds again came from the others
         burst.join()
-        wait_until(lambda: counts() == complete_count(n), timeout=120, message="all defaults")
+        state = _state(cluster, settings, (relay, *consumers))
+        wait_until(lambda: counts() == complete_count(n), timeout=120, message="all defaults",
+                   detail=state)
         wait_until(lambda: cluster.stream_followers(settings.NATS_STREAM).get(wiped.name)
-                   == (True, 0), timeout=60, message="the wiped node current, no lag")
+                   == (True, 0), timeout=60, message="the wiped node current, no lag",
+                   detail=state)
         for process in (relay, *consumers):
             assert process.poll() is None, process.output()
             code, output = process.stop()
