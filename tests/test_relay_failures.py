@@ -9,6 +9,7 @@ subscriber on it that never answers (so the server sends no "no responders" eith
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import uuid
 
@@ -391,3 +392,98 @@ def test_a_forged_notification_publishes_nothing_and_marks_nothing(listening_rel
         (str(bob.event_id), bob.subject, bob.payload),
         (str(real.event_id), real.subject, real.payload),
     ]
+
+
+def test_the_publisher_retries_a_publish_no_stream_answered(relay_alone, caplog):
+    """While a stream's leadership moves (a node in lame-duck mode, one rejoining), a publish
+    finds no responder for a moment. The on-commit publisher tries again a few times within a
+    second or two, rather than leaving the row to wait the relay's grace (issue 19: one user
+    waited 5.7 s for that in the rehearsal's rolling restart). Staged with a subject no stream
+    takes until the first attempt has failed, when a stream for it appears."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="onboarding.eventbus.outbox.publisher")
+    late = add_row("late.events")
+    publisher = BackgroundPublisher()
+
+    async def stream(create: bool):
+        nc = await connect_within("tests-late-stream", 5)
+        try:
+            js = nc.jetstream()
+            if create:
+                await js.add_stream(name="LATE", subjects=["late.events"])
+            else:
+                await js.delete_stream("LATE")
+        finally:
+            await close(nc)
+
+    try:
+        publisher.submit([OutboundMessage.from_row(late)])
+        wait_until(lambda: "found no stream leader" in caplog.text, timeout=10,
+                   interval=0.01, message="the first attempt answered by no one")
+        asyncio.run(stream(create=True))
+        wait_until(lambda: row(late.pk).published_at, timeout=10,
+                   message="the row published by the publisher's retry")
+    finally:
+        publisher.close()
+        with contextlib.suppress(Exception):
+            asyncio.run(stream(create=False))
+    assert row(late.pk).attempts == 0  # the relay never had to touch it
+
+
+def test_a_stream_without_a_leader_is_retried_within_a_second(relay_alone, caplog):
+    """No responder to a publish is what a stream without a leader answers (an election). The
+    relay retries it within a second rather than backing off 2, 4, 8 s: in the rehearsal's
+    leader kills it slept 4 s past the new leader's election, and a user waited 14.5 s (issue
+    19). Staged with the stream deleted: the same answer, for as long as the test wants."""
+    import logging
+    import re
+
+    from nats.js.errors import NotFoundError
+
+    caplog.set_level(logging.WARNING, logger="onboarding.eventbus.outbox.relay")
+
+    async def delete(js):
+        with contextlib.suppress(NotFoundError):
+            await js.delete_stream(relay_alone.NATS_STREAM)
+
+    run_async(delete)
+    register("ann")
+    running = RunningRelay().start()
+    delays = lambda: [float(d) for d in re.findall(  # noqa: E731
+        r"relay batch failed, retrying in ([\d.]+)s", caplog.text)]
+    try:
+        wait_until(lambda: len(delays()) >= 5, timeout=30, message="five failed batches")
+        call_command("setup_jetstream", stdout=open("/dev/null", "w"))
+        wait_until(lambda: healthy_unpublished() == 0, timeout=20, message="ann's published")
+    finally:
+        running.stop()
+    assert "NoStreamResponseError" in caplog.text
+    assert max(delays()) <= 1.0, delays()  # not 0.5, 1, 2, 4, 8
+
+
+def test_the_quick_backoff_is_for_elections_only_and_for_a_while():
+    from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
+
+    from onboarding.eventbus.nats.elections import during_election
+    from onboarding.eventbus.runtime.lifecycle import Backoff
+
+    assert during_election(NoStreamResponseError())
+    assert during_election(ServiceUnavailableError())
+    try:
+        try:
+            raise NoStreamResponseError()
+        except NoStreamResponseError as exc:
+            raise RuntimeError("3 publish(es) not acknowledged") from exc
+    except RuntimeError as wrapped:
+        assert during_election(wrapped)  # what the relay and the announcer raise
+    assert not during_election(TimeoutError())
+    assert not during_election(None)
+
+    backoff = Backoff(initial=0.5, maximum=10.0)
+    assert [backoff.next(quick=True) for _ in range(5)] == [0.5, 1.0, 1.0, 1.0, 1.0]
+    assert backoff.next() == 10.0  # another failure: the usual steps went on meanwhile
+    backoff.reset()
+    backoff._failing_since = -1e9  # failing for longer than an election lasts
+    backoff._next = 8.0
+    assert backoff.next(quick=True) == 8.0

@@ -62,6 +62,7 @@ from onboarding.eventbus.consumer.settling import Counts
 from onboarding.eventbus.consumer.worker import Worker
 from onboarding.eventbus.nats import compat, pull
 from onboarding.eventbus.nats.connection import close, connect
+from onboarding.eventbus.nats.elections import during_election
 from onboarding.eventbus.nats.provisioning import missing_subjects
 from onboarding.eventbus.registry import ConsumerSpec
 from onboarding.eventbus.runtime import metrics, pruning
@@ -229,7 +230,7 @@ class ConsumerRunner:
                             )
                         await self.stopper.sleep(DURABLE_POLL_SECONDS)
                         continue
-                    delay = backoff.next()
+                    delay = backoff.next(quick=during_election(exc))
                     logger.warning(
                         "consumer %s: fetch failed (%s: %s); retrying in %.1fs%s",
                         spec.name, type(exc).__name__, exc, delay,

@@ -143,8 +143,12 @@ class Settling:
         fields = event_fields(self.spec.name, msg, outcome, user_id=item.event.key,
                               meta=item.meta, event_id=item.event_id,
                               duration_ms=round(took * 1000, 3), **more)
+        # A redelivery says so: how long an event waited (ack_wait after a crash, a nak's
+        # delay) shows in the plain lines too, not only in the JSON ones.
         event_logger.info(
-            "consumer %s: %s seq=%s event_id=%s user_id=%s in %.1f ms", self.spec.name,
+            "consumer %s: %s seq=%s event_id=%s user_id=%s in %.1f ms%s", self.spec.name,
             "processed" if applied else "duplicate skipped", fields["stream_seq"],
-            fields["event_id"], fields["user_id"], took * 1000, extra=fields,
+            fields["event_id"], fields["user_id"], took * 1000,
+            f" (delivery {fields['delivery']})" if (fields["delivery"] or 1) > 1 else "",
+            extra=fields,
         )

@@ -32,6 +32,7 @@ from django.utils import timezone
 
 from onboarding.eventbus import announcing
 from onboarding.eventbus.models import Announcement
+from onboarding.eventbus.nats.elections import during_election
 from onboarding.eventbus.nats.publish import describe, failed, publish_pipelined
 from onboarding.eventbus.runtime import metrics
 from onboarding.eventbus.runtime.lifecycle import Backoff
@@ -111,7 +112,7 @@ class Announcer:
                         grace, scan_due = self.grace, loop_time() + self.interval
                     backoff.reset()
                 except Exception as exc:
-                    delay = backoff.next()
+                    delay = backoff.next(quick=during_election(exc))
                     logger.warning("consumer %s: announcements not published, the scan tries "
                                    "again in %.1fs: %s", self.context, delay, describe(exc))
                     await self.stopper.sleep(delay)
@@ -160,7 +161,7 @@ class Announcer:
         if len(acked) < len(messages):
             error = next(outcome for outcome in outcomes if failed(outcome))
             raise RuntimeError(f"{len(messages) - len(acked)} of {len(messages)} not "
-                               f"acknowledged: {describe(error)}")
+                               f"acknowledged: {describe(error)}") from error
 
 
 async def announce_beside(spec, nc, db_call, stopper) -> None:

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import nats.js.errors
 from django.conf import settings
 from django.db import close_old_connections, connections
 
@@ -38,6 +39,13 @@ from onboarding.eventbus.outbox.store import (
 )
 
 logger = logging.getLogger(__name__)
+
+# "No responders" comes back at once while a stream's leadership moves (a node in lame-duck
+# mode hands it over, a restarted node rejoins): a few quick retries publish the event within a
+# second or two, where leaving it to the relay costs OUTBOX_RELAY_GRACE (5 s). Measured in the
+# rehearsal's rolling restart: one user waited 5.7 s for that reason. The retries stay within
+# the grace, and a copy the relay sends anyway is dropped by its Nats-Msg-Id.
+NO_RESPONDERS_RETRIES = (0.25, 0.5, 1.0)
 
 REFUSED_RETRY_SECONDS = 30
 
@@ -204,6 +212,18 @@ class BackgroundPublisher:
         outcomes = await publish_pipelined(
             self._nc, self._js, messages, timeout=settings.NATS_REQUEST_TIMEOUT
         )
+        for delay in NO_RESPONDERS_RETRIES:
+            again = [i for i, outcome in enumerate(outcomes)
+                     if isinstance(outcome, nats.js.errors.NoStreamResponseError)]
+            if not again or self._nc.is_closed:
+                break
+            logger.debug("%d publish(es) found no stream leader (NoStreamResponseError); "
+                        "retrying in %.2fs", len(again), delay)
+            await asyncio.sleep(delay)
+            retried = await publish_pipelined(self._nc, self._js, [messages[i] for i in again],
+                                              timeout=settings.NATS_REQUEST_TIMEOUT)
+            for index, outcome in zip(again, retried, strict=True):
+                outcomes[index] = outcome
         acked = [(m.row_id, outcome.seq) for m, outcome in zip(messages, outcomes, strict=True)
                  if not failed(outcome)]
         if len(acked) < len(messages):

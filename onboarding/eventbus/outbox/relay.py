@@ -38,6 +38,7 @@ from django.db import close_old_connections, connections
 from django.utils import timezone
 
 from onboarding.eventbus.nats.connection import close, connect
+from onboarding.eventbus.nats.elections import during_election
 from onboarding.eventbus.nats.publish import describe, failed, publish_pipelined
 from onboarding.eventbus.outbox.erasure import erase_messages, erasures_done, erasures_due
 from onboarding.eventbus.outbox.healing import BackgroundHealing
@@ -136,7 +137,7 @@ class OutboxRelay:
                         await self._step_down()
                         grace = await self._lead(once=once)
                         continue
-                    delay = backoff.next()
+                    delay = backoff.next(quick=during_election(exc))
                     logger.warning("relay batch failed, retrying in %.1fs: %s", delay, exc)
                     await self.stopper.sleep(delay)
                     continue
@@ -333,5 +334,6 @@ class OutboxRelay:
             metrics.relay_publish_failed(len(unacked))
             error = describe(unacked[0][1])
             await self._orm(outbox_record_failure, row_ids=[i for i, _ in unacked], error=error)
-            raise RuntimeError(f"{len(unacked)} publish(es) not acknowledged: {error}")
+            raise RuntimeError(
+                f"{len(unacked)} publish(es) not acknowledged: {error}") from unacked[0][1]
         return len(messages)

@@ -4,21 +4,39 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
 
 class Backoff:
-    """Exponential delays for retrying a failing dependency: initial, 2x, 4x, ... up to max."""
+    """Exponential delays for retrying a failing dependency: initial, 2x, 4x, ... up to max.
+
+    ``next(quick=True)`` is for a failure known to pass within seconds (a JetStream election,
+    ``nats.elections.during_election``): for the first ``QUICK_WINDOW`` seconds of failing, it
+    waits at most ``QUICK_DELAY``, so the work resumes within a second of the new leader rather
+    than up to a whole step later. A failure that outlasts the window is not an election (a
+    stream deleted, say): the usual delays apply again, and with them fewer log lines.
+    """
+
+    QUICK_DELAY = 1.0
+    QUICK_WINDOW = 30.0
 
     def __init__(self, *, initial: float = 0.5, maximum: float = 30.0) -> None:
         self.initial, self.maximum = initial, maximum
         self._next = initial
+        self._failing_since: float | None = None
 
-    def next(self) -> float:
+    def next(self, *, quick: bool = False) -> float:
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
         delay, self._next = self._next, min(self._next * 2, self.maximum)
+        if quick and now - self._failing_since < self.QUICK_WINDOW:
+            delay = min(delay, self.QUICK_DELAY)
         return delay
 
     def reset(self) -> None:
         self._next = self.initial
+        self._failing_since = None
 
 
 class Stopper:
